@@ -1,0 +1,69 @@
+"""WBSRSRResNet: BasicSR's MSRResNet as a slimmable supernet."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from basicsr.archs.srresnet_arch import MSRResNet
+
+from .supernet import SupernetMixin, check_choices, sliced_conv
+
+SUPPORTED_SCALES = (2, 3, 4)
+
+
+class WBSRSRResNet(SupernetMixin, MSRResNet):
+    """MSRResNet holding ``len(widths) x len(depths)`` weight-sharing subnets.
+
+    With the largest subnet (the default), this *is* BasicSR's ``MSRResNet``: the same state_dict keys,
+    so official checkpoints load strictly, and the same output.
+
+    Args:
+        num_in_ch: Input channels. Default: 3.
+        num_out_ch: Output channels. Default: 3.
+        num_feat: Channels of the full network. Default: 64.
+        num_block: Residual blocks of the full network. Default: 16.
+        upscale: Scale factor, 2, 3 or 4. Default: 4.
+        widths: Subnet widths, ascending, the last equal to ``num_feat``. Default: [36, 52, 64].
+        depths: Subnet depths (first d residual blocks), ascending, the last equal to ``num_block``.
+            Default: [4, 8, 16].
+    """
+
+    def __init__(self,
+                 *,
+                 num_in_ch: int = 3,
+                 num_out_ch: int = 3,
+                 num_feat: int = 64,
+                 num_block: int = 16,
+                 upscale: int = 4,
+                 widths: Sequence[int] = (36, 52, 64),
+                 depths: Sequence[int] = (4, 8, 16)) -> None:
+        if upscale not in SUPPORTED_SCALES:
+            raise ValueError(f'upscale must be one of {SUPPORTED_SCALES} for WBSRSRResNet, got {upscale}')
+        widths = check_choices('widths', widths, num_feat, 'num_feat')
+        depths = check_choices('depths', depths, num_block, 'num_block')
+        super().__init__(num_in_ch=num_in_ch, num_out_ch=num_out_ch, num_feat=num_feat, num_block=num_block,
+                         upscale=upscale)
+        self.num_in_ch, self.num_out_ch = num_in_ch, num_out_ch
+        self.num_feat, self.num_block = num_feat, num_block
+        self.widths, self.depths = widths, depths
+
+    def _forward_subnet(self, x: torch.Tensor, width: int, depth: int) -> torch.Tensor:
+        act = self.lrelu
+        out = act(sliced_conv(self.conv_first, x, width))
+        for block in self.body[:depth]:
+            out = out + sliced_conv(block.conv2, F.relu(sliced_conv(block.conv1, out, width)), width) * block.res_scale
+        if self.upscale == 4:
+            out = act(self.pixel_shuffle(sliced_conv(self.upconv1, out, 4 * width)))
+            out = act(self.pixel_shuffle(sliced_conv(self.upconv2, out, 4 * width)))
+        else:
+            out = act(self.pixel_shuffle(sliced_conv(self.upconv1, out, self.upscale**2 * width)))
+        out = sliced_conv(self.conv_last, act(sliced_conv(self.conv_hr, out, width)))
+        base = F.interpolate(x, scale_factor=self.upscale, mode='bilinear', align_corners=False)
+        return out + base
+
+    def _plain_network(self, width: int, depth: int) -> nn.Module:
+        return MSRResNet(num_in_ch=self.num_in_ch, num_out_ch=self.num_out_ch, num_feat=width, num_block=depth,
+                         upscale=self.upscale)

@@ -1,0 +1,162 @@
+"""What every WBSR supernet can do, whatever its backbone.
+
+A supernet holds ``len(widths) x len(depths)`` subnets that share one set of weights. A subnet of
+width ``w`` and depth ``d`` uses the first ``w`` channels of every hidden layer (slimmable/ARM slicing,
+``weight[:w_out, :w_in]``) and the first ``d`` residual blocks (of every group, for RCAN). The largest
+subnet is the original BasicSR network: same state_dict keys, same output.
+
+Subnets are indexed in ascending order of measured FLOPs, which is not the (width, depth) order: for
+SRResNet x4, w64/d4 costs 3.38G and w52/d16 3.44G on a 32x32 input.
+"""
+from __future__ import annotations
+
+from functools import cached_property
+from typing import Optional, Sequence, Union
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .flops import count_flops
+
+SubnetSpec = Union[None, int, Sequence[int], torch.Tensor]
+
+#: LR size at which subnets are ordered by FLOPs (the ClassSR/ARM/WBSR patch size).
+ORDERING_LR_SIZE = (32, 32)
+#: Second size at which subnets are counted, to get the affine FLOPs model of :meth:`subnet_flops`.
+AFFINE_LR_SIZE = (16, 16)
+
+
+def sliced_conv(conv: nn.Conv2d, x: torch.Tensor, out_ch: Optional[int] = None) -> torch.Tensor:
+    """``conv`` applied with its first ``out_ch`` filters over the first ``x.shape[1]`` input channels."""
+    weight = conv.weight[:out_ch, :x.shape[1]]
+    bias = None if conv.bias is None else conv.bias[:out_ch]
+    return F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+
+
+def check_choices(name: str, values: Sequence[int], maximum: int, maximum_name: str) -> list[int]:
+    """Validate a ``widths``/``depths`` option: non-empty, strictly ascending, ending at the full size."""
+    values = [int(v) for v in values] if values is not None else []
+    if not values:
+        raise ValueError(f'{name} must be a non-empty list, got {values!r}')
+    if any(v < 1 for v in values):
+        raise ValueError(f'{name} must be positive, got {values}')
+    if any(b <= a for a, b in zip(values, values[1:])):
+        raise ValueError(f'{name} must be strictly ascending, got {values}')
+    if values[-1] > maximum:
+        raise ValueError(f'{name} {values} has an entry above {maximum_name}={maximum}')
+    if values[-1] != maximum:
+        raise ValueError(f'the largest entry of {name} {values} must equal {maximum_name}={maximum}, so that the '
+                         'largest subnet is the original network')
+    return values
+
+
+class SupernetMixin:
+    """Subnet bookkeeping shared by :class:`WBSRSRResNet` and :class:`WBSRRCAN`.
+
+    A subclass sets ``self.widths``/``self.depths`` (validated with :func:`check_choices`) and implements
+    ``_forward_subnet(x, width, depth)`` and ``_plain_network(width, depth)``.
+    """
+
+    widths: list[int]
+    depths: list[int]
+    _active: Optional[int] = None
+
+    # ---- the interface used by the model, the scripts and users -------------------------------------
+    @cached_property
+    def subnets(self) -> list[tuple[int, int]]:
+        """All ``(width, depth)`` pairs, in ascending order of FLOPs (ties: narrower first)."""
+        cost = self._pair_flops(ORDERING_LR_SIZE)
+        return sorted(cost, key=lambda pair: (cost[pair], pair))
+
+    @property
+    def num_subnets(self) -> int:
+        return len(self.widths) * len(self.depths)
+
+    @property
+    def active_subnet(self) -> int:
+        """Index of the subnet the next plain ``forward(x)`` uses."""
+        return self.num_subnets - 1 if self._active is None else self._active
+
+    def set_subnet(self, index: Optional[int]) -> None:
+        """Use subnet ``index`` (into :attr:`subnets`) for following forwards; ``None`` = the largest."""
+        self._active = None if index is None else self._check_index(index)
+
+    def subnet_flops(self, lr_hw: Sequence[int]) -> list[int]:
+        """FLOPs of one forward of each subnet (in :attr:`subnets` order) on an LR input of ``lr_hw``.
+
+        Convolution FLOPs of these networks are exactly affine in H x W (the constant part is channel
+        attention on pooled 1x1 maps), so each subnet is counted at two sizes once and any size follows.
+        """
+        h, w = (int(v) for v in lr_hw)
+        if h < 1 or w < 1:
+            raise ValueError(f'lr_hw must be positive, got {tuple(lr_hw)}')
+        (h1, w1), (h2, w2) = ORDERING_LR_SIZE, AFFINE_LR_SIZE
+        at1, at2 = self._pair_flops((h1, w1)), self._pair_flops((h2, w2))
+        flops = []
+        for pair in self.subnets:
+            slope, rest = divmod(at1[pair] - at2[pair], h1 * w1 - h2 * w2)
+            if rest:
+                raise RuntimeError(f'FLOPs of subnet {pair} are not affine in the input area')
+            flops.append(at1[pair] + slope * (h * w - h1 * w1))
+        return flops
+
+    def _pair_flops(self, lr_hw: tuple[int, int]) -> dict[tuple[int, int], int]:
+        cache = self.__dict__.setdefault('_pair_flops_cache', {})
+        if lr_hw not in cache:
+            shape = (1, self.num_in_ch, *lr_hw)
+            cache[lr_hw] = {(w, d): count_flops(self, shape, subnet=(w, d)) for w in self.widths for d in self.depths}
+        return cache[lr_hw]
+
+    def export_subnet(self, index: int) -> nn.Module:
+        """A plain BasicSR network of subnet ``index``'s width and depth, holding the sliced weights."""
+        width, depth = self.subnets[self._check_index(index)]
+        plain = self._plain_network(width, depth)
+        own = self.state_dict()
+        sliced = {}
+        for key, target in plain.state_dict().items():
+            sliced[key] = own[key][tuple(slice(0, n) for n in target.shape)].clone()
+        plain.load_state_dict(sliced, strict=True)
+        return plain.to(next(self.parameters()).device)
+
+    # ---- forward -----------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, subnet: SubnetSpec = None) -> torch.Tensor:
+        """Super-resolve ``x`` with one subnet, or with one subnet per sample.
+
+        Args:
+            x: LR batch (N, C, H, W).
+            subnet: ``None`` for the active subnet (:meth:`set_subnet`), an index into :attr:`subnets`, a
+                ``(width, depth)`` tuple, or a sequence/1-D tensor of N indices (one per sample; samples
+                that share a subnet run as one batch, and outputs come back in input order).
+        """
+        if subnet is None:
+            return self._forward_subnet(x, *self.subnets[self.active_subnet])
+        if isinstance(subnet, tuple):
+            width, depth = subnet
+            if width not in self.widths or depth not in self.depths:
+                raise ValueError(f'subnet {subnet} is not among widths {self.widths} x depths {self.depths}')
+            return self._forward_subnet(x, width, depth)
+        if isinstance(subnet, int):
+            return self._forward_subnet(x, *self.subnets[self._check_index(subnet)])
+        assign = torch.as_tensor(subnet, dtype=torch.long).flatten().cpu()
+        if assign.numel() != x.shape[0]:
+            raise ValueError(f'subnet has {assign.numel()} entries for a batch of {x.shape[0]}')
+        order = torch.argsort(assign, stable=True)
+        outputs = []
+        for index in torch.unique(assign).tolist():
+            rows = order[assign[order] == index].to(x.device)
+            outputs.append(self._forward_subnet(x.index_select(0, rows), *self.subnets[self._check_index(index)]))
+        inverse = torch.argsort(order).to(x.device)
+        return torch.cat(outputs, 0).index_select(0, inverse)
+
+    def _check_index(self, index: int) -> int:
+        index = int(index)
+        if not 0 <= index < self.num_subnets:
+            raise IndexError(f'subnet index {index} out of range 0..{self.num_subnets - 1}')
+        return index
+
+    def _forward_subnet(self, x: torch.Tensor, width: int, depth: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _plain_network(self, width: int, depth: int) -> nn.Module:
+        raise NotImplementedError
