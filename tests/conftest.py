@@ -1,0 +1,57 @@
+"""Shared test helpers: small real-looking images made on the fly, and the optional benchmark data."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+import wbsr_arch  # noqa: F401  (registers every WBSR type in BasicSR)
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get('WBSR_SHARED_DATA', REPO.parent / 'shared' / 'data'))
+
+
+def textured_image(h: int, w: int, seed: int, channels: int = 3) -> np.ndarray:
+    """uint8 image with flat regions, edges and noise, so patches span easy to hard."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    base = 0.5 + 0.3 * np.sin(xx / (4 + seed % 5)) * (xx > w / 2)  # texture on the right half only
+    base = base + 0.2 * (yy > h / 3)  # one horizontal edge
+    img = base[..., None] + rng.normal(0, 0.02, (h, w, channels)) * (xx[..., None] > w / 2)
+    img = img + rng.uniform(-0.1, 0.1, (1, 1, channels))
+    return (np.clip(img, 0, 1) * 255).round().astype(np.uint8).squeeze()
+
+
+def write_pair_folder(root: Path, n: int = 3, size: tuple[int, int] = (96, 80), scale: int = 4,
+                      seed: int = 0) -> dict[str, str]:
+    """Write ``n`` GT images and their bicubic LR (OpenCV) under ``root/{HR,LR}``; return the two folders."""
+    gt_dir, lq_dir = root / 'HR', root / 'LR'
+    gt_dir.mkdir(parents=True, exist_ok=True)
+    lq_dir.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        h, w = size[0] + 8 * i, size[1] + 4 * i
+        h, w = h - h % scale, w - w % scale
+        gt = textured_image(h, w, seed + i)
+        lq = cv2.resize(gt, (w // scale, h // scale), interpolation=cv2.INTER_AREA)
+        cv2.imwrite(str(gt_dir / f'img{i:03d}.png'), gt)
+        cv2.imwrite(str(lq_dir / f'img{i:03d}.png'), lq)
+    return {'dataroot_gt': str(gt_dir), 'dataroot_lq': str(lq_dir)}
+
+
+@pytest.fixture
+def pair_folder(tmp_path):
+    return write_pair_folder(tmp_path / 'pairs')
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    """The real benchmark images beside the checkout; tests using them skip where they are absent."""
+    if not (SHARED_DATA / 'train').is_dir():
+        pytest.skip(f'benchmark data not found at {SHARED_DATA} (set WBSR_SHARED_DATA to use it)')
+    return SHARED_DATA
