@@ -11,6 +11,7 @@ SRResNet x4, w64/d4 costs 3.38G and w52/d16 3.44G on a 32x32 input.
 from __future__ import annotations
 
 from functools import cached_property
+from numbers import Integral
 from typing import Optional, Sequence, Union
 
 import torch
@@ -60,7 +61,7 @@ class SupernetMixin:
 
     widths: list[int]
     depths: list[int]
-    _active: Optional[int] = None
+    _active: Union[None, int, torch.Tensor] = None
 
     # ---- the interface used by the model, the scripts and users -------------------------------------
     @cached_property
@@ -74,13 +75,24 @@ class SupernetMixin:
         return len(self.widths) * len(self.depths)
 
     @property
-    def active_subnet(self) -> int:
-        """Index of the subnet the next plain ``forward(x)`` uses."""
+    def active_subnet(self) -> Union[int, torch.Tensor]:
+        """What the next plain ``forward(x)`` uses: a subnet index, or one index per sample."""
         return self.num_subnets - 1 if self._active is None else self._active
 
-    def set_subnet(self, index: Optional[int]) -> None:
-        """Use subnet ``index`` (into :attr:`subnets`) for following forwards; ``None`` = the largest."""
-        self._active = None if index is None else self._check_index(index)
+    def set_subnet(self, index: SubnetSpec) -> None:
+        """Use subnet ``index`` (into :attr:`subnets`) for following forwards; ``None`` = the largest.
+
+        A sequence or 1-D tensor gives one subnet per sample of the following batches (what the model's
+        ``sandwich`` and ``routed`` training use, so that one plain ``forward`` call trains several
+        subnets and DDP sees a single forward/backward pair).
+        """
+        if index is None or isinstance(index, Integral):
+            self._active = None if index is None else self._check_index(index)
+            return
+        assign = torch.as_tensor(index, dtype=torch.long).flatten().cpu()
+        for value in torch.unique(assign).tolist():
+            self._check_index(value)
+        self._active = assign
 
     def subnet_flops(self, lr_hw: Sequence[int]) -> list[int]:
         """FLOPs of one forward of each subnet (in :attr:`subnets` order) on an LR input of ``lr_hw``.
@@ -130,13 +142,13 @@ class SupernetMixin:
                 that share a subnet run as one batch, and outputs come back in input order).
         """
         if subnet is None:
-            return self._forward_subnet(x, *self.subnets[self.active_subnet])
+            subnet = self.active_subnet
         if isinstance(subnet, tuple):
             width, depth = subnet
             if width not in self.widths or depth not in self.depths:
                 raise ValueError(f'subnet {subnet} is not among widths {self.widths} x depths {self.depths}')
             return self._forward_subnet(x, width, depth)
-        if isinstance(subnet, int):
+        if isinstance(subnet, Integral):
             return self._forward_subnet(x, *self.subnets[self._check_index(subnet)])
         assign = torch.as_tensor(subnet, dtype=torch.long).flatten().cpu()
         if assign.numel() != x.shape[0]:

@@ -1,0 +1,351 @@
+"""WBSRModel: BasicSR's SRModel with supernet training, HES progress, BDLoss's sigma and dynamic inference.
+
+Only what differs from ``SRModel`` is overridden:
+
+- Training: each iteration chooses which subnets to train (``train: wbsr: subnet_sampling``), sets that
+  plan on the network, and runs ``SRModel.optimize_parameters`` unchanged. The choice comes from a
+  generator seeded by ``manual_seed`` and the iteration, so every DDP rank trains the same subnets.
+  After the step the model tells HES datasets the iteration (:func:`wbsr_data.set_train_progress`).
+- BDLoss: without a ``gmm_path`` the mixture is fitted at start-up from the training set; its noise
+  sigma gets its own Adam optimizer with a constant learning rate (not scheduled), stepped right after
+  the network's, averaged over DDP ranks, and saved in the training state.
+- Checkpoints carry the difficulty thresholds and projection (``'wbsr'`` entry next to ``'params'``), so
+  a test run needs only the weights; they are written atomically and read with ``weights_only=True``.
+- Validation and ``basicsr/test.py``: :class:`~wbsr_models.router.Router` does the inference, and the
+  log table gains the average GFLOPs, both FLOPs ratios and the share of patches per subnet; with
+  ``save_img`` an allocation map is written beside every SR image.
+
+Works with plain BasicSR networks too (one subnet): then this is "the network trained with WBSR" and
+routing is tiled inference.
+"""
+from __future__ import annotations
+
+import os
+import time
+from collections import OrderedDict
+from copy import deepcopy
+from os import path as osp
+from typing import Any, Optional
+
+import numpy as np
+import torch
+from torch.nn.parallel import DataParallel, DistributedDataParallel
+
+from basicsr.models.sr_model import SRModel
+from basicsr.utils import get_root_logger, imwrite, tensor2img
+from basicsr.utils.dist_util import get_dist_info, master_only
+from wbsr_data.difficulty import DifficultyProjection, gradient_vectors
+from wbsr_data.fileio import torch_load, torch_save
+from wbsr_data.hes_dataset import set_train_progress
+from wbsr_data.patch_index import load_or_build_index
+
+from .baselines import ArmTable, build_arm_table
+from .router import Router, RoutingOptions, RoutingResult, eq15_subnets
+from .visualize import allocation_map, subnet_labels
+
+SUBNET_SAMPLING = ('flops_squared', 'sandwich', 'routed', 'full')
+CHECKPOINT_FORMAT = 1
+
+
+class WBSRModel(SRModel):
+    """SR model for WBSR training and dynamic inference (see the module docstring and the README)."""
+
+    def __init__(self, opt: dict) -> None:
+        wbsr_opt = dict((opt.get('train') or {}).get('wbsr') or {})
+        self.subnet_sampling = str(wbsr_opt.pop('subnet_sampling', 'flops_squared'))
+        self.sandwich_random = int(wbsr_opt.pop('sandwich_random', 2))
+        if wbsr_opt:
+            raise ValueError(f'train.wbsr: unknown option(s) {sorted(wbsr_opt)}; known: subnet_sampling, '
+                             'sandwich_random')
+        if self.subnet_sampling not in SUBNET_SAMPLING:
+            raise ValueError(f'train.wbsr.subnet_sampling must be one of {SUBNET_SAMPLING}, '
+                             f'got {self.subnet_sampling!r}')
+        self.routing = RoutingOptions.from_opt((opt.get('val') or {}).get('routing'))
+        self.difficulty: Optional[DifficultyProjection] = None
+        self.optimizer_sigma: Optional[torch.optim.Optimizer] = None
+        self.arm_table: Optional[ArmTable] = ArmTable.load(self.routing.arm_lut) if self.routing.arm_lut else None
+        self._routers: dict[int, Router] = {}
+        self._route_log: list[dict[str, Any]] = []
+        self._val_context: dict[str, Any] = {}
+        super().__init__(opt)
+        if self.is_train:
+            self.difficulty = load_or_build_index(opt['datasets']['train']).projection
+            set_train_progress(0, int(opt['train']['total_iter']))
+        elif self.difficulty is None:
+            get_root_logger().warning('the checkpoint holds no difficulty thresholds; routing fits them on each '
+                                      "test image's own patches")
+
+    # ---- helpers -------------------------------------------------------------------------------------
+    @property
+    def bare_net(self) -> torch.nn.Module:
+        return self.get_bare_model(self.net_g)
+
+    @property
+    def num_subnets(self) -> int:
+        return int(getattr(self.bare_net, 'num_subnets', 1))
+
+    def model_to_device(self, net: torch.nn.Module) -> torch.nn.Module:
+        """Like BaseModel's, plus DDP on CPU (gloo) and find_unused_parameters for supernets."""
+        net = net.to(self.device)
+        if self.opt['dist']:
+            find_unused = bool(self.opt.get('find_unused_parameters', False))
+            if getattr(net, 'num_subnets', 1) > 1 and not find_unused:
+                get_root_logger().warning('find_unused_parameters is off, but subnets leave parameters unused: '
+                                          'turning it on')
+                find_unused = True
+            device_ids = [torch.cuda.current_device()] if self.device.type == 'cuda' else None
+            return DistributedDataParallel(net, device_ids=device_ids, find_unused_parameters=find_unused)
+        if self.opt['num_gpu'] > 1:
+            return DataParallel(net)
+        return net
+
+    # ---- training ------------------------------------------------------------------------------------
+    def init_training_settings(self) -> None:
+        pixel_opt = self.opt['train'].get('pixel_opt')
+        if pixel_opt and pixel_opt.get('type') == 'BDLoss' and not pixel_opt.get('gmm_path'):
+            self.opt['train']['pixel_opt'] = dict(pixel_opt, gmm_path=self._startup_gmm(pixel_opt))
+        if self.num_subnets > 1 and self.subnet_sampling in ('sandwich', 'routed') and \
+                isinstance(self.net_g, DataParallel):
+            raise ValueError(f'subnet_sampling={self.subnet_sampling} trains one subnet per sample, which '
+                             'DataParallel cannot split: use one GPU or DDP (--launcher pytorch)')
+        super().init_training_settings()
+
+    def _startup_gmm(self, pixel_opt: dict) -> str:
+        from wbsr_losses.gmm import fit_gmm_for_options
+        label_space = pixel_opt.get('label_space', 'rgb')
+        path = osp.join(self.opt['path']['experiments_root'], f'bd_gmm_{label_space}.npz')
+        if self.opt['rank'] == 0 and not osp.isfile(path):  # a resumed run reuses its own file
+            fit_gmm_for_options(pixel_opt, self.opt['datasets']['train'], path)
+        if self.opt['dist']:
+            torch.distributed.barrier()
+        return path
+
+    def setup_optimizers(self) -> None:
+        super().setup_optimizers()
+        sigma = getattr(self.cri_pix, 'noise_sigma', None)
+        if sigma is not None and sigma.requires_grad:
+            self.optimizer_sigma = torch.optim.Adam([sigma], lr=float(self.cri_pix.sigma_lr))
+            self.cri_pix.mark_sigma_optimized()
+            # Stepped right after the network's optimizer, outside BasicSR's schedulers: constant lr.
+            self.optimizer_g.register_step_post_hook(lambda *_: self._step_sigma())
+
+    def _step_sigma(self) -> None:
+        sigma = self.cri_pix.noise_sigma
+        if sigma.grad is None:
+            return
+        if self.opt['dist']:
+            torch.distributed.all_reduce(sigma.grad)
+            sigma.grad /= self.opt['world_size']
+        self.optimizer_sigma.step()
+        self.optimizer_sigma.zero_grad(set_to_none=True)
+
+    def training_plan(self, lq: torch.Tensor, current_iter: int) -> tuple[int, Any]:
+        """``(repeats, subnets)``: how many copies of the batch to stack and which subnet(s) to set.
+
+        ``subnets`` is an index for the whole batch or one index per (stacked) sample. The random choices
+        depend only on ``manual_seed`` and ``current_iter``, never on the rank.
+        """
+        m = self.num_subnets
+        if m == 1 or self.subnet_sampling == 'full':
+            return 1, None
+        rng = np.random.default_rng([int(self.opt.get('manual_seed') or 0), int(current_iter)])
+        if self.subnet_sampling == 'flops_squared':
+            cost = np.asarray(self.bare_net.subnet_flops(lq.shape[-2:]), dtype=np.float64)
+            return 1, int(rng.choice(m, p=cost**2 / (cost**2).sum()))
+        if self.subnet_sampling == 'sandwich':
+            middle = rng.permutation(np.arange(1, m - 1))[:max(0, self.sandwich_random)].tolist()
+            chosen = [m - 1, 0] + middle
+            return len(chosen), torch.tensor(chosen).repeat_interleave(lq.shape[0])
+        scores = self.difficulty.score(gradient_vectors(lq))
+        classes = self.difficulty.classify(scores)
+        return 1, torch.from_numpy(eq15_subnets(classes, self.difficulty.num_classes, m))
+
+    def optimize_parameters(self, current_iter: int) -> None:
+        repeats, subnets = self.training_plan(self.lq, current_iter)
+        lq, gt = self.lq, self.gt
+        if repeats > 1:
+            self.lq, self.gt = lq.repeat(repeats, 1, 1, 1), gt.repeat(repeats, 1, 1, 1)
+        if subnets is not None:
+            self.bare_net.set_subnet(subnets)
+        try:
+            super().optimize_parameters(current_iter)
+        finally:
+            if subnets is not None:
+                self.bare_net.set_subnet(None)
+            self.lq, self.gt = lq, gt
+        if self.optimizer_sigma is not None:
+            self.log_dict['noise_sigma'] = float(self.cri_pix.noise_sigma.detach())
+        set_train_progress(current_iter, int(self.opt['train']['total_iter']))
+
+    # ---- checkpoints ---------------------------------------------------------------------------------
+    def wbsr_state(self) -> dict[str, Any]:
+        """The ``'wbsr'`` checkpoint entry: difficulty thresholds/projection and the subnet list."""
+        return {
+            'format': CHECKPOINT_FORMAT,
+            'difficulty': None if self.difficulty is None else self.difficulty.to_dict(),
+            'subnets': [list(p) for p in getattr(self.bare_net, 'subnets', [])],
+        }
+
+    @master_only
+    def save_network(self, net, net_label, current_iter, param_key='params') -> None:
+        label = 'latest' if current_iter == -1 else current_iter
+        nets = net if isinstance(net, list) else [net]
+        keys = param_key if isinstance(param_key, list) else [param_key]
+        if len(nets) != len(keys):
+            raise ValueError('save_network: as many param keys as networks are needed')
+        save_dict: dict[str, Any] = {}
+        for net_, key in zip(nets, keys):
+            state = self.get_bare_model(net_).state_dict()
+            save_dict[key] = OrderedDict((k[7:] if k.startswith('module.') else k, v.cpu()) for k, v in state.items())
+        save_dict['wbsr'] = self.wbsr_state()
+        torch_save(save_dict, osp.join(self.opt['path']['models'], f'{net_label}_{label}.pth'))
+
+    def load_network(self, net, load_path, strict=True, param_key='params') -> None:
+        logger = get_root_logger()
+        net = self.get_bare_model(net)
+        checkpoint = torch_load(load_path)
+        if not isinstance(checkpoint, dict):
+            raise ValueError(f'{load_path}: not a BasicSR checkpoint (a dict of state dicts)')
+        extras = checkpoint.get('wbsr') if isinstance(checkpoint.get('wbsr'), dict) else {}
+        if extras.get('difficulty') is not None:
+            try:
+                self.difficulty = DifficultyProjection.from_dict(extras['difficulty'])
+            except ValueError as exc:
+                raise ValueError(f'{load_path}: {exc}') from None
+        if param_key is not None:
+            if param_key not in checkpoint and 'params' in checkpoint:
+                logger.info(f'Loading: {param_key} does not exist, use params.')
+                param_key = 'params'
+            if param_key not in checkpoint:
+                raise ValueError(f'{load_path}: no {param_key!r} entry (keys: {sorted(checkpoint)})')
+            checkpoint = checkpoint[param_key]
+        state = OrderedDict((k[7:] if k.startswith('module.') else k, v) for k, v in checkpoint.items())
+        logger.info(f'Loading {net.__class__.__name__} model from {load_path}, with param key: [{param_key}].')
+        self._print_different_keys_loading(net, state, strict)
+        net.load_state_dict(state, strict=strict)
+
+    @master_only
+    def save_training_state(self, epoch, current_iter) -> None:
+        if current_iter == -1:
+            return
+        state: dict[str, Any] = {
+            'epoch': epoch, 'iter': current_iter,
+            'optimizers': [o.state_dict() for o in self.optimizers],
+            'schedulers': [s.state_dict() for s in self.schedulers],
+        }
+        if self.optimizer_sigma is not None:
+            state['wbsr'] = {'noise_sigma': self.cri_pix.noise_sigma.detach().cpu().clone(),
+                             'optimizer_sigma': self.optimizer_sigma.state_dict()}
+        torch_save(state, osp.join(self.opt['path']['training_states'], f'{current_iter}.state'))
+
+    def resume_training(self, resume_state) -> None:
+        super().resume_training(resume_state)
+        extras = resume_state.get('wbsr')
+        if extras and self.optimizer_sigma is not None:
+            with torch.no_grad():
+                self.cri_pix.noise_sigma.copy_(extras['noise_sigma'])
+            self.optimizer_sigma.load_state_dict(extras['optimizer_sigma'])
+        set_train_progress(int(resume_state['iter']), int(self.opt['train']['total_iter']))
+
+    # ---- test time -----------------------------------------------------------------------------------
+    def feed_data(self, data) -> None:
+        super().feed_data(data)
+        self.lq_path = data.get('lq_path')
+
+    def router_for(self, net: torch.nn.Module) -> Router:
+        bare = self.get_bare_model(net)
+        if id(bare) not in self._routers:
+            self._routers[id(bare)] = Router(bare, self.routing, int(self.opt['scale']), self.difficulty,
+                                             self.arm_table)
+        return self._routers[id(bare)]
+
+    def test(self) -> None:
+        net = self.net_g_ema if hasattr(self, 'net_g_ema') else self.net_g
+        was_training = net.training
+        net.eval()
+        router = self.router_for(net)
+        outputs = []
+        for i in range(self.lq.shape[0]):
+            start = time.perf_counter()
+            result = router(self.lq[i:i + 1])
+            self._record(result, time.perf_counter() - start, i)
+            outputs.append(result.output)
+        self.output = torch.cat(outputs, 0)
+        if was_training:
+            net.train()
+
+    def _record(self, result: RoutingResult, seconds: float, i: int) -> None:
+        self._route_log.append({'flops': result.flops, 'ratio_patches': result.ratio_patches,
+                                'ratio_whole': result.ratio_whole, 'shares': result.shares(), 'seconds': seconds})
+        ctx = self._val_context
+        if not ctx.get('save_img') or not self.lq_path:
+            return
+        name = osp.splitext(osp.basename(self.lq_path[i]))[0]
+        if self.opt['is_train']:
+            path = osp.join(self.opt['path']['visualization'], name, f"{name}_{ctx['current_iter']}_alloc.png")
+        else:
+            suffix = self.opt['val'].get('suffix') or self.opt['name']
+            path = osp.join(self.opt['path']['visualization'], ctx['dataset'], f'{name}_{suffix}_alloc.png')
+        lq_img = tensor2img([self.lq[i].detach().cpu()])
+        net = self.get_bare_model(self.net_g)
+        imwrite(allocation_map(lq_img, result, subnet_labels(net, result.patch_hw)), path)
+
+    def nondist_validation(self, dataloader, current_iter, tb_logger, save_img) -> None:
+        dataset_name = dataloader.dataset.opt['name']
+        if self.routing.mode == 'arm' and self.arm_table is None:
+            self._build_arm_table_in_sample(dataloader)
+        self._route_log = []
+        self._val_context = {'dataset': dataset_name, 'current_iter': current_iter, 'save_img': save_img,
+                             'logged': False}
+        super().nondist_validation(dataloader, current_iter, tb_logger, save_img)
+        if not self._val_context['logged'] and self._route_log:
+            get_root_logger().info(f'Validation {dataset_name}\n' + self._routing_summary(current_iter, tb_logger,
+                                                                                          dataset_name))
+
+    def _build_arm_table_in_sample(self, dataloader) -> None:
+        logger = get_root_logger()
+        logger.warning('val.routing.mode is arm but no arm_lut is given: building the ARM table on the validation '
+                       'set itself (in-sample, optimistic for ARM)')
+        net = self.net_g_ema if hasattr(self, 'net_g_ema') else self.net_g
+        probe = Router(self.get_bare_model(net), RoutingOptions(**{**self.routing.__dict__, 'mode': 'wbsr'}),
+                       int(self.opt['scale']), self.difficulty)
+        pairs = ((data['lq'].to(self.device), data['gt'].to(self.device)) for data in dataloader)
+        self.arm_table = build_arm_table(probe, pairs, source=dataloader.dataset.opt['name'])
+        path = osp.join(self.opt['path']['visualization'], '..', 'arm_table.npz')
+        self.arm_table.save(osp.normpath(path))
+        logger.info(f'ARM table saved to {osp.normpath(path)}')
+        self._routers.clear()
+
+    def _routing_summary(self, current_iter, tb_logger, dataset_name: str) -> str:
+        log = self._route_log
+        gflops = float(np.mean([r['flops'] for r in log])) / 1e9
+        ratio_p = float(np.mean([r['ratio_patches'] for r in log]))
+        ratio_w = float(np.mean([r['ratio_whole'] for r in log]))
+        seconds = float(np.mean([r['seconds'] for r in log]))
+        shares = np.mean([r['shares'] for r in log], axis=0)
+        text = (f'\t # gflops: {gflops:.4f}\n\t # flops_vs_full_patches: {100 * ratio_p:.2f}%\n'
+                f'\t # flops_vs_full_image: {100 * ratio_w:.2f}%\n\t # seconds_per_image: {seconds:.4f}\n'
+                f"\t # subnet_share ({self.routing.mode}): {' '.join(f'{100 * v:.1f}' for v in shares)}\n")
+        if tb_logger:
+            tb_logger.add_scalar(f'routing/{dataset_name}/gflops', gflops, current_iter)
+            tb_logger.add_scalar(f'routing/{dataset_name}/flops_vs_full_patches', ratio_p, current_iter)
+            tb_logger.add_scalar(f'routing/{dataset_name}/flops_vs_full_image', ratio_w, current_iter)
+            for i, v in enumerate(shares):
+                tb_logger.add_scalar(f'routing/{dataset_name}/share_subnet{i}', float(v), current_iter)
+        return text
+
+    def _log_validation_metric_values(self, current_iter, dataset_name, tb_logger) -> None:
+        log_str = f'Validation {dataset_name}\n'
+        for metric, value in self.metric_results.items():
+            log_str += f'\t # {metric}: {value:.4f}'
+            if hasattr(self, 'best_metric_results'):
+                best = self.best_metric_results[dataset_name][metric]
+                log_str += f"\tBest: {best['val']:.4f} @ {best['iter']} iter"
+            log_str += '\n'
+        if self._route_log:
+            log_str += self._routing_summary(current_iter, tb_logger, dataset_name)
+            self._val_context['logged'] = True
+        get_root_logger().info(log_str)
+        if tb_logger:
+            for metric, value in self.metric_results.items():
+                tb_logger.add_scalar(f'metrics/{dataset_name}/{metric}', value, current_iter)
