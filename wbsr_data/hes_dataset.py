@@ -62,7 +62,8 @@ class HESPairedImageDataset(data.Dataset):
     - ``delta``: class-level decay, in (0, 1]; class k gets mass proportional to delta^-(k-1).
       Default: 0.9 (see the README's sweep).
     - ``switch_ratio``: fraction of ``total_iter`` after which sampling is class-level. Default: 0.7.
-    - ``patch_stride``: grid stride of candidate GT crops. Default: ``gt_size // 2``.
+    - ``patch_stride``: grid stride of candidate GT crops, a multiple of ``scale``. Default: ``gt_size // 2``
+      (rounded down to a multiple of ``scale``).
     - ``projection``: ``pca`` or ``sum`` (spec section 1). Default: ``pca``.
     - ``index_cache``: folder of the patch-index cache. Default: ``$WBSR_CACHE_DIR`` or
       ``~/.cache/wbsr/hes_index``.

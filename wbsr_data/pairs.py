@@ -33,7 +33,7 @@ def _note_once(message: str) -> None:
 
 
 def list_pairs(opt: Mapping[str, Any]) -> list[dict[str, str]]:
-    """``[{'lq_path', 'gt_path'}, ...]`` for a BasicSR paired dataset option dict (not modified)."""
+    """``[{'lq_path', 'gt_path'}, ...]`` for a BasicSR paired dataset option dict (not modified), sorted by key."""
     gt_folder, lq_folder = opt.get('dataroot_gt'), opt.get('dataroot_lq')
     if not gt_folder or not lq_folder:
         raise ValueError(f"dataset '{opt.get('name', '?')}': both dataroot_gt and dataroot_lq are required")
@@ -53,7 +53,9 @@ def list_pairs(opt: Mapping[str, Any]) -> list[dict[str, str]]:
         raise ValueError(f'cannot pair {lq_folder} with {gt_folder}: {exc}') from None
     if not paths:
         raise ValueError(f'no images in {gt_folder} (dataroot_gt) / {lq_folder} (dataroot_lq)')
-    return paths
+    # Sorted by key, so the order (and every index built on it) does not depend on how the file system
+    # lists a folder, and a folder and its lmdb copy line up.
+    return sorted(paths, key=lambda p: os.path.splitext(os.path.basename(p['gt_path']))[0])
 
 
 def make_file_client(opt: Mapping[str, Any]) -> FileClient:

@@ -53,7 +53,7 @@ class IndexOptions:
             scale, gt_size = int(opt['scale']), int(opt['gt_size'])
         except KeyError as exc:
             raise ValueError(f"dataset '{opt.get('name', '?')}': option {exc.args[0]} is required") from None
-        stride = int(opt.get('patch_stride') or gt_size // 2)
+        stride = int(opt.get('patch_stride') or max(scale, gt_size // 2 // scale * scale))
         num_classes = int(opt.get('num_classes', 10))
         projection = str(opt.get('projection', 'pca'))
         if scale < 1:

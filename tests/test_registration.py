@@ -1,0 +1,159 @@
+"""Registration in BasicSR's registries, the import hook, and BasicSR's own runners finding WBSR types."""
+import os
+import site
+import subprocess
+import sys
+import sysconfig
+import textwrap
+from pathlib import Path
+
+import pytest
+import yaml
+
+import wbsr_hook
+from basicsr.utils.registry import ARCH_REGISTRY, DATASET_REGISTRY, LOSS_REGISTRY, MODEL_REGISTRY, Registry
+
+from conftest import write_pair_folder
+
+REGISTERED = {ARCH_REGISTRY: ['WBSRSRResNet', 'WBSRRCAN'], DATASET_REGISTRY: ['HESPairedImageDataset'],
+              LOSS_REGISTRY: ['BDLoss'], MODEL_REGISTRY: ['WBSRModel']}
+
+
+def hook_installed() -> bool:
+    dirs = set(site.getsitepackages()) | {sysconfig.get_paths()['purelib']}
+    return any(Path(d, 'wbsr-basicsr-hook.pth').is_file() for d in dirs)
+
+
+needs_hook = pytest.mark.skipif(not hook_installed(), reason='the .pth hook is not installed in this environment '
+                                '(install the project with pip, as scripts/setup_env.sh does)')
+
+
+def run_python(code: str, cwd, env_extra=None, timeout=300) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != wbsr_hook.ENV_DISABLE}
+    env.update(env_extra or {})
+    return subprocess.run([sys.executable, '-c', textwrap.dedent(code)], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_every_wbsr_type_is_registered_with_its_prefix():
+    for registry, names in REGISTERED.items():
+        for name in names:
+            assert name in registry
+            assert name.startswith(wbsr_hook.NAME_PREFIXES)
+
+
+def test_register_refuses_bad_prefix_and_taken_names_all_or_none():
+    registry = Registry('scratch')
+
+    class WBSRThing:
+        pass
+
+    class Thing:
+        pass
+
+    with pytest.raises(wbsr_hook.RegistrationError, match='Thing: WBSR registry names must start with'):
+        wbsr_hook.register(registry, [Thing])
+    wbsr_hook.register(registry, [WBSRThing])
+    wbsr_hook.register(registry, [WBSRThing])  # same class again: a no-op
+
+    class WBSRNew:
+        pass
+
+    other = type('WBSRThing', (), {'__module__': 'elsewhere'})
+    with pytest.raises(wbsr_hook.RegistrationError, match="'WBSRThing' is already registered .* by elsewhere|"
+                       "'WBSRThing' is already registered"):
+        wbsr_hook.register(registry, [WBSRNew, other])
+    assert 'WBSRNew' not in registry  # nothing from the refused list was registered
+    assert registry.get('WBSRThing') is WBSRThing
+
+
+def test_torchvision_alias_provides_what_basicsr_imports():
+    import torchvision.transforms.functional as F
+    wbsr_hook.prepare_basicsr_import()
+    alias = sys.modules['torchvision.transforms.functional_tensor']
+    assert alias.rgb_to_grayscale is F.rgb_to_grayscale or hasattr(alias, 'rgb_to_grayscale')
+
+
+def test_fixed_root_path_moves_site_packages_root_to_cwd(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    purelib = sysconfig.get_paths()['purelib']
+    assert wbsr_hook.fixed_root_path(purelib) == str(tmp_path)
+    assert wbsr_hook.fixed_root_path('/some/checkout') == '/some/checkout'
+
+
+@needs_hook
+def test_plain_import_basicsr_registers_everything(tmp_path):
+    code = '''
+        import basicsr
+        from basicsr.utils.registry import ARCH_REGISTRY, DATASET_REGISTRY, LOSS_REGISTRY, MODEL_REGISTRY
+        print(sorted(n for r in (ARCH_REGISTRY, DATASET_REGISTRY, LOSS_REGISTRY, MODEL_REGISTRY)
+                     for n in r.keys() if n.startswith(('WBSR', 'HES', 'BD'))))
+    '''
+    done = run_python(code, tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == str(sorted(n for names in REGISTERED.values() for n in names))
+
+
+@needs_hook
+def test_hook_switched_off_by_environment_variable(tmp_path):
+    code = '''
+        import basicsr
+        from basicsr.utils.registry import ARCH_REGISTRY
+        print('WBSRSRResNet' in ARCH_REGISTRY)
+    '''
+    # torchvision >= 0.17 lacks the module BasicSR 1.4.2 imports; give it a stand-in so the check is only
+    # about registration.
+    done = run_python('import sys, types\n'
+                      "m = types.ModuleType('torchvision.transforms.functional_tensor')\n"
+                      "import torchvision.transforms.functional as F; m.rgb_to_grayscale = F.rgb_to_grayscale\n"
+                      "sys.modules[m.__name__] = m\n" + textwrap.dedent(code), tmp_path,
+                      {wbsr_hook.ENV_DISABLE: '1'})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == 'False'
+
+
+@needs_hook
+def test_hook_leaves_a_real_functional_tensor_module_alone(tmp_path):
+    code = '''
+        import sys, types
+        real = types.ModuleType('torchvision.transforms.functional_tensor')
+        real.rgb_to_grayscale = lambda img, num_output_channels=1: 'old torchvision'
+        sys.modules[real.__name__] = real
+        import basicsr
+        print(sys.modules['torchvision.transforms.functional_tensor'].rgb_to_grayscale(None))
+    '''
+    done = run_python(code, tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == 'old torchvision'
+
+
+def tiny_train_options(data: dict, name: str, total_iter: int = 2, **train_extra) -> dict:
+    return {
+        'name': name, 'model_type': 'WBSRModel', 'scale': 4, 'num_gpu': 0, 'manual_seed': 0,
+        'datasets': {'train': {'name': 'tiny', 'type': 'HESPairedImageDataset', **data, 'io_backend': {'type': 'disk'},
+                               'gt_size': 32, 'use_hflip': True, 'use_rot': True, 'num_worker_per_gpu': 0,
+                               'batch_size_per_gpu': 2, 'index_cache': str(Path(data['dataroot_gt']).parent / 'cache')}},
+        'network_g': {'type': 'WBSRSRResNet', 'num_feat': 8, 'num_block': 2, 'widths': [4, 8], 'depths': [1, 2]},
+        'path': {'pretrain_network_g': None, 'strict_load_g': True, 'resume_state': None},
+        'train': {'optim_g': {'type': 'Adam', 'lr': 2e-4}, 'scheduler': {'type': 'MultiStepLR', 'milestones': [100],
+                                                                        'gamma': 0.5},
+                  'total_iter': total_iter, 'warmup_iter': -1,
+                  'pixel_opt': {'type': 'L1Loss', 'loss_weight': 1.0}, **train_extra},
+        'logger': {'print_freq': 1, 'save_checkpoint_freq': 1000, 'use_tb_logger': False},
+    }
+
+
+@needs_hook
+def test_python_m_basicsr_train_trains_wbsr_without_import_line(tmp_path):
+    data = write_pair_folder(tmp_path / 'data', n=2, size=(64, 64))
+    opt_file = tmp_path / 'train.yml'
+    opt_file.write_text(yaml.safe_dump(tiny_train_options(data, 'via_basicsr')))
+    env = {k: v for k, v in os.environ.items() if k != wbsr_hook.ENV_DISABLE}
+    done = subprocess.run([sys.executable, '-m', 'basicsr.train', '-opt', str(opt_file)], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    log = next((tmp_path / 'experiments' / 'via_basicsr').glob('train_*.log')).read_text()
+    assert 'Network [WBSRSRResNet] is created.' in log and 'Model [WBSRModel] is created.' in log
+    assert 'iter:       2' in log
+    assert (tmp_path / 'experiments' / 'via_basicsr' / 'models' / 'net_g_latest.pth').is_file()
+    assert not Path(sysconfig.get_paths()['purelib'], 'experiments', 'via_basicsr').exists()
