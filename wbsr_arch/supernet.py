@@ -104,7 +104,10 @@ class SupernetMixin:
         if h < 1 or w < 1:
             raise ValueError(f'lr_hw must be positive, got {tuple(lr_hw)}')
         (h1, w1), (h2, w2) = ORDERING_LR_SIZE, AFFINE_LR_SIZE
-        at1, at2 = self._pair_flops((h1, w1)), self._pair_flops((h2, w2))
+        at1 = self._pair_flops((h1, w1))
+        if (h, w) == (h1, w1):
+            return [at1[pair] for pair in self.subnets]
+        at2 = self._pair_flops((h2, w2))
         flops = []
         for pair in self.subnets:
             slope, rest = divmod(at1[pair] - at2[pair], h1 * w1 - h2 * w2)
