@@ -1,0 +1,220 @@
+"""Dynamic inference: merging, modes, FLOPs accounting, baselines, allocation maps, bad input."""
+import logging
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from basicsr.archs.srresnet_arch import MSRResNet
+from wbsr_arch import WBSRSRResNet, count_flops
+from wbsr_data.difficulty import DifficultyProjection, extract_patches, gradient_vectors, grid_starts
+from wbsr_models.baselines import ArmTable, build_arm_table, edge_scores, oracle_subnets
+from wbsr_models.router import (Router, RoutingOptions, alpha_subnets, budget_subnets, eq15_subnets,
+                                shifted_subnets)
+from wbsr_models.visualize import allocation_map, subnet_colors, subnet_labels
+
+from test_arch import randomise, tiny_srresnet
+
+
+@pytest.fixture(scope='module')
+def net():
+    return randomise(tiny_srresnet(), seed=3)
+
+
+@pytest.fixture(scope='module')
+def projection():
+    rng = np.random.default_rng(0)
+    return DifficultyProjection.fit(rng.random((500, 4)) * 0.05, num_classes=10)
+
+
+def textured(h, w, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    base = torch.linspace(0, 1, w).view(1, 1, 1, w).expand(1, 3, h, w).clone()
+    base[..., :, w // 2:] += torch.rand(1, 3, h, w - w // 2, generator=gen) * 0.5
+    return base.clamp(0, 1)
+
+
+def route(net, projection, x, **options):
+    return Router(net, RoutingOptions(**options), 4, projection)(x)
+
+
+# ---- merging ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize('mode,extra', [('wbsr', {}), ('budget', {'budget': 0.5}), ('alpha', {'alpha': 2.0})])
+def test_one_patch_covering_the_image_equals_the_plain_forward(net, projection, mode, extra):
+    x = textured(20, 27)
+    result = route(net, projection, x, mode=mode, patch_size=32, step=28, **extra)
+    assert len(result.subnets) == 1
+    with torch.no_grad():
+        expected = net(x, subnet=int(result.subnets[0]))
+    assert (result.output - expected).abs().max().item() < 1e-5
+
+
+def test_all_full_tiling_equals_whole_image_away_from_patch_borders():
+    torch.manual_seed(0)
+    small = WBSRSRResNet(num_feat=8, num_block=1, widths=[4, 8], depths=[1]).eval()
+    for p in small.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    x = torch.rand(1, 3, 45, 61)
+    with torch.no_grad():
+        whole = small(x)
+    patch, step, radius, s = 32, 20, 6, 4  # radius > receptive field of this network in LR pixels
+    result = Router(small, RoutingOptions(patch_size=patch, step=step), s)(
+        x, assign=lambda patches, classes, costs: np.full(len(patches), len(costs) - 1))
+
+    def clean(n):  # positions at least `radius` from every patch border (image borders are shared)
+        ok = np.ones(n, bool)
+        for t in grid_starts(n, patch, step, cover_end=True):
+            for a in range(t, t + patch):
+                if (a - t < radius and a >= radius) or (t + patch - 1 - a < radius and a < n - radius):
+                    ok[a] = False
+        return ok
+
+    mask = np.kron(np.outer(clean(45), clean(61)), np.ones((s, s), bool))
+    diff = (result.output - whole).abs()[0].amax(0).numpy()
+    assert mask.mean() > 0.3
+    assert diff[mask].max() < 1e-5
+    assert diff.max() > 1e-3  # and the test can see patch-border effects where they are
+
+
+def test_full_mode_tiles_large_images_exactly(net):
+    x = textured(40, 50)
+    with torch.no_grad():
+        whole = net(x)
+    result = Router(net, RoutingOptions(mode='full', max_pixels=24 * 24), 4)(x)  # tiles of 16 with 16 margin
+    assert (result.output - whole).abs().max().item() < 1e-5 * whole.abs().max().item()  # float rounding only
+    assert result.flops > count_flops(net, (1, 3, 40, 50))  # margins are paid for
+
+
+# ---- modes ----------------------------------------------------------------------------------------------
+def test_eq15_maps_ten_classes_onto_nine_subnets():
+    assert eq15_subnets(np.arange(1, 11), 10, 9).tolist() == [0, 1, 2, 3, 4, 5, 6, 7, 8, 8]
+    assert eq15_subnets(np.arange(1, 11), 10, 3).tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2, 2]
+
+
+def test_shift_zero_at_class_ends_is_eq15():
+    positions = np.arange(1, 11) / 10
+    assert shifted_subnets(positions, 0.0, 9).tolist() == eq15_subnets(np.arange(1, 11), 10, 9).tolist()
+
+
+def test_alpha_picks_the_nearest_cost():
+    costs = np.array([1., 2., 4., 8.])
+    assert alpha_subnets(np.array([1, 5, 10]), 10, costs, alpha=1.0).tolist() == [0, 2, 3]
+    assert alpha_subnets(np.array([10]), 10, costs, alpha=0.25).tolist() == [1]
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.floats(0, 1), min_size=1, max_size=300), st.floats(0.21, 1.0))
+def test_budget_never_exceeded_and_monotone(positions, budget):
+    costs = np.array([1.08, 1.28, 1.66, 2.24, 2.64, 3.38, 3.44, 3.99, 5.19])
+    u = np.asarray(positions)
+    chosen = budget_subnets(u, costs, budget)
+    assert costs[chosen].mean() <= budget * costs[-1] * (1 + 1e-9)
+    order = np.argsort(u, kind='stable')
+    assert np.all(np.diff(chosen[order]) >= 0) or np.all(np.diff(u[order])[np.diff(chosen[order]) < 0] == 0)
+    more = budget_subnets(u, costs, min(1.0, budget + 0.1))
+    assert np.all(more >= chosen)  # a larger budget never downgrades a patch
+
+
+def test_budget_mode_on_images(net, projection):
+    for seed in range(4):
+        x = textured(50 + 7 * seed, 70, seed)
+        for budget in (0.45, 0.6, 0.8):
+            result = route(net, projection, x, mode='budget', budget=budget)
+            assert result.ratio_patches <= budget + 1e-9
+            patches = extract_patches(x[0], result.tops, result.lefts, *result.patch_hw)
+            scores = projection.score(gradient_vectors(patches))
+            order = np.argsort(scores)
+            assert np.all(np.diff(result.subnets[order]) >= 0)  # harder patches never get smaller subnets
+
+
+def test_flops_are_the_sum_of_per_patch_costs(net, projection):
+    x = textured(45, 61)
+    result = route(net, projection, x, mode='wbsr')
+    per_subnet = [count_flops(net, (1, 3, 32, 32), subnet=i) for i in range(net.num_subnets)]
+    assert result.flops == sum(per_subnet[m] for m in result.subnets)
+    assert result.flops_full_patches == per_subnet[-1] * len(result.subnets)
+    assert result.flops_full_image == count_flops(net, (1, 3, 45, 61))
+    assert result.shares().sum() == pytest.approx(1.0)
+
+
+def test_plain_network_routing_is_tiled_inference():
+    plain = MSRResNet(num_feat=8, num_block=1).eval()
+    x = textured(40, 40)
+    result = Router(plain, RoutingOptions(mode='wbsr'), 4)(x)
+    assert result.subnets.tolist() == [0] * 4 and result.num_subnets == 1
+    assert result.flops == 4 * count_flops(plain, (1, 3, 32, 32))
+
+
+# ---- bad input ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize('hw', [(1, 1), (5, 7), (33, 29), (61, 45)])
+@pytest.mark.parametrize('channels', [1, 3, 4])
+def test_odd_sizes_and_channels_give_scaled_rgb_output(net, projection, hw, channels):
+    x = torch.rand(1, channels, *hw)
+    result = route(net, projection, x, mode='wbsr')
+    assert result.output.shape == (1, 3, 4 * hw[0], 4 * hw[1])
+    assert torch.isfinite(result.output).all()
+
+
+def test_missing_thresholds_fit_on_the_image_with_a_warning(net, caplog):
+    with caplog.at_level(logging.WARNING, logger='basicsr'):
+        result = Router(net, RoutingOptions(), 4, projection=None)(textured(60, 60))
+    assert 'fitted on each test image' in caplog.text
+    assert result.classes.min() >= 1 and result.classes.max() <= 10
+
+
+@pytest.mark.parametrize('options,message', [
+    ({'mode': 'fast'}, 'val.routing.mode must be one of'),
+    ({'mode': 'budget', 'budget': 1.5}, r'budget must be in \(0, 1\]'),
+    ({'mode': 'budget', 'budget': 0}, r'budget must be in \(0, 1\]'),
+    ({'mode': 'budget'}, r'budget must be in \(0, 1\]'),
+    ({'mode': 'fixed'}, 'subnet is required for fixed mode'),
+    ({'step': 40}, 'step <= patch_size'),
+    ({'batch': 3}, r"unknown option\(s\) \['batch'\]"),
+])
+def test_bad_routing_options_are_named(options, message):
+    with pytest.raises(ValueError, match=message):
+        RoutingOptions.from_opt(options)
+
+
+def test_budget_below_cheapest_subnet_and_bad_fixed_index(net):
+    with pytest.raises(ValueError, match='below the cheapest subnet'):
+        Router(net, RoutingOptions(mode='budget', budget=0.05), 4)
+    with pytest.raises(ValueError, match='subnet=9 out of range'):
+        Router(net, RoutingOptions(mode='fixed', subnet=9), 4)
+    with pytest.raises(ValueError, match='one LR image'):
+        Router(net, RoutingOptions(), 4)(torch.rand(2, 3, 8, 8))
+
+
+# ---- baselines and maps -----------------------------------------------------------------------------------
+def test_arm_table_build_select_and_round_trip(net, projection, tmp_path):
+    router = Router(net, RoutingOptions(), 4, projection)
+    pairs = [(textured(40, 40, s), torch.rand(1, 3, 160, 160)) for s in range(2)]
+    table = build_arm_table(router, pairs, num_bins=4)
+    assert table.psnr.shape[1] == net.num_subnets and np.isfinite(table.psnr).all()
+    table.save(str(tmp_path / 'arm.npz'))
+    again = ArmTable.load(str(tmp_path / 'arm.npz'))
+    assert np.array_equal(again.psnr, table.psnr)
+    patches = torch.rand(5, 3, 32, 32)
+    costs = np.asarray(net.subnet_flops((32, 32)), dtype=float)
+    bins = np.clip(np.searchsorted(again.edges, edge_scores(patches), side='right') - 1, 0, len(again.psnr) - 1)
+    assert again.select(patches, costs, eta=1e6).tolist() == [int(again.psnr[b].argmax()) for b in bins]
+    assert again.select(patches, costs, eta=0.0).tolist() == [0] * 5  # cost only: the cheapest
+    with pytest.raises(ValueError, match='made for 9 subnets'):
+        again.select(patches, costs[:3], eta=1.0)
+
+
+def test_oracle_picks_cheapest_within_tolerance():
+    table = np.array([[30.0, 20.0], [30.02, 25.06], [30.04, 25.1]])
+    assert oracle_subnets(table, 0.05).tolist() == [0, 1]
+    assert oracle_subnets(table, 0.0).tolist() == [2, 2]
+
+
+def test_allocation_map_has_legend_and_colours(net, projection):
+    x = textured(60, 90)
+    result = route(net, projection, x, mode='wbsr')
+    lq = (x[0].permute(1, 2, 0).numpy()[..., ::-1] * 255).astype(np.uint8)
+    img = allocation_map(lq, result, subnet_labels(net, result.patch_hw))
+    assert img.shape[0] >= 384 and img.shape[1] > 384 * 90 // 60
+    assert len({tuple(c) for c in subnet_colors(9)}) == 9
+    assert subnet_labels(net, (32, 32))[0].startswith('w8 d1')
