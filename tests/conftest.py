@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Optional
 
 import cv2
 import numpy as np
@@ -55,3 +56,35 @@ def shared_data() -> Path:
     if not (SHARED_DATA / 'train').is_dir():
         pytest.skip(f'benchmark data not found at {SHARED_DATA} (set WBSR_SHARED_DATA to use it)')
     return SHARED_DATA
+
+
+def model_options(root: Path, data: dict, *, network: Optional[dict] = None, pixel_opt: Optional[dict] = None,
+                  total_iter: int = 10, is_train: bool = True, name: str = 'tiny', **train_extra) -> dict:
+    """An option dict as ``basicsr.utils.options.parse_options`` makes it, for a tiny WBSRModel run on CPU."""
+    exp = root / 'experiments' / name
+    for sub in ('models', 'training_states', 'visualization'):
+        (exp / sub).mkdir(parents=True, exist_ok=True)
+    train_set = {'name': 'tiny', 'type': 'HESPairedImageDataset', 'phase': 'train', 'scale': 4, **data,
+                 'io_backend': {'type': 'disk'}, 'gt_size': 32, 'use_hflip': True, 'use_rot': True,
+                 'index_cache': str(root / 'cache'), 'num_worker_per_gpu': 0, 'batch_size_per_gpu': 4}
+    return {
+        'name': name, 'model_type': 'WBSRModel', 'scale': 4, 'num_gpu': 0, 'manual_seed': 0, 'dist': False,
+        'rank': 0, 'world_size': 1, 'is_train': is_train, 'auto_resume': False,
+        'datasets': {'train': train_set,
+                     'val': {'name': 'tinyval', 'type': 'PairedImageDataset', 'phase': 'val', 'scale': 4, **data,
+                             'io_backend': {'type': 'disk'}}},
+        'network_g': network or {'type': 'WBSRSRResNet', 'num_feat': 16, 'num_block': 4, 'widths': [8, 12, 16],
+                                 'depths': [1, 2, 4]},
+        'path': {'pretrain_network_g': None, 'strict_load_g': True, 'resume_state': None,
+                 'experiments_root': str(exp), 'models': str(exp / 'models'),
+                 'training_states': str(exp / 'training_states'), 'log': str(exp),
+                 'visualization': str(exp / 'visualization')},
+        'train': {'optim_g': {'type': 'Adam', 'lr': 1e-3, 'weight_decay': 0, 'betas': [0.9, 0.99]},
+                  'scheduler': {'type': 'CosineAnnealingRestartLR', 'periods': [total_iter], 'restart_weights': [1],
+                                'eta_min': 1e-7},
+                  'total_iter': total_iter, 'warmup_iter': -1,
+                  'pixel_opt': pixel_opt or {'type': 'L1Loss', 'loss_weight': 1.0, 'reduction': 'mean'}, **train_extra},
+        'val': {'val_freq': 5, 'save_img': False, 'routing': {'mode': 'wbsr'},
+                'metrics': {'psnr': {'type': 'calculate_psnr', 'crop_border': 4, 'test_y_channel': True}}},
+        'logger': {'print_freq': 1, 'save_checkpoint_freq': 5, 'use_tb_logger': False},
+    }

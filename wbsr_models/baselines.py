@@ -102,7 +102,9 @@ def build_arm_table(router: Router, pairs: Iterable[tuple[torch.Tensor, torch.Te
     edges = np.unique(np.quantile(score, np.linspace(0, 1, num_bins + 1)))
     edges[0], edges[-1] = -np.inf, np.inf
     bins = np.clip(np.searchsorted(edges, score, side='right') - 1, 0, len(edges) - 2)
-    psnr = np.stack([table[:, bins == b].mean(axis=1) for b in range(len(edges) - 1)])
+    filled = np.flatnonzero(np.bincount(bins, minlength=len(edges) - 1))
+    psnr = np.stack([table[:, bins == filled[np.abs(filled - b).argmin()]].mean(axis=1)  # empty bin: nearest filled
+                     for b in range(len(edges) - 1)])
     return ArmTable(edges=edges, psnr=psnr, meta={'patches': int(len(score)), 'source': source or '',
                                                   'patch_size': router.options.patch_size,
                                                   'step': router.options.step, 'scale': router.scale})

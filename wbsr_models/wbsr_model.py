@@ -179,11 +179,13 @@ class WBSRModel(SRModel):
 
     # ---- checkpoints ---------------------------------------------------------------------------------
     def wbsr_state(self) -> dict[str, Any]:
-        """The ``'wbsr'`` checkpoint entry: difficulty thresholds/projection and the subnet list."""
+        """The ``'wbsr'`` checkpoint entry: difficulty thresholds/projection, subnets, network options, scale."""
         return {
             'format': CHECKPOINT_FORMAT,
             'difficulty': None if self.difficulty is None else self.difficulty.to_dict(),
             'subnets': [list(p) for p in getattr(self.bare_net, 'subnets', [])],
+            'network': deepcopy(dict(self.opt['network_g'])),
+            'scale': int(self.opt['scale']),
         }
 
     @master_only

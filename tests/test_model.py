@@ -1,0 +1,215 @@
+"""WBSRModel: training plans, a training step, checkpoints, validation with routing, test pipeline, wbsr-infer."""
+import copy
+import logging
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from basicsr.archs.srresnet_arch import MSRResNet
+from basicsr.data import build_dataloader, build_dataset
+from basicsr.models import build_model
+from wbsr_data.difficulty import gradient_vectors
+from wbsr_data.fileio import torch_load
+from wbsr_data.hes_dataset import HESPairedImageDataset
+from wbsr_models import infer, runners
+from wbsr_models.router import eq15_subnets
+from wbsr_models.wbsr_model import WBSRModel
+
+from conftest import model_options, write_pair_folder
+
+
+@pytest.fixture
+def data(tmp_path):
+    return write_pair_folder(tmp_path / 'data', n=3, size=(96, 80))
+
+
+def batch_of(opt, n=4):
+    ds = build_dataset(opt['datasets']['train'])
+    loader = build_dataloader(ds, opt['datasets']['train'], num_gpu=0, dist=False, sampler=None, seed=0)
+    return next(iter(loader))
+
+
+def test_a_training_iteration_changes_weights_and_logs_l_keys(tmp_path, data):
+    opt = model_options(tmp_path, data)
+    model = build_model(opt)
+    assert isinstance(model, WBSRModel)
+    before = copy.deepcopy(model.net_g.state_dict())
+    model.feed_data(batch_of(opt))
+    model.optimize_parameters(1)
+    changed = [k for k, v in model.net_g.state_dict().items() if not torch.equal(v, before[k])]
+    assert changed and 'conv_first.weight' in changed
+    log = model.get_current_log()
+    assert set(k for k in log if k.startswith('l_')) == {'l_pix'} and np.isfinite(log['l_pix'])
+    assert model.net_g.active_subnet == model.num_subnets - 1  # the plan is undone after the step
+
+
+def test_flops_squared_plan_is_seeded_by_iteration_and_follows_flops_squared(tmp_path, data):
+    model = build_model(model_options(tmp_path, data))
+    lq = torch.rand(4, 3, 8, 8)
+    plans = [model.training_plan(lq, it)[1] for it in range(1, 3001)]
+    assert plans[:50] == [model.training_plan(lq, it)[1] for it in range(1, 51)]  # same iteration, same subnet
+    model.opt['rank'] = 1  # another rank draws the same
+    assert plans[:50] == [model.training_plan(lq, it)[1] for it in range(1, 51)]
+    cost = np.asarray(model.net_g.subnet_flops((8, 8)), dtype=float)
+    expected = cost**2 / (cost**2).sum()
+    freq = np.bincount(plans, minlength=9) / len(plans)
+    assert np.all(np.abs(freq - expected) < 4 * np.sqrt(expected * (1 - expected) / len(plans)) + 1e-9)
+
+
+def test_sandwich_and_routed_plans(tmp_path, data):
+    model = build_model(model_options(tmp_path, data, wbsr={'subnet_sampling': 'sandwich', 'sandwich_random': 2}))
+    lq = torch.rand(3, 3, 8, 8)
+    repeats, subnets = model.training_plan(lq, 5)
+    assert repeats == 4 and subnets.shape == (12, )
+    assert subnets[:3].tolist() == [8] * 3 and subnets[3:6].tolist() == [0] * 3
+    assert len(set(subnets[6:].tolist())) == 2 and all(0 < s < 8 for s in subnets[6:].tolist())
+    routed = build_model(model_options(tmp_path, data, wbsr={'subnet_sampling': 'routed'}))
+    batch = batch_of(routed.opt)
+    _, assign = routed.training_plan(batch['lq'], 1)
+    classes = routed.difficulty.classify(routed.difficulty.score(gradient_vectors(batch['lq'])))
+    assert assign.tolist() == eq15_subnets(classes, 10, 9).tolist()
+    routed.feed_data(batch)
+    routed.optimize_parameters(1)
+    assert np.isfinite(routed.get_current_log()['l_pix'])
+
+
+def test_bad_wbsr_training_options(tmp_path, data):
+    with pytest.raises(ValueError, match='subnet_sampling must be one of'):
+        build_model(model_options(tmp_path, data, wbsr={'subnet_sampling': 'random'}))
+    with pytest.raises(ValueError, match=r"train.wbsr: unknown option\(s\) \['sandwich'\]"):
+        build_model(model_options(tmp_path, data, wbsr={'sandwich': 2}))
+
+
+def test_checkpoint_carries_thresholds_and_loads_into_plain_basicsr(tmp_path, data):
+    opt = model_options(tmp_path, data)
+    model = build_model(opt)
+    model.save(0, 7)
+    ckpt_path = Path(opt['path']['models']) / 'net_g_7.pth'
+    ckpt = torch_load(str(ckpt_path))
+    assert ckpt['wbsr']['difficulty']['thresholds'] == pytest.approx(model.difficulty.thresholds.tolist())
+    assert ckpt['wbsr']['network']['type'] == 'WBSRSRResNet' and ckpt['wbsr']['scale'] == 4
+    plain = MSRResNet(num_feat=16, num_block=4)
+    plain.load_state_dict(ckpt['params'], strict=True)  # a WBSR checkpoint is a BasicSR checkpoint
+    # a test-time model restores the thresholds and gives the same outputs
+    test_opt = model_options(tmp_path, data, is_train=False)
+    test_opt['path']['pretrain_network_g'] = str(ckpt_path)
+    restored = build_model(test_opt)
+    assert np.array_equal(restored.difficulty.thresholds, model.difficulty.thresholds)
+    x = torch.rand(1, 3, 20, 24)
+    model.feed_data({'lq': x})
+    model.test()
+    restored.feed_data({'lq': x})
+    restored.test()
+    assert torch.equal(model.output, restored.output)
+
+
+def test_training_state_resume_reproduces_the_run(tmp_path, data):
+    opt = model_options(tmp_path, data)
+    batches = [batch_of(opt) for _ in range(2)]
+
+    def fresh():
+        torch.manual_seed(0)
+        return build_model(copy.deepcopy(opt))
+
+    straight = fresh()
+    for it, batch in enumerate(batches, 1):
+        straight.feed_data(batch)
+        straight.optimize_parameters(it)
+    first = fresh()
+    first.feed_data(batches[0])
+    first.optimize_parameters(1)
+    first.save(0, 1)
+    resumed_opt = copy.deepcopy(opt)
+    resumed_opt['path']['pretrain_network_g'] = str(Path(opt['path']['models']) / 'net_g_1.pth')
+    resumed = build_model(resumed_opt)
+    resumed.resume_training(torch_load(str(Path(opt['path']['training_states']) / '1.state')))
+    resumed.feed_data(batches[1])
+    resumed.optimize_parameters(2)
+    for k, v in straight.net_g.state_dict().items():
+        torch.testing.assert_close(resumed.net_g.state_dict()[k], v, rtol=1e-5, atol=1e-7)
+
+
+def test_validation_logs_routing_figures_and_writes_allocation_maps(tmp_path, data, caplog):
+    opt = model_options(tmp_path, data)
+    opt['val']['save_img'] = True
+    model = build_model(opt)
+    val_set = build_dataset(opt['datasets']['val'])
+    loader = build_dataloader(val_set, opt['datasets']['val'], num_gpu=0, dist=False, sampler=None, seed=0)
+    with caplog.at_level(logging.INFO, logger='basicsr'):
+        model.validation(loader, 5, None, True)
+    for key in ('# psnr:', '# gflops:', '# flops_vs_full_patches:', '# flops_vs_full_image:', '# subnet_share (wbsr):'):
+        assert key in caplog.text
+    maps = sorted(Path(opt['path']['visualization']).rglob('*_alloc.png'))
+    assert len(maps) == 3 and cv2.imread(str(maps[0])).shape[0] >= 384
+
+
+def test_a_plain_basicsr_network_trains_and_routes_as_tiles(tmp_path, data):
+    opt = model_options(tmp_path, data, network={'type': 'MSRResNet', 'num_feat': 8, 'num_block': 2})
+    model = build_model(opt)
+    assert model.num_subnets == 1
+    model.feed_data(batch_of(opt))
+    model.optimize_parameters(1)
+    model.feed_data({'lq': torch.rand(1, 3, 40, 40)})
+    model.test()
+    assert model.output.shape == (1, 3, 160, 160)
+    assert model._route_log[-1]['shares'].tolist() == [1.0]
+
+
+def test_progress_reaches_the_hes_dataset(tmp_path, data):
+    opt = model_options(tmp_path, data, total_iter=10)
+    dataset = build_dataset(opt['datasets']['train'])
+    model = build_model(opt)
+    assert isinstance(dataset, HESPairedImageDataset) and dataset._progress.tolist() == [0, 10]
+    model.feed_data(batch_of(opt))
+    model.optimize_parameters(7)
+    assert dataset._progress.tolist() == [7, 10] and dataset.current_phase() == 1
+
+
+def write_test_option_file(tmp_path, data, ckpt, mode='wbsr'):
+    opt = {'name': 'tiny_test', 'model_type': 'WBSRModel', 'scale': 4, 'num_gpu': 0,
+           'datasets': {'test_1': {'name': 'tinyset', 'type': 'PairedImageDataset', **data,
+                                   'io_backend': {'type': 'disk'}}},
+           'network_g': {'type': 'WBSRSRResNet', 'num_feat': 16, 'num_block': 4, 'widths': [8, 12, 16],
+                         'depths': [1, 2, 4]},
+           'path': {'pretrain_network_g': str(ckpt), 'strict_load_g': True},
+           'val': {'save_img': True, 'suffix': None, 'routing': {'mode': mode, 'budget': 0.6},
+                   'metrics': {'psnr': {'type': 'calculate_psnr', 'crop_border': 4, 'test_y_channel': True}}}}
+    path = tmp_path / f'test_{mode}.yml'
+    path.write_text(yaml.safe_dump(opt))
+    return path
+
+
+@pytest.mark.parametrize('mode', ['wbsr', 'budget', 'arm', 'full'])
+def test_wbsr_test_runner_prints_psnr_and_flops(tmp_path, data, mode, monkeypatch, caplog):
+    opt = model_options(tmp_path, data)
+    build_model(opt).save(0, 3)
+    ckpt = Path(opt['path']['models']) / 'net_g_3.pth'
+    option_file = write_test_option_file(tmp_path, data, ckpt, mode)
+    monkeypatch.chdir(tmp_path)
+    with caplog.at_level(logging.INFO, logger='basicsr'):  # BasicSR adds its log file once per process
+        assert runners.test_main(['-opt', str(option_file)]) == 0
+    log = caplog.text
+    assert '# psnr:' in log and '# gflops:' in log and f'# subnet_share ({mode}):' in log
+    assert len(list((tmp_path / 'results' / 'tiny_test' / 'visualization' / 'tinyset').glob('*_alloc.png'))) == 3
+
+
+def test_wbsr_infer_folder_with_a_bad_file(tmp_path, data, capsys):
+    opt = model_options(tmp_path, data)
+    build_model(opt).save(0, 3)
+    inputs = Path(data['dataroot_lq'])
+    (inputs / 'broken.png').write_bytes(b'\x89PNG garbage')
+    out = tmp_path / 'out'
+    code = infer.main(['-i', str(inputs), '-o', str(out), '--model', str(Path(opt['path']['models']) / 'net_g_3.pth'),
+                       '--budget', '0.6', '--save-map'])
+    printed = capsys.readouterr().out
+    assert code == 1  # one file failed, the others were written
+    assert 'broken.png: skipped' in printed and printed.count('FLOPs') == 3
+    assert len(list(out.glob('img*_alloc.png'))) == 3
+    sr = cv2.imread(str(out / 'img000.png'))
+    lr = cv2.imread(str(inputs / 'img000.png'))
+    assert sr.shape == (lr.shape[0] * 4, lr.shape[1] * 4, 3)
+    assert infer.main(['-i', str(inputs), '--model', str(tmp_path / 'nope.pth')]) == 2
