@@ -1,6 +1,8 @@
 """Shared test helpers: small real-looking images made on the fly, and the optional benchmark data."""
 from __future__ import annotations
 
+import io
+import logging
 import os
 from pathlib import Path
 from typing import Optional
@@ -88,3 +90,27 @@ def model_options(root: Path, data: dict, *, network: Optional[dict] = None, pix
                 'metrics': {'psnr': {'type': 'calculate_psnr', 'crop_border': 4, 'test_y_channel': True}}},
         'logger': {'print_freq': 1, 'save_checkpoint_freq': 5, 'use_tb_logger': False},
     }
+
+
+class LogText:
+    """What BasicSR's logger printed during a test (it does not propagate, so caplog cannot see it)."""
+
+    def __init__(self) -> None:
+        self.stream = io.StringIO()
+
+    @property
+    def text(self) -> str:
+        return self.stream.getvalue()
+
+
+@pytest.fixture
+def basicsr_log():
+    logger = logging.getLogger('basicsr')
+    record = LogText()
+    handler = logging.StreamHandler(record.stream)
+    old_level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    yield record
+    logger.removeHandler(handler)
+    logger.setLevel(old_level)

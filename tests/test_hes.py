@@ -211,15 +211,14 @@ def cache_files(tmp_path):
     return sorted((tmp_path / 'cache').glob('hes_index_*.npz'))
 
 
-def test_cache_is_reused_and_invalidated(hes_folder, tmp_path, caplog):
+def test_cache_is_reused_and_invalidated(hes_folder, tmp_path, basicsr_log):
     opt = hes_options(hes_folder, tmp_path)
     HESPairedImageDataset(opt)
     first = cache_files(tmp_path)
     assert len(first) == 1
     stamp = first[0].stat().st_mtime_ns
-    with caplog.at_level(logging.INFO, logger='basicsr'):
-        HESPairedImageDataset(opt)
-    assert 'reusing' in caplog.text and first[0].stat().st_mtime_ns == stamp
+    HESPairedImageDataset(opt)
+    assert 'reusing' in basicsr_log.text and first[0].stat().st_mtime_ns == stamp
     for change in ({'gt_size': 16}, {'patch_stride': 8}, {'num_classes': 5}, {'projection': 'sum'}):
         HESPairedImageDataset(dict(opt, **change))
     assert len(cache_files(tmp_path)) == 5
@@ -232,14 +231,13 @@ def test_cache_is_reused_and_invalidated(hes_folder, tmp_path, caplog):
     assert len(cache_files(tmp_path)) == 6
 
 
-def test_corrupt_cache_is_rebuilt_not_used(hes_folder, tmp_path, caplog):
+def test_corrupt_cache_is_rebuilt_not_used(hes_folder, tmp_path, basicsr_log):
     opt = hes_options(hes_folder, tmp_path)
     good = HESPairedImageDataset(opt).index
     path = cache_files(tmp_path)[0]
     path.write_bytes(path.read_bytes()[:200])  # truncated
-    with caplog.at_level(logging.WARNING, logger='basicsr'):
-        rebuilt = HESPairedImageDataset(opt).index
-    assert 'rebuilding, the cache is unusable' in caplog.text and str(path) in caplog.text
+    rebuilt = HESPairedImageDataset(opt).index
+    assert 'rebuilding, the cache is unusable' in basicsr_log.text and str(path) in basicsr_log.text
     assert np.array_equal(rebuilt.scores, good.scores)
 
 
@@ -266,13 +264,12 @@ def test_size_mismatch_is_named(hes_folder, tmp_path):
         HESPairedImageDataset(hes_options(hes_folder, tmp_path))
 
 
-def test_image_smaller_than_gt_size_is_named_or_skipped(tmp_path, caplog):
+def test_image_smaller_than_gt_size_is_named_or_skipped(tmp_path, basicsr_log):
     folders = write_pair_folder(tmp_path / 'small', n=2, size=(48, 48))
     with pytest.raises(ImageFileError, match='img000.png is 48x48, smaller than gt_size 64'):
         HESPairedImageDataset(hes_options(folders, tmp_path, gt_size=64))
-    with caplog.at_level(logging.WARNING, logger='basicsr'):
-        ds = HESPairedImageDataset(hes_options(folders, tmp_path, gt_size=52, skip_small_images=True))
-    assert 'img000.png' in caplog.text and len(ds.index.pairs) == 1
+    ds = HESPairedImageDataset(hes_options(folders, tmp_path, gt_size=52, skip_small_images=True))
+    assert 'img000.png' in basicsr_log.text and len(ds.index.pairs) == 1
 
 
 def test_missing_pair_and_empty_folder(tmp_path):
@@ -290,17 +287,16 @@ def test_missing_pair_and_empty_folder(tmp_path):
                                           tmp_path))
 
 
-def test_grayscale_and_rgba_files_are_converted_with_a_note(tmp_path, caplog):
+def test_grayscale_and_rgba_files_are_converted_with_a_note(tmp_path, basicsr_log):
     folders = write_pair_folder(tmp_path / 'd', n=2, size=(64, 64))
     gt = Path(folders['dataroot_gt']) / 'img000.png'
     cv2.imwrite(str(gt), cv2.imread(str(gt), cv2.IMREAD_GRAYSCALE))
     lq = Path(folders['dataroot_lq']) / 'img001.png'
     img = cv2.imread(str(lq))
     cv2.imwrite(str(lq), np.dstack([img, np.full(img.shape[:2], 255, np.uint8)]))
-    with caplog.at_level(logging.INFO, logger='basicsr'):
-        ds = HESPairedImageDataset(hes_options(folders, tmp_path))
-        sample = ds[0]
-    assert 'grayscale, converted to 3 channels' in caplog.text and 'RGBA, alpha channel dropped' in caplog.text
+    ds = HESPairedImageDataset(hes_options(folders, tmp_path))
+    sample = ds[0]
+    assert 'grayscale, converted to 3 channels' in basicsr_log.text and 'RGBA, alpha channel dropped' in basicsr_log.text
     assert sample['gt'].shape == (3, 32, 32)
 
 

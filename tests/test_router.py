@@ -156,10 +156,9 @@ def test_odd_sizes_and_channels_give_scaled_rgb_output(net, projection, hw, chan
     assert torch.isfinite(result.output).all()
 
 
-def test_missing_thresholds_fit_on_the_image_with_a_warning(net, caplog):
-    with caplog.at_level(logging.WARNING, logger='basicsr'):
-        result = Router(net, RoutingOptions(), 4, projection=None)(textured(60, 60))
-    assert 'fitted on each test image' in caplog.text
+def test_missing_thresholds_fit_on_the_image_with_a_warning(net, basicsr_log):
+    result = Router(net, RoutingOptions(), 4, projection=None)(textured(60, 60))
+    assert 'fitted on each test image' in basicsr_log.text
     assert result.classes.min() >= 1 and result.classes.max() <= 10
 
 

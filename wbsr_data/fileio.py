@@ -63,6 +63,9 @@ def load_npz(path: str, required: Sequence[str] = ()) -> tuple[dict[str, np.ndar
     """Read an ``.npz`` written by :func:`save_npz`: ``(arrays, meta)``; refuse pickled or broken files."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f'{path}: no such file')
+    with open(path, 'rb') as f:
+        if f.read(4) != b'PK\x03\x04':  # np.load would try pickle on anything that is not a zip
+            raise CorruptFileError(path, 'not an .npz file (no zip signature)')
     try:
         with np.load(path, allow_pickle=False) as data:
             arrays = {k: data[k] for k in data.files}
