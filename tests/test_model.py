@@ -211,3 +211,40 @@ def test_wbsr_infer_folder_with_a_bad_file(tmp_path, data, capsys):
     lr = cv2.imread(str(inputs / 'img000.png'))
     assert sr.shape == (lr.shape[0] * 4, lr.shape[1] * 4, 3)
     assert infer.main(['-i', str(inputs), '--model', str(tmp_path / 'nope.pth')]) == 2
+
+
+BD = {'type': 'BDLoss', 'loss_weight': 1.0, 'label_space': 'rgb', 'gmm_pixels': 5000, 'init_noise_sigma': 0.05,
+      'sigma_lr': 1e-2}
+
+
+def test_bdloss_gmm_fitted_at_startup_and_sigma_trained_at_constant_lr(tmp_path, data):
+    opt = model_options(tmp_path, data, pixel_opt=dict(BD), total_iter=4)
+    model = build_model(opt)
+    assert (Path(opt['path']['experiments_root']) / 'bd_gmm_rgb.npz').is_file()
+    assert model.optimizer_sigma is not None and model.cri_pix.noise_sigma.requires_grad
+    sigmas = [float(model.cri_pix.noise_sigma.detach())]
+    for it in range(1, 5):
+        model.update_learning_rate(it)
+        model.feed_data(batch_of(opt))
+        model.optimize_parameters(it)
+        sigmas.append(model.get_current_log()['noise_sigma'])
+    assert all(a != b for a, b in zip(sigmas, sigmas[1:]))  # sigma moves every step
+    assert model.optimizer_sigma.param_groups[0]['lr'] == 1e-2  # not scheduled
+    assert model.optimizer_g.param_groups[0]['lr'] < 1e-3  # the network's lr is (cosine)
+
+
+def test_bdloss_sigma_is_saved_and_restored_on_resume(tmp_path, data):
+    opt = model_options(tmp_path, data, pixel_opt=dict(BD))
+    model = build_model(opt)
+    for it in (1, 2):
+        model.feed_data(batch_of(opt))
+        model.optimize_parameters(it)
+    model.save(0, 2)
+    sigma = float(model.cri_pix.noise_sigma.detach())
+    assert sigma != pytest.approx(BD['init_noise_sigma'])
+    state = torch_load(str(Path(opt['path']['training_states']) / '2.state'))
+    again = build_model(copy.deepcopy(opt))  # reuses the experiment's GMM file
+    assert float(again.cri_pix.noise_sigma.detach()) == pytest.approx(BD['init_noise_sigma'])
+    again.resume_training(state)
+    assert float(again.cri_pix.noise_sigma.detach()) == sigma
+    assert again.optimizer_sigma.state_dict()['state'][0]['step'] == 2
