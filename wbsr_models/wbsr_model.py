@@ -67,6 +67,7 @@ class WBSRModel(SRModel):
         self._routers: dict[int, Router] = {}
         self._route_log: list[dict[str, Any]] = []
         self._val_context: dict[str, Any] = {}
+        self.lq_path = self.hes_phase = None
         super().__init__(opt)
         if self.is_train:
             self.difficulty = load_or_build_index(opt['datasets']['train']).projection
@@ -175,6 +176,8 @@ class WBSRModel(SRModel):
             self.lq, self.gt = lq, gt
         if self.optimizer_sigma is not None:
             self.log_dict['noise_sigma'] = float(self.cri_pix.noise_sigma.detach())
+        if self.hes_phase is not None:  # share of the batch drawn class-level (0 before the switch, 1 after)
+            self.log_dict['hes_phase'] = float(torch.as_tensor(self.hes_phase, dtype=torch.float32).mean())
         set_train_progress(current_iter, int(self.opt['train']['total_iter']))
 
     # ---- checkpoints ---------------------------------------------------------------------------------
@@ -253,6 +256,7 @@ class WBSRModel(SRModel):
     def feed_data(self, data) -> None:
         super().feed_data(data)
         self.lq_path = data.get('lq_path')
+        self.hes_phase = data.get('hes_phase')  # per sample, from HESPairedImageDataset
 
     def router_for(self, net: torch.nn.Module) -> Router:
         bare = self.get_bare_model(net)
