@@ -1,6 +1,5 @@
 """HES: the difficulty function, the patch index and its cache, sampling, the phase switch, bad input."""
 import copy
-import logging
 import math
 import random
 from pathlib import Path

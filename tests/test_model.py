@@ -1,6 +1,5 @@
 """WBSRModel: training plans, a training step, checkpoints, validation with routing, test pipeline, wbsr-infer."""
 import copy
-import logging
 from pathlib import Path
 
 import cv2

@@ -108,7 +108,7 @@ def test_sigkill_then_auto_resume_continues_the_run(tmp_path):
     done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     first, second = (tmp_path / 'first.log').read_text(), done.stdout + done.stderr
-    assert f'Resuming training from epoch: ' in second and f'iter: {resume_iter}.' in second
+    assert 'Resuming training from epoch: ' in second and f'iter: {resume_iter}.' in second
     losses_before, losses_after = logged(first, 'l_pix'), logged(second, 'l_pix')
     assert min(losses_after) == resume_iter + 1 and max(losses_after) == 400
     untrained = np.mean([losses_before[i] for i in range(1, 6)])

@@ -1,5 +1,4 @@
 """Dynamic inference: merging, modes, FLOPs accounting, baselines, allocation maps, bad input."""
-import logging
 
 import numpy as np
 import pytest

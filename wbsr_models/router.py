@@ -274,7 +274,7 @@ class Router:
         return out, flops
 
     def _patches(self, lq: torch.Tensor, assign: Optional[Callable[..., np.ndarray]]) -> RoutingResult:
-        opts, s = self.options, self.scale
+        opts = self.options
         _, c, h, w = lq.shape
         ph, pw = min(opts.patch_size, h), min(opts.patch_size, w)
         tops = grid_starts(h, ph, opts.step, cover_end=True)

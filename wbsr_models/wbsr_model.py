@@ -20,7 +20,6 @@ routing is tiled inference.
 """
 from __future__ import annotations
 
-import os
 import time
 from collections import OrderedDict
 from copy import deepcopy
@@ -33,7 +32,7 @@ from torch.nn.parallel import DataParallel, DistributedDataParallel
 
 from basicsr.models.sr_model import SRModel
 from basicsr.utils import get_root_logger, imwrite, tensor2img
-from basicsr.utils.dist_util import get_dist_info, master_only
+from basicsr.utils.dist_util import master_only
 from wbsr_data.difficulty import DifficultyProjection, gradient_vectors
 from wbsr_data.fileio import torch_load, torch_save
 from wbsr_data.hes_dataset import set_train_progress

@@ -1,0 +1,90 @@
+"""Evaluating a router on a test set the way published SR tables are made (spec section 9).
+
+PSNR and SSIM are BasicSR's ``calculate_psnr`` / ``calculate_ssim`` on the Y channel with
+``crop_border = scale``; FLOPs come from the router's accounting; seconds are the median of ``repeats``
+runs of the router on each image (synchronised on CUDA).
+"""
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterable, Optional
+
+import cv2
+import numpy as np
+import torch
+
+from basicsr.metrics import calculate_psnr, calculate_ssim
+from basicsr.utils import tensor2img
+
+from wbsr_data.pairs import decode_image
+
+from .router import Router, RoutingResult
+
+
+@dataclass
+class TestImage:
+    name: str
+    lq: torch.Tensor  # (1, 3, h, w) RGB in [0, 1]
+    gt: np.ndarray  # uint8 BGR HxWx3
+
+
+def read_rgb_tensor(path: str) -> torch.Tensor:
+    """An image file as a (1, 3, H, W) RGB float tensor in [0, 1] (gray and RGBA converted)."""
+    with open(path, 'rb') as f:
+        img = decode_image(f.read(), path)
+    return torch.from_numpy(np.ascontiguousarray(img[..., ::-1].transpose(2, 0, 1))).unsqueeze(0)
+
+
+def load_test_set(folder: str, scale: int, device: str = 'cpu', limit: Optional[int] = None) -> list[TestImage]:
+    """``folder/HR`` and ``folder/LR_bicubic/X{scale}`` as written by ``wbsr-make-lr``."""
+    hr_dir, lr_dir = os.path.join(folder, 'HR'), os.path.join(folder, 'LR_bicubic', f'X{scale}')
+    names = sorted(os.listdir(hr_dir))[:limit]
+    if not names:
+        raise ValueError(f'no images in {hr_dir}')
+    images = []
+    for name in names:
+        gt = cv2.imread(os.path.join(hr_dir, name), cv2.IMREAD_COLOR)
+        lq = read_rgb_tensor(os.path.join(lr_dir, name)).to(device)
+        images.append(TestImage(name=name, lq=lq, gt=gt[:lq.shape[2] * scale, :lq.shape[3] * scale]))
+    return images
+
+
+def run_timed(router: Router, lq: torch.Tensor, repeats: int = 1, **kwargs) -> tuple[RoutingResult, float]:
+    """The router's result on ``lq`` and the median wall time of ``repeats`` runs."""
+    times, result = [], None
+    for _ in range(max(1, repeats)):
+        start = time.perf_counter()
+        result = router(lq, **kwargs)
+        if lq.is_cuda:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return result, statistics.median(times)
+
+
+def evaluate(router: Router, images: Iterable[TestImage], repeats: int = 1,
+             on_image: Optional[Callable[[TestImage, RoutingResult, np.ndarray], None]] = None,
+             assign_for: Optional[Callable[[TestImage], Callable]] = None) -> dict:
+    """Mean PSNR-Y, SSIM-Y, GFLOPs, both FLOPs ratios, seconds and subnet shares over ``images``.
+
+    ``on_image(image, result, sr_uint8)`` is called for every image (to save outputs or maps);
+    ``assign_for(image)`` may return a per-image subnet assignment (the benchmark's oracle).
+    """
+    rows = []
+    for image in images:
+        kwargs = {'assign': assign_for(image)} if assign_for else {}
+        result, seconds = run_timed(router, image.lq, repeats, **kwargs)
+        sr = tensor2img([result.output[0].detach().cpu()])
+        scale = router.scale
+        rows.append({'psnr': calculate_psnr(sr, image.gt, crop_border=scale, test_y_channel=True),
+                     'ssim': calculate_ssim(sr, image.gt, crop_border=scale, test_y_channel=True),
+                     'gflops': result.flops / 1e9, 'ratio_patches': result.ratio_patches,
+                     'ratio_whole': result.ratio_whole, 'seconds': seconds, 'shares': result.shares()})
+        if on_image is not None:
+            on_image(image, result, sr)
+    summary = {k: float(np.mean([r[k] for r in rows])) for k in rows[0] if k != 'shares'}
+    summary['shares'] = np.mean([r['shares'] for r in rows], axis=0).tolist()
+    summary['images'] = len(rows)
+    return summary
