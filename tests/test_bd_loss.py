@@ -49,8 +49,10 @@ def gmm_file(tmp_path: Path, gmm: PixelGMM, name: str = 'gmm.npz') -> str:
 
 
 def bd_loss(path: str, gmm: PixelGMM, **kwargs) -> BDLoss:
-    """A BDLoss whose options agree with the file (no 'options differ' warning)."""
+    """A BDLoss whose options agree with the file (no 'options differ' warning), sigma learnable."""
     kwargs.setdefault('label_space', gmm.label_space)
+    kwargs.setdefault('learn_sigma', True)
+    kwargs.setdefault('init_noise_sigma', 0.05)
     return BDLoss(gmm_path=path, num_components=gmm.num_components, covariance_type=gmm.covariance_type,
                   blur_sigma=gmm.blur_sigma, **kwargs)
 
@@ -416,15 +418,15 @@ def test_pixel_sample_is_uniform_over_pixels_seeded_and_sized(tmp_path):
     for level, (h, w) in sizes.items():
         cv2.imwrite(str(folder / f'{level}.png'), np.full((h, w, 3), level, np.uint8))
     opt = {'dataroot_gt': str(folder)}
-    sample, num_images = sample_label_pixels(opt, num_pixels=1200, seed=3, progress=False)
+    sample, num_images = sample_label_pixels(opt, label_space='rgb', num_pixels=1200, seed=3, progress=False)
     assert sample.shape == (1200, 3) and num_images == 3
     counts = {level: int((np.abs(sample[:, 0] * 255 - level) < 0.5).sum()) for level in sizes}
     for level, (h, w) in sizes.items():
         expected = 1200 * h * w / 2400
         sd = math.sqrt(expected * (1 - h * w / 2400) * (1200 / 2400))  # hypergeometric
         assert abs(counts[level] - expected) < 4 * sd
-    again, _ = sample_label_pixels(opt, num_pixels=1200, seed=3, progress=False)
-    other, _ = sample_label_pixels(opt, num_pixels=1200, seed=4, progress=False)
+    again, _ = sample_label_pixels(opt, label_space='rgb', num_pixels=1200, seed=3, progress=False)
+    other, _ = sample_label_pixels(opt, label_space='rgb', num_pixels=1200, seed=4, progress=False)
     np.testing.assert_array_equal(np.sort(sample[:, 0]), np.sort(again[:, 0]))
     assert not np.array_equal(np.sort(sample[:, 0]), np.sort(other[:, 0]))
 
@@ -494,7 +496,7 @@ def test_fit_tool_writes_the_file_and_reports_bad_input_in_one_line(tmp_path, ca
 
     monkeypatch.chdir(tmp_path)
     assert fit_gmm_main(['-opt', str(opt)]) == 0
-    assert load_gmm(str(tmp_path / 'bd_gmm_rgb.npz')).num_components == 3
+    assert load_gmm(str(tmp_path / 'bd_gmm_detail.npz')).num_components == 3  # the default label space
 
     capsys.readouterr()
     assert fit_gmm_main(['-opt', str(tmp_path / 'none.yml')]) == 2
@@ -513,7 +515,7 @@ def test_registered_and_built_by_basicsr(tmp_path):
     gmm = make_gmm(MIX_3D)
     path = gmm_file(tmp_path, gmm)
     assert 'BDLoss' in LOSS_REGISTRY and LOSS_REGISTRY.get('BDLoss') is BDLoss
-    opt = {'type': 'BDLoss', 'gmm_path': path, 'num_components': 3, 'loss_weight': 2.0}
+    opt = {'type': 'BDLoss', 'gmm_path': path, 'label_space': 'rgb', 'num_components': 3, 'loss_weight': 2.0}
     loss = build_loss(opt)
     assert isinstance(loss, BDLoss) and loss.loss_weight == 2.0 and loss.gmm.num_components == 3
     assert opt['type'] == 'BDLoss'

@@ -213,6 +213,7 @@ def test_wbsr_infer_folder_with_a_bad_file(tmp_path, data, capsys):
 
 
 BD = {'type': 'BDLoss', 'loss_weight': 1.0, 'label_space': 'rgb', 'gmm_pixels': 5000, 'init_noise_sigma': 0.05,
+      'learn_sigma': True,
       'sigma_lr': 1e-2}
 
 

@@ -67,4 +67,4 @@ def test_model_builds_from_the_file(path, tmp_path):
         assert model.optimizers and model.schedulers
         if opt['train']['pixel_opt']['type'] == 'BDLoss':
             assert (exp / f"bd_gmm_{opt['train']['pixel_opt']['label_space']}.npz").is_file()
-            assert model.optimizer_sigma is not None
+            assert (model.optimizer_sigma is not None) == opt['train']['pixel_opt']['learn_sigma']

@@ -44,7 +44,7 @@ def free_port() -> int:
 def test_ddp_two_gloo_ranks_stay_in_step(tmp_path):
     data = write_pair_folder(tmp_path / 'data', n=4, size=(96, 96))
     opt = tiny_train_options(data, 'ddp', total_iter=12, wbsr={'subnet_sampling': 'flops_squared'})
-    opt['train']['pixel_opt'] = {'type': 'BDLoss', 'gmm_pixels': 5000, 'sigma_lr': 1e-2}
+    opt['train']['pixel_opt'] = {'type': 'BDLoss', 'gmm_pixels': 5000, 'sigma_lr': 1e-2, 'learn_sigma': True}
     opt['datasets']['train'].update(switch_ratio=0.5, delta=0.5)
     opt['find_unused_parameters'] = True
     (tmp_path / 'ddp.yml').write_text(yaml.safe_dump(opt))
@@ -86,7 +86,8 @@ def test_sigkill_then_auto_resume_continues_the_run(tmp_path):
     opt['network_g'] = {'type': 'WBSRRCAN', 'num_feat': 8, 'num_group': 1, 'num_block': 2, 'squeeze_factor': 4,
                         'widths': [4, 8], 'depths': [1, 2]}  # starts far from the target: a clear loss curve
     opt['train']['optim_g']['lr'] = 2e-3
-    opt['train']['pixel_opt'] = {'type': 'BDLoss', 'gmm_pixels': 5000, 'sigma_lr': 1e-3}
+    opt['train']['pixel_opt'] = {'type': 'BDLoss', 'gmm_pixels': 5000, 'sigma_lr': 1e-3, 'learn_sigma': True,
+                                 'init_noise_sigma': 0.05}
     opt['datasets']['train']['switch_ratio'] = 0.1  # the switch at iteration 40, before the checkpoint
     opt['logger']['save_checkpoint_freq'] = 80
     (tmp_path / 'opt.yml').write_text(yaml.safe_dump(opt))

@@ -36,7 +36,7 @@ LABEL_SPACES = ('rgb', 'detail')
 COVARIANCE_TYPES = ('full', 'diag')
 
 # Defaults shared by BDLoss, the fit tool and fit_gmm_for_options.
-DEFAULT_LABEL_SPACE = 'rgb'
+DEFAULT_LABEL_SPACE = 'detail'  # the README's loss sweep
 DEFAULT_NUM_COMPONENTS = 8
 DEFAULT_COVARIANCE_TYPE = 'full'
 DEFAULT_BLUR_SIGMA = 1.5

@@ -111,8 +111,8 @@ class WBSRModel(SRModel):
         super().init_training_settings()
 
     def _startup_gmm(self, pixel_opt: dict) -> str:
-        from wbsr_losses.gmm import fit_gmm_for_options
-        label_space = pixel_opt.get('label_space', 'rgb')
+        from wbsr_losses.gmm import DEFAULT_LABEL_SPACE, fit_gmm_for_options
+        label_space = pixel_opt.get('label_space', DEFAULT_LABEL_SPACE)
         path = osp.join(self.opt['path']['experiments_root'], f'bd_gmm_{label_space}.npz')
         if self.opt['rank'] == 0 and not osp.isfile(path):  # a resumed run reuses its own file
             fit_gmm_for_options(pixel_opt, self.opt['datasets']['train'], path)

@@ -1,0 +1,167 @@
+"""Training-time sweeps and the paper's Table-2 ablation, at CPU scale.
+
+    python bench/train_sweeps.py --sweep loss [--iters 1500] [--jobs 2] [--out bench_out/sweeps]
+
+Every row trains the same small supernet (SRResNet recipe, 32 channels, 8 blocks, widths 16/24/32, depths
+2/4/8) on the 291-image pool at x4 with the same seed and iterations, through BasicSR's training pipeline
+(``python -m wbsr_models.train``); one factor changes per sweep. Each checkpoint is evaluated on B100 and
+Urban100 (x4, LR made by ``wbsr-make-lr``) with Eq. 15 routing and with the full subnet. Runs are cached
+by the hash of their options, so rerunning a sweep only trains what changed. Writes
+``<out>/<sweep>.md`` and ``<out>/<sweep>.json``.
+
+Data: ``datasets/train291`` and ``datasets/{B100,Urban100}`` as the README's benchmark section makes them.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+import yaml
+
+from wbsr_models.evaluation import evaluate, load_test_set
+from wbsr_models.infer import load_model
+from wbsr_models.router import Router, RoutingOptions
+
+BD_LEARNT = {'type': 'BDLoss', 'label_space': 'rgb', 'init_noise_sigma': 0.05, 'learn_sigma': True}
+BD_RGB_FIXED = {'type': 'BDLoss', 'label_space': 'rgb', 'init_noise_sigma': 0.01, 'learn_sigma': False}
+BD_DETAIL_FIXED = {'type': 'BDLoss', 'label_space': 'detail', 'init_noise_sigma': 0.01, 'learn_sigma': False}
+L1 = {'type': 'L1Loss', 'loss_weight': 1.0}
+
+# The base row is the shipped defaults; each sweep was run after the previous one set its default.
+BASE_LOSS, BASE_DELTA, BASE_SAMPLING = BD_DETAIL_FIXED, 0.9, 'flops_squared'
+
+SWEEPS = {
+    'loss': [('L1', {'train.pixel_opt': L1}),
+             ('BDLoss rgb, sigma learnt (spec)', {'train.pixel_opt': BD_LEARNT}),
+             ('BDLoss rgb, sigma fixed 0.01', {'train.pixel_opt': BD_RGB_FIXED}),
+             ('BDLoss detail, sigma fixed 0.01', {'train.pixel_opt': BD_DETAIL_FIXED})],
+    'delta': [(f'delta {d}', {'datasets.train.delta': d}) for d in (1.0, 0.9, 0.8, 0.7)],
+    'sampling': [(s, {'train.wbsr.subnet_sampling': s}) for s in ('flops_squared', 'sandwich', 'routed')],
+    'ablation': [('uniform + L1', {'datasets.train.delta': 1.0, 'train.pixel_opt': L1}),
+                 ('HES + L1', {'train.pixel_opt': L1}),
+                 ('uniform + BDLoss', {'datasets.train.delta': 1.0}),
+                 ('HES + BDLoss (WBSR)', {})],
+}
+
+
+def base_options(data: str, iters: int) -> dict:
+    return {
+        'name': 'sweep', 'model_type': 'WBSRModel', 'scale': 4, 'num_gpu': 0, 'manual_seed': 0,
+        'datasets': {'train': {
+            'name': 'train291', 'type': 'HESPairedImageDataset', 'dataroot_gt': os.path.join(data, 'train291', 'HR'),
+            'dataroot_lq': os.path.join(data, 'train291', 'LR_bicubic', 'X4'), 'io_backend': {'type': 'disk'},
+            'gt_size': 64, 'use_hflip': True, 'use_rot': True, 'num_classes': 10, 'delta': BASE_DELTA,
+            'switch_ratio': 0.7, 'num_worker_per_gpu': 0, 'batch_size_per_gpu': 16}},
+        'network_g': {'type': 'WBSRSRResNet', 'num_feat': 32, 'num_block': 8, 'upscale': 4, 'widths': [16, 24, 32],
+                      'depths': [2, 4, 8]},
+        'path': {'pretrain_network_g': None, 'strict_load_g': True, 'resume_state': None},
+        'train': {'optim_g': {'type': 'Adam', 'lr': 1e-3, 'weight_decay': 0, 'betas': [0.9, 0.999]},
+                  'scheduler': {'type': 'CosineAnnealingRestartLR', 'periods': [iters], 'restart_weights': [1],
+                                'eta_min': 1e-7},
+                  'total_iter': iters, 'warmup_iter': -1, 'wbsr': {'subnet_sampling': BASE_SAMPLING},
+                  'pixel_opt': dict(BASE_LOSS)},
+        'logger': {'print_freq': 100, 'save_checkpoint_freq': iters, 'use_tb_logger': False},
+    }
+
+
+def with_overrides(opt: dict, overrides: dict) -> dict:
+    opt = copy.deepcopy(opt)
+    for dotted, value in overrides.items():
+        node, keys = opt, dotted.split('.')
+        for key in keys[:-1]:
+            node = node[key]
+        node[keys[-1]] = copy.deepcopy(value)
+    return opt
+
+
+def run_key(opt: dict) -> str:
+    return hashlib.sha1(json.dumps(opt, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def train(opt: dict, run_dir: str) -> tuple[str, float]:
+    """Train one row (or reuse its finished checkpoint); returns the checkpoint and the training minutes."""
+    checkpoint = os.path.join(run_dir, 'experiments', opt['name'], 'models', 'net_g_latest.pth')
+    timing = os.path.join(run_dir, 'train_minutes.txt')
+    if os.path.isfile(checkpoint) and os.path.isfile(timing):
+        with open(timing) as f:
+            return checkpoint, float(f.read())
+    os.makedirs(run_dir, exist_ok=True)
+    with open(os.path.join(run_dir, 'opt.yml'), 'w') as f:
+        yaml.safe_dump(opt, f, sort_keys=False)
+    start = time.perf_counter()
+    env = dict(os.environ, OMP_NUM_THREADS='1', MKL_NUM_THREADS='1')
+    with open(os.path.join(run_dir, 'train.log'), 'w') as log:
+        done = subprocess.run([sys.executable, '-m', 'wbsr_models.train', '-opt', 'opt.yml'], cwd=run_dir, env=env,
+                              stdout=log, stderr=subprocess.STDOUT)
+    if done.returncode != 0:
+        raise RuntimeError(f'training failed, see {run_dir}/train.log')
+    minutes = (time.perf_counter() - start) / 60
+    with open(timing, 'w') as f:
+        f.write(f'{minutes:.2f}')
+    return checkpoint, minutes
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument('--sweep', choices=sorted(SWEEPS), nargs='+', required=True)
+    parser.add_argument('--iters', type=int, default=1500)
+    parser.add_argument('--jobs', type=int, default=2, help='trainings in parallel, one thread each (default: 2)')
+    parser.add_argument('--data', default='datasets')
+    parser.add_argument('--out', default='bench_out/sweeps')
+    args = parser.parse_args()
+    data, out = os.path.abspath(args.data), os.path.abspath(args.out)
+    base = base_options(data, args.iters)
+    rows = [(sweep, label, with_overrides(base, overrides)) for sweep in args.sweep for label, overrides in SWEEPS[sweep]]
+    for _, _, opt in rows:
+        opt['datasets']['train']['index_cache'] = os.path.join(out, 'hes_cache')
+    with ThreadPoolExecutor(args.jobs) as pool:
+        trained = list(pool.map(lambda r: train(r[2], os.path.join(out, 'runs', run_key(r[2]))), rows))
+    torch.set_num_threads(2)
+    sets = {name: load_test_set(os.path.join(data, name), 4) for name in ('B100', 'Urban100')}
+    results: dict[str, list] = {}
+    for (sweep, label, opt), (checkpoint, minutes) in zip(rows, trained):
+        cache = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(checkpoint))), 'eval.json')
+        if os.path.isfile(cache):
+            with open(cache) as f:
+                scores = json.load(f)
+        else:
+            net, scale, projection = load_model(checkpoint)
+            scores = {}
+            for name, images in sets.items():
+                for mode in ('wbsr', 'full'):
+                    summary = evaluate(Router(net, RoutingOptions(mode=mode), scale, projection), images)
+                    scores[f'{name}/{mode}'] = {k: summary[k] for k in ('psnr', 'ssim', 'ratio_patches', 'ratio_whole')}
+            with open(cache, 'w') as f:
+                json.dump(scores, f, indent=2)
+        print(f'{sweep:9s} {label:34s}', '  '.join(f"{k} {v['psnr']:.3f}" for k, v in scores.items()), flush=True)
+        results.setdefault(sweep, []).append({'row': label, 'run': run_key(opt), 'train_minutes': minutes, **scores})
+    for sweep, entries in results.items():
+        lines = [f'{sweep}: {args.iters} iterations, batch 16, GT 64, seed 0, x4, 291-image pool',
+                 '', '| row | B100 routed PSNR / SSIM (FLOPs %) | B100 full | Urban100 routed PSNR / SSIM (FLOPs %) '
+                 '| Urban100 full | train min |', '|---|---|---|---|---|---|']
+        for e in entries:
+            cells = []
+            for name in ('B100', 'Urban100'):
+                r, f = e[f'{name}/wbsr'], e[f'{name}/full']
+                cells += [f"{r['psnr']:.3f} / {r['ssim']:.4f} ({100 * r['ratio_patches']:.0f}%)",
+                          f"{f['psnr']:.3f} / {f['ssim']:.4f}"]
+            lines.append(f"| {e['row']} | " + ' | '.join(cells) + f" | {e['train_minutes']:.1f} |")
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, f'{sweep}.md'), 'w') as f:
+            f.write('\n'.join(lines) + '\n')
+        with open(os.path.join(out, f'{sweep}.json'), 'w') as f:
+            json.dump(entries, f, indent=2)
+        print('\n'.join(lines))
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
