@@ -185,14 +185,19 @@ def test_deterministic_for_a_seed(hes_folder, tmp_path):
     assert all(torch.equal(a['gt'], b['gt']) and a['gt_path'] == b['gt_path'] for a, b in zip(first, second))
 
 
-def test_lmdb_and_folder_give_identical_samples(hes_folder, tmp_path):
-    lmdb_opts = {}
+def lmdb_copy(folders, tmp_path):
+    """The pair folders as two lmdb databases (BasicSR's make_lmdb_from_imgs), keyed by file stem."""
+    dbs = {}
     for key in ('dataroot_gt', 'dataroot_lq'):
-        folder = Path(hes_folder[key])
+        folder = Path(folders[key])
         names = sorted(p.name for p in folder.glob('*.png'))
-        target = tmp_path / f'{folder.name}.lmdb'
-        make_lmdb_from_imgs(str(folder), str(target), names, [Path(n).stem for n in names])
-        lmdb_opts[key] = str(target)
+        dbs[key] = str(tmp_path / f'{folder.name}.lmdb')
+        make_lmdb_from_imgs(str(folder), dbs[key], names, [Path(n).stem for n in names])
+    return dbs
+
+
+def test_lmdb_and_folder_give_identical_samples(hes_folder, tmp_path):
+    lmdb_opts = lmdb_copy(hes_folder, tmp_path)
     disk = HESPairedImageDataset(hes_options(hes_folder, tmp_path))
     lmdb = HESPairedImageDataset(hes_options(lmdb_opts, tmp_path, io_backend={'type': 'lmdb'}))
     assert np.array_equal(disk.index.scores, lmdb.index.scores)
@@ -300,13 +305,7 @@ def test_grayscale_and_rgba_files_are_converted_with_a_note(tmp_path, basicsr_lo
 
 
 def test_lmdb_without_a_key_is_named(hes_folder, tmp_path):
-    opts = {}
-    for key in ('dataroot_gt', 'dataroot_lq'):
-        folder = Path(hes_folder[key])
-        names = sorted(p.name for p in folder.glob('*.png'))
-        target = tmp_path / f'{folder.name}.lmdb'
-        make_lmdb_from_imgs(str(folder), str(target), names, [Path(n).stem for n in names])
-        opts[key] = str(target)
+    opts = lmdb_copy(hes_folder, tmp_path)
     meta = Path(opts['dataroot_gt']) / 'meta_info.txt'
     meta.write_text(meta.read_text() + 'ghost.png (8,8,3) 1\n')
     lq_meta = Path(opts['dataroot_lq']) / 'meta_info.txt'
