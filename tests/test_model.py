@@ -47,7 +47,7 @@ def test_a_training_iteration_changes_weights_and_logs_l_keys(tmp_path, data):
 
 
 def test_flops_squared_plan_is_seeded_by_iteration_and_follows_flops_squared(tmp_path, data):
-    model = build_model(model_options(tmp_path, data))
+    model = build_model(model_options(tmp_path, data, wbsr={'subnet_sampling': 'flops_squared'}))
     lq = torch.rand(4, 3, 8, 8)
     plans = [model.training_plan(lq, it)[1] for it in range(1, 3001)]
     assert plans[:50] == [model.training_plan(lq, it)[1] for it in range(1, 51)]  # same iteration, same subnet

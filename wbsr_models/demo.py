@@ -76,7 +76,7 @@ def demo_options(data: str, iters: int) -> dict:
                   'scheduler': {'type': 'CosineAnnealingRestartLR', 'periods': [iters], 'restart_weights': [1],
                                 'eta_min': 1e-7},
                   'total_iter': iters, 'warmup_iter': -1,
-                  'wbsr': {'subnet_sampling': 'flops_squared'},
+                  'wbsr': {'subnet_sampling': 'routed'},
                   'pixel_opt': {'type': 'BDLoss', 'gmm_pixels': 100000}},
         'logger': {'print_freq': 10, 'save_checkpoint_freq': iters, 'use_tb_logger': False},
     }

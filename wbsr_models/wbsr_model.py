@@ -51,7 +51,7 @@ class WBSRModel(SRModel):
 
     def __init__(self, opt: dict) -> None:
         wbsr_opt = dict((opt.get('train') or {}).get('wbsr') or {})
-        self.subnet_sampling = str(wbsr_opt.pop('subnet_sampling', 'flops_squared'))
+        self.subnet_sampling = str(wbsr_opt.pop('subnet_sampling', 'routed'))  # the README's sampling sweep
         self.sandwich_random = int(wbsr_opt.pop('sandwich_random', 2))
         if wbsr_opt:
             raise ValueError(f'train.wbsr: unknown option(s) {sorted(wbsr_opt)}; known: subnet_sampling, '
