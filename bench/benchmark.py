@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from wbsr_models.baselines import build_arm_table, oracle_subnets, patch_psnr_table
-from wbsr_models.evaluation import TestImage, evaluate, load_test_set, run_timed
+from wbsr_models.evaluation import TestImage, bicubic_summary, evaluate, load_test_set, run_timed
 from wbsr_models.infer import load_model
 from wbsr_models.router import Router, RoutingOptions
 
@@ -236,7 +236,10 @@ def main(argv: Optional[list] = None) -> int:
         plot_curve(name, rows, points, os.path.join(args.out, f'curve_{name}.png'))
         report['sets'][name] = {'rows': rows, 'curves': points}
         note = ' (ARM table in-sample)' if name in ('Set5', 'Set14') else ''
-        md += [f'## {name} x4, {len(images)} images{note}\n'] + fmt_rows(rows, rows[0]['seconds']) + ['']
+        bicubic = bicubic_summary(images, scale)
+        report['sets'][name]['bicubic'] = bicubic
+        md += [f'## {name} x4, {len(images)} images{note}\n', f"Bicubic (OpenCV): {bicubic['psnr']:.3f} dB / "
+               f"{bicubic['ssim']:.4f}.\n"] + fmt_rows(rows, rows[0]['seconds']) + ['']
         with open(os.path.join(args.out, 'benchmark.json'), 'w') as f:
             json.dump(report, f, indent=1, default=float)
     timing_images = load_test_set(os.path.join(args.data, 'Urban100'), scale, limit=args.time_images)

@@ -36,7 +36,7 @@ from basicsr.utils import imwrite, tensor2img  # noqa: E402
 
 from wbsr_data.make_lr import make_dataset  # noqa: E402
 
-from .evaluation import evaluate, load_test_set  # noqa: E402
+from .evaluation import bicubic_summary, evaluate, load_test_set  # noqa: E402
 from .infer import load_model  # noqa: E402
 from .router import Router, RoutingOptions  # noqa: E402
 from .visualize import allocation_map, subnet_labels  # noqa: E402
@@ -121,13 +121,16 @@ def evaluate_demo(checkpoint: str, test_dir: str, out: str, device: str, repeats
         rows.append({'mode': label, **evaluate(router, images, repeats, on_image=save(options['mode']))})
     for row in rows:
         row['time_vs_full'] = row['seconds'] / rows[0]['seconds']
-    return rows
+    return [{'mode': 'bicubic (reference)', **bicubic_summary(images, scale)}] + rows
 
 
 def table(rows: list[dict]) -> str:
     lines = ['| mode | PSNR-Y | SSIM-Y | GFLOPs | FLOPs % (vs full on patches) | FLOPs % (vs full on image) | '
              's / image | time vs full |', '|---|---|---|---|---|---|---|---|']
     for r in rows:
+        if 'gflops' not in r:  # the bicubic reference row
+            lines.append(f"| {r['mode']} | {r['psnr']:.2f} | {r['ssim']:.4f} | - | - | - | - | - |")
+            continue
         lines.append(f"| {r['mode']} | {r['psnr']:.2f} | {r['ssim']:.4f} | {r['gflops']:.2f} | "
                      f"{100 * r['ratio_patches']:.1f} | {100 * r['ratio_whole']:.1f} | {r['seconds']:.3f} | "
                      f"{r['time_vs_full']:.2f} |")
@@ -139,6 +142,8 @@ def plot_curve(rows: list[dict], path: str, title: str) -> None:
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    ax.axhline(rows[0]['psnr'], color='#bbbbbb', lw=1, ls=':', label='bicubic')
+    rows = rows[1:]
     fixed = [r for r in rows if r['mode'].startswith('fixed')]
     budget = sorted([r for r in rows if r['mode'].startswith('budget')], key=lambda r: r['ratio_whole'])
     ax.plot([100 * r['ratio_whole'] for r in fixed], [r['psnr'] for r in fixed], 'o', color='#888888',

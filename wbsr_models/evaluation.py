@@ -64,6 +64,17 @@ def run_timed(router: Router, lq: torch.Tensor, repeats: int = 1, **kwargs) -> t
     return result, statistics.median(times)
 
 
+def bicubic_summary(images: Iterable[TestImage], scale: int) -> dict:
+    """PSNR-Y / SSIM-Y of OpenCV bicubic upsampling: the floor every table row should clear."""
+    psnr, ssim = [], []
+    for image in images:
+        lr = tensor2img([image.lq[0].cpu()])
+        up = cv2.resize(lr, (lr.shape[1] * scale, lr.shape[0] * scale), interpolation=cv2.INTER_CUBIC)
+        psnr.append(calculate_psnr(up, image.gt, crop_border=scale, test_y_channel=True))
+        ssim.append(calculate_ssim(up, image.gt, crop_border=scale, test_y_channel=True))
+    return {'psnr': float(np.mean(psnr)), 'ssim': float(np.mean(ssim))}
+
+
 def evaluate(router: Router, images: Iterable[TestImage], repeats: int = 1,
              on_image: Optional[Callable[[TestImage, RoutingResult, np.ndarray], None]] = None,
              assign_for: Optional[Callable[[TestImage], Callable]] = None) -> dict:
