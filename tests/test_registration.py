@@ -144,16 +144,19 @@ def tiny_train_options(data: dict, name: str, total_iter: int = 2, **train_extra
 
 
 @needs_hook
-def test_python_m_basicsr_train_trains_wbsr_without_import_line(tmp_path):
+def test_python_m_basicsr_train_trains_wbsr_with_bdloss_without_import_line(tmp_path):
     data = write_pair_folder(tmp_path / 'data', n=2, size=(64, 64))
     opt_file = tmp_path / 'train.yml'
-    opt_file.write_text(yaml.safe_dump(tiny_train_options(data, 'via_basicsr')))
+    opt = tiny_train_options(data, 'via_basicsr')
+    opt['train']['pixel_opt'] = {'type': 'BDLoss', 'gmm_pixels': 5000}  # GMM fitted at start-up
+    opt_file.write_text(yaml.safe_dump(opt))
     env = {k: v for k, v in os.environ.items() if k != wbsr_hook.ENV_DISABLE}
     done = subprocess.run([sys.executable, '-m', 'basicsr.train', '-opt', str(opt_file)], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     log = next((tmp_path / 'experiments' / 'via_basicsr').glob('train_*.log')).read_text()
     assert 'Network [WBSRSRResNet] is created.' in log and 'Model [WBSRModel] is created.' in log
+    assert 'Loss [BDLoss] is created.' in log and (tmp_path / 'experiments' / 'via_basicsr' / 'bd_gmm_detail.npz').is_file()
     assert 'iter:       2' in log
     assert (tmp_path / 'experiments' / 'via_basicsr' / 'models' / 'net_g_latest.pth').is_file()
     assert not Path(sysconfig.get_paths()['purelib'], 'experiments', 'via_basicsr').exists()
