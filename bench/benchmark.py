@@ -20,6 +20,7 @@ Writes ``benchmark.md``, ``benchmark.json`` and ``curve_<set>.png`` under ``--ou
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import platform
@@ -31,8 +32,9 @@ from typing import Optional
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
-from wbsr_models.baselines import build_arm_table, oracle_subnets, patch_psnr_table
+from wbsr_models.baselines import build_arm_table, oracle_subnets, patch_outputs, patch_psnr_table
 from wbsr_models.evaluation import TestImage, bicubic_summary, evaluate, load_test_set, run_timed
 from wbsr_models.infer import load_model
 from wbsr_models.router import Router, RoutingOptions
@@ -44,48 +46,90 @@ ARM_ETAS = (0.05, 0.1, 0.2, 0.4, 0.8, 1.6, 3.2)
 ORACLE_TOLERANCES = (0.0, 0.02, 0.05, 0.1, 0.2, 0.4)
 
 
-def oracle_assigner(router: Router, tolerance: float, tables: dict[str, np.ndarray]):
-    """``assign_for(image)`` giving the oracle's subnets; per-patch PSNR tables are computed once per image."""
-    def assign_for(image: TestImage):
-        if image.name not in tables:
-            gt = torch.from_numpy(np.ascontiguousarray(image.gt[..., ::-1].transpose(2, 0, 1))).float()[None] / 255.
-            tables[image.name] = patch_psnr_table(router, image.lq, gt.to(image.lq.device))[0]
-        chosen = oracle_subnets(tables[image.name], tolerance)
-        return lambda patches, classes, costs: chosen
-    return assign_for
+class CachedPatchRouter(Router):
+    """A router that takes each patch's SR from outputs computed once per image (``store``).
+
+    Every patch-based routing of one image (fixed subnets on patches, ``arm``, ``wbsr``, budgets, oracle)
+    then costs a selection and a merge instead of a network run; the merge is the router's own. Seconds
+    measured on it mean nothing: wall time is measured on the real router (``wall_time_rows``).
+    """
+
+    def __init__(self, *args, store: dict, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.store = store
+
+    def _run_patches(self, patches: torch.Tensor, rows: np.ndarray, subnet: int) -> torch.Tensor:
+        return self.store['outputs'][subnet][torch.as_tensor(rows)]
 
 
-def routing_rows(net, scale, projection, arm_table, images: list[TestImage], tables: dict) -> list[dict]:
-    modes = [('full', {'mode': 'full'})]
-    modes += [(f'fixed {i} (w{w} d{d})', {'mode': 'fixed', 'subnet': i}) for i, (w, d) in enumerate(net.subnets)]
-    modes += [('arm (eta 1.0)', {'mode': 'arm', 'arm_eta': 1.0}), ('wbsr (Eq. 15)', {'mode': 'wbsr'})]
-    modes += [(f'wbsr budget {b}', {'mode': 'budget', 'budget': b}) for b in BUDGETS]
-    rows = []
-    for label, options in modes:
-        router = Router(net, RoutingOptions(**options), scale, projection, arm_table)
-        rows.append({'mode': label, **evaluate(router, images)})
-        print(f"  {label:24s} {rows[-1]['psnr']:.3f} dB  {100 * rows[-1]['ratio_patches']:.1f}% / "
-              f"{100 * rows[-1]['ratio_whole']:.1f}%", flush=True)
-    router = Router(net, RoutingOptions(mode='wbsr'), scale, projection)
-    rows.append({'mode': 'oracle (0.05 dB)',
-                 **evaluate(router, images, assign_for=oracle_assigner(router, 0.05, tables))})
-    print(f"  {'oracle':24s} {rows[-1]['psnr']:.3f} dB  {100 * rows[-1]['ratio_patches']:.1f}%", flush=True)
-    return rows
+def gt_tensor(image: TestImage) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(image.gt[..., ::-1].transpose(2, 0, 1))).float()[None] / 255.
 
 
-def curve_points(net, scale, projection, arm_table, images, tables) -> dict[str, list]:
-    points: dict[str, list] = {'wbsr': [], 'arm': [], 'oracle': []}
-    for b in CURVE_BUDGETS:
-        s = evaluate(Router(net, RoutingOptions(mode='budget', budget=b), scale, projection), images)
-        points['wbsr'].append((b, s['ratio_patches'], s['ratio_whole'], s['psnr']))
+def set_modes(net, scale, projection, arm_table, store: dict, alternative=None) -> dict[str, tuple]:
+    """``key -> (router, assign_for_or_None)`` for every row of the table and every curve point."""
+    cached = lambda **o: CachedPatchRouter(net, RoutingOptions(**o), scale, projection, arm_table,  # noqa: E731
+                                           store=store)
+    fixed = lambda i: (lambda image: (lambda patches, classes, costs: np.full(len(patches), i)))  # noqa: E731
+    oracle = lambda tol: (lambda image: (  # noqa: E731
+        lambda patches, classes, costs: oracle_subnets(store['table'], tol)))
+    modes: dict[str, tuple] = {'full': (Router(net, RoutingOptions(mode='full'), scale, projection), None)}
+    base = cached(mode='wbsr')
+    for i, (w, d) in enumerate(net.subnets):
+        modes[f'fixed {i} (w{w} d{d})'] = (base, fixed(i))
+    modes['arm (eta 1.0)'] = (cached(mode='arm', arm_eta=1.0), None)
+    modes['wbsr (Eq. 15)'] = (base, None)
+    if alternative is not None:
+        kind, other = alternative
+        modes[f'wbsr (Eq. 15), {kind} projection'] = (CachedPatchRouter(
+            net, RoutingOptions(mode='wbsr'), scale, other, store=store), None)
+    for b in sorted(set(BUDGETS) | set(CURVE_BUDGETS)):
+        modes[f'wbsr budget {b}'] = (cached(mode='budget', budget=b), None)
     for eta in ARM_ETAS:
-        s = evaluate(Router(net, RoutingOptions(mode='arm', arm_eta=eta), scale, projection, arm_table), images)
-        points['arm'].append((eta, s['ratio_patches'], s['ratio_whole'], s['psnr']))
-    router = Router(net, RoutingOptions(mode='wbsr'), scale, projection)
+        modes[f'arm eta {eta}'] = (cached(mode='arm', arm_eta=eta), None)
     for tol in ORACLE_TOLERANCES:
-        s = evaluate(router, images, assign_for=oracle_assigner(router, tol, tables))
-        points['oracle'].append((tol, s['ratio_patches'], s['ratio_whole'], s['psnr']))
-    return points
+        modes[f'oracle ({tol} dB)'] = (base, oracle(tol))
+    return modes
+
+
+def evaluate_set(net, scale, projection, arm_table, images: list[TestImage],
+                 alternative=None) -> tuple[list[dict], dict, float]:
+    """Routing table rows, curve points and the cache self-check (max |cached - real| of ``wbsr``) for a set.
+
+    Per image, every subnet runs once on every patch; all patch-based modes reuse those outputs.
+    """
+    store: dict = {}
+    modes = set_modes(net, scale, projection, arm_table, store, alternative)
+    probe = Router(net, RoutingOptions(mode='wbsr'), scale, projection)
+    per_mode: dict[str, list[dict]] = {key: [] for key in modes}
+    check = 0.0
+    for n, image in enumerate(tqdm(images, desc='images', leave=False)):
+        cut = patch_outputs(probe, image.lq)
+        store['outputs'] = cut[1]
+        store['table'] = patch_psnr_table(probe, image.lq, gt_tensor(image), cut=cut)[0]
+        for key, (router, assign_for) in modes.items():
+            per_mode[key].append(evaluate(router, [image], assign_for=assign_for))
+        if n == 0:  # the cached merge must be the router's own output
+            real, cached = probe(image.lq).output, modes['wbsr (Eq. 15)'][0](image.lq).output
+            check = float((real - cached).abs().max())
+    summary = {}
+    for key, rows in per_mode.items():
+        summary[key] = {k: float(np.mean([r[k] for r in rows])) for k in rows[0] if k != 'shares'}
+        summary[key]['shares'] = np.mean([r['shares'] for r in rows], axis=0).tolist()
+    table_keys = ['full'] + [k for k in modes if k.startswith('fixed')] + ['arm (eta 1.0)', 'wbsr (Eq. 15)']
+    table_keys += [k for k in modes if k.endswith('projection')]
+    table_keys += [f'wbsr budget {b}' for b in BUDGETS] + ['oracle (0.05 dB)']
+    rows = [{'mode': key, **summary[key]} for key in table_keys]
+    for row in rows[1:]:
+        row['seconds'] = None  # patch outputs were reused: see the wall-time table
+    points = {'wbsr': [(b, *_point(summary[f'wbsr budget {b}'])) for b in CURVE_BUDGETS],
+              'arm': [(eta, *_point(summary[f'arm eta {eta}'])) for eta in ARM_ETAS],
+              'oracle': [(tol, *_point(summary[f'oracle ({tol} dB)'])) for tol in ORACLE_TOLERANCES]}
+    return rows, points, check
+
+
+def _point(s: dict) -> tuple[float, float, float]:
+    return s['ratio_patches'], s['ratio_whole'], s['psnr']
 
 
 def plot_curve(name: str, rows: list[dict], points: dict, path: str) -> None:
@@ -100,10 +144,10 @@ def plot_curve(name: str, rows: list[dict], points: dict, path: str) -> None:
         ax.plot([100 * p[1] for p in pts], [p[3] for p in pts], fmt, color=color, label=label, ms=4)
     fixed = [r for r in rows if r['mode'].startswith('fixed')]
     ax.plot([100 * r['ratio_patches'] for r in fixed], [r['psnr'] for r in fixed], 'D', color='#777777',
-            label='fixed subnets (whole image)', ms=4)
+            label='fixed subnets (on the same patches)', ms=4)
     wbsr = next(r for r in rows if r['mode'] == 'wbsr (Eq. 15)')
     ax.plot(100 * wbsr['ratio_patches'], wbsr['psnr'], '*', color='#c44e52', ms=13, label='WBSR, Eq. 15')
-    ax.set_xlabel('FLOPs, % of the full network on the same patches (fixed subnets: on the whole image)')
+    ax.set_xlabel('FLOPs, % of the full network on the same patches')
     ax.set_ylabel('PSNR-Y (dB)')
     ax.set_title(f'{name} x4: PSNR vs FLOPs on the same weights')
     ax.grid(alpha=0.3)
@@ -113,21 +157,43 @@ def plot_curve(name: str, rows: list[dict], points: dict, path: str) -> None:
     plt.close(fig)
 
 
-def wall_time_rows(net, scale, projection, images: list[TestImage], repeats: int) -> list[dict]:
+def wall_time_rows(net, scale, projection, arm_table, images: list[TestImage], repeats: int) -> list[dict]:
+    """Real wall time (median of ``repeats`` runs per image, averaged over images) of the main modes."""
     rows = []
-    modes = [('full', {'mode': 'full'}), ('wbsr (Eq. 15)', {'mode': 'wbsr'})]
-    modes += [(f'wbsr budget {b}', {'mode': 'budget', 'budget': b}) for b in BUDGETS]
-    for label, options in modes:
-        router = Router(net, RoutingOptions(**options), scale, projection)
+    modes = [('full', {'mode': 'full'}, None), ('full network on the patches', {'mode': 'wbsr'}, net.num_subnets - 1),
+             ('arm (eta 1.0)', {'mode': 'arm', 'arm_eta': 1.0}, None), ('wbsr (Eq. 15)', {'mode': 'wbsr'}, None)]
+    modes += [(f'wbsr budget {b}', {'mode': 'budget', 'budget': b}, None) for b in BUDGETS]
+    for label, options, fixed in modes:
+        router = Router(net, RoutingOptions(**options), scale, projection, arm_table)
+        kwargs = {} if fixed is None else {'assign': lambda patches, classes, costs: np.full(len(patches), fixed)}
         seconds, ratios = [], []
-        for image in images:
-            result, s = run_timed(router, image.lq, repeats)
+        for image in tqdm(images, desc=label, leave=False):
+            result, s = run_timed(router, image.lq, repeats, **kwargs)
             seconds.append(s)
             ratios.append(result.ratio_whole)
         rows.append({'mode': label, 'seconds': float(np.mean(seconds)), 'ratio_whole': float(np.mean(ratios))})
+        print(f"  {label:28s} {rows[-1]['seconds']:.3f} s  {100 * rows[-1]['ratio_whole']:.1f}%", flush=True)
     for row in rows:
         row['time_vs_full'] = row['seconds'] / rows[0]['seconds']
     return rows
+
+
+def train_options(data: str) -> dict:
+    """The reference run's training set (options/train_wbsr_srresnet_x4_train291.yml)."""
+    return {'name': 'train291', 'phase': 'train', 'scale': 4, 'gt_size': 128, 'use_hflip': True, 'use_rot': True,
+            'io_backend': {'type': 'disk'}, 'dataroot_gt': os.path.join(data, 'train291', 'HR'),
+            'dataroot_lq': os.path.join(data, 'train291', 'LR_bicubic', 'X4'), 'skip_small_images': True}
+
+
+def alternative_projection(data: str, projection) -> Optional[tuple[str, object]]:
+    """The other projection (spec section 1), fitted on the training index, for a test-time comparison."""
+    if projection is None or not os.path.isdir(os.path.join(data, 'train291')):
+        return None
+    from wbsr_data.difficulty import DifficultyProjection
+    from wbsr_data.patch_index import load_or_build_index
+    index = load_or_build_index(train_options(data))
+    kind = 'sum' if projection.kind == 'pca' else 'pca'
+    return kind, DifficultyProjection.fit(index.vectors, projection.num_classes, kind)
 
 
 def costs(data: str, repeats: int) -> dict:
@@ -139,9 +205,7 @@ def costs(data: str, repeats: int) -> dict:
     from wbsr_losses.gmm import fit_gmm
     from wbsr_models.wbsr_model import WBSRModel
     result: dict = {}
-    train = {'name': 'train291', 'phase': 'train', 'scale': 4, 'gt_size': 128, 'use_hflip': True, 'use_rot': True,
-             'io_backend': {'type': 'disk'}, 'dataroot_gt': os.path.join(data, 'train291', 'HR'),
-             'dataroot_lq': os.path.join(data, 'train291', 'LR_bicubic', 'X4'), 'skip_small_images': True}
+    train = train_options(data)
     with tempfile.TemporaryDirectory() as tmp:
         opt = dict(train, index_cache=tmp)
         start = time.perf_counter()
@@ -160,8 +224,10 @@ def costs(data: str, repeats: int) -> dict:
             for i in range(16 * repeats):
                 ds[indices[(i * 7919) % len(indices)]]
             result[name] = (time.perf_counter() - start) / repeats
-        # one training step on the full MSRResNet, same batch, SRModel vs WBSRModel (supernet, flops_squared)
-        batch = {'lq': torch.rand(16, 3, 32, 32), 'gt': torch.rand(16, 3, 128, 128)}
+        # one training step on the full MSRResNet, same batch: SRModel; WBSRModel training only the largest
+        # subnet (the supernet's own overhead); WBSRModel with the default routed sampling
+        items = [hes[(i * 7919) % len(hes)] for i in range(16)]
+        batch = {key: torch.stack([item[key] for item in items]) for key in ('lq', 'gt')}  # real patches
         base = {'scale': 4, 'num_gpu': 0, 'dist': False, 'rank': 0, 'world_size': 1, 'is_train': True,
                 'manual_seed': 0, 'datasets': {'train': opt},
                 'path': {'pretrain_network_g': None, 'experiments_root': tmp},
@@ -169,9 +235,12 @@ def costs(data: str, repeats: int) -> dict:
                                                                                  'milestones': [10**6]},
                           'total_iter': 100, 'pixel_opt': {'type': 'L1Loss'},
                           'wbsr': {'subnet_sampling': 'full'}}}
-        for label, cls, net in (('sr_model_step_s', SRModel, {'type': 'MSRResNet'}),
-                                ('wbsr_model_step_s', WBSRModel, {'type': 'WBSRSRResNet'})):
-            model = cls(dict(base, network_g=net, model_type=cls.__name__))
+        for label, cls, net, sampling in (('sr_model_step_s', SRModel, {'type': 'MSRResNet'}, 'full'),
+                                          ('wbsr_model_full_step_s', WBSRModel, {'type': 'WBSRSRResNet'}, 'full'),
+                                          ('wbsr_model_routed_step_s', WBSRModel, {'type': 'WBSRSRResNet'},
+                                           'routed')):
+            train_opt = dict(copy.deepcopy(base['train']), wbsr={'subnet_sampling': sampling})  # BasicSR pops keys
+            model = cls(dict(base, network_g=net, model_type=cls.__name__, train=train_opt))
             times = []
             for it in range(repeats + 1):
                 model.feed_data(batch)
@@ -194,13 +263,13 @@ def costs(data: str, repeats: int) -> dict:
     return result
 
 
-def fmt_rows(rows: list[dict], full_seconds: float) -> list[str]:
+def fmt_rows(rows: list[dict]) -> list[str]:
     lines = ['| mode | PSNR-Y | SSIM-Y | GFLOPs | FLOPs % vs full on patches | FLOPs % vs full on image | '
-             's / image | time vs full |', '|---|---|---|---|---|---|---|---|']
+             'full: s / image |', '|---|---|---|---|---|---|---|']
     for r in rows:
+        seconds = '' if r['seconds'] is None else f"{r['seconds']:.3f}"
         lines.append(f"| {r['mode']} | {r['psnr']:.3f} | {r['ssim']:.4f} | {r['gflops']:.2f} | "
-                     f"{100 * r['ratio_patches']:.1f} | {100 * r['ratio_whole']:.1f} | {r['seconds']:.3f} | "
-                     f"{r['seconds'] / full_seconds:.2f} |")
+                     f"{100 * r['ratio_patches']:.1f} | {100 * r['ratio_whole']:.1f} | {seconds} |")
     return lines
 
 
@@ -222,28 +291,32 @@ def main(argv: Optional[list] = None) -> int:
     probe = Router(net, RoutingOptions(mode='wbsr'), scale, projection)
     lut_images = load_test_set(os.path.join(args.data, 'Set5'), scale) + load_test_set(
         os.path.join(args.data, 'Set14'), scale)
-    to_pair = lambda im: (im.lq, torch.from_numpy(np.ascontiguousarray(im.gt[..., ::-1].transpose(2, 0, 1))).float()[
-        None] / 255.)  # noqa: E731
-    arm_table = build_arm_table(probe, (to_pair(im) for im in lut_images), source='Set5+Set14')
+    alternative = alternative_projection(args.data, projection)
+    arm_table = build_arm_table(probe, ((im.lq, gt_tensor(im)) for im in lut_images), source='Set5+Set14')
     arm_table.save(os.path.join(args.out, 'arm_table.npz'))
-    md = [f"# Routing benchmark\n\nModel: `{args.model}`; machine: {report['machine']}.\n"]
+    md = [f"# Routing benchmark\n\nModel: `{args.model}`; machine: {report['machine']}.\n",
+          'Every patch-based row reuses one run of each subnet on each patch of the image (the merge is the '
+          "router's own; the check below compares it with a real routed run); `full` is the largest subnet "
+          'run once on the whole image. Wall times are in the last table.\n']
     for name in args.sets:
         print(f'{name}:', flush=True)
         images = load_test_set(os.path.join(args.data, name), scale)
-        tables: dict = {}
-        rows = routing_rows(net, scale, projection, arm_table, images, tables)
-        points = curve_points(net, scale, projection, arm_table, images, tables)
+        rows, points, check = evaluate_set(net, scale, projection, arm_table, images, alternative)
+        for row in rows:
+            print(f"  {row['mode']:24s} {row['psnr']:.3f} dB  {100 * row['ratio_patches']:.1f}% / "
+                  f"{100 * row['ratio_whole']:.1f}%", flush=True)
         plot_curve(name, rows, points, os.path.join(args.out, f'curve_{name}.png'))
-        report['sets'][name] = {'rows': rows, 'curves': points}
-        note = ' (ARM table in-sample)' if name in ('Set5', 'Set14') else ''
         bicubic = bicubic_summary(images, scale)
-        report['sets'][name]['bicubic'] = bicubic
+        report['sets'][name] = {'rows': rows, 'curves': points, 'bicubic': bicubic, 'cache_check_max_abs': check}
+        note = ' (ARM table in-sample)' if name in ('Set5', 'Set14') else ''
         md += [f'## {name} x4, {len(images)} images{note}\n', f"Bicubic (OpenCV): {bicubic['psnr']:.3f} dB / "
-               f"{bicubic['ssim']:.4f}.\n"] + fmt_rows(rows, rows[0]['seconds']) + ['']
+               f"{bicubic['ssim']:.4f}. Reused patch outputs vs a real routed run: max abs difference "
+               f'{check:.1e}.\n'] + fmt_rows(rows) + ['', f'![{name}](curve_{name}.png)', '']
         with open(os.path.join(args.out, 'benchmark.json'), 'w') as f:
             json.dump(report, f, indent=1, default=float)
+    print('wall time:', flush=True)
     timing_images = load_test_set(os.path.join(args.data, 'Urban100'), scale, limit=args.time_images)
-    timing = wall_time_rows(net, scale, projection, timing_images, args.repeats)
+    timing = wall_time_rows(net, scale, projection, arm_table, timing_images, args.repeats)
     report['wall_time'] = timing
     md += [f'## Wall time, Urban100 first {len(timing_images)} images, median of {args.repeats} runs\n',
            '| mode | s / image | time vs full | FLOPs % vs full on image |', '|---|---|---|---|']

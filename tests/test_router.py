@@ -8,7 +8,8 @@ from hypothesis import given, settings, strategies as st
 from basicsr.archs.srresnet_arch import MSRResNet
 from wbsr_arch import WBSRSRResNet, count_flops
 from wbsr_data.difficulty import DifficultyProjection, extract_patches, gradient_vectors, grid_starts
-from wbsr_models.baselines import ArmTable, build_arm_table, edge_scores, oracle_subnets
+from wbsr_models.baselines import (ArmTable, build_arm_table, edge_scores, oracle_subnets, patch_outputs,
+                                  patch_psnr_table)
 from wbsr_models.router import (Router, RoutingOptions, alpha_subnets, budget_subnets, eq15_subnets,
                                 shifted_subnets)
 from wbsr_models.visualize import allocation_map, subnet_colors, subnet_labels
@@ -206,6 +207,25 @@ def test_oracle_picks_cheapest_within_tolerance():
     table = np.array([[30.0, 20.0], [30.02, 25.06], [30.04, 25.1]])
     assert oracle_subnets(table, 0.05).tolist() == [0, 1]
     assert oracle_subnets(table, 0.0).tolist() == [2, 2]
+
+
+def test_reused_patch_outputs_give_the_routed_image_and_the_psnr_table(net, projection):
+    """The benchmark's reuse of per-subnet patch outputs: same merge, same per-patch PSNR as fresh runs."""
+    x, gt = textured(45, 61), textured(180, 244, seed=1)
+    router = Router(net, RoutingOptions(mode='wbsr'), 4, projection)
+    cut = patch_outputs(router, x)
+    patches, outputs = cut[0], cut[1]
+    assert len(outputs) == net.num_subnets and outputs[0].shape == (len(patches), 3, 128, 128)
+    table, _ = patch_psnr_table(router, x, gt)
+    np.testing.assert_allclose(patch_psnr_table(router, x, gt, cut=cut)[0], table, rtol=0, atol=1e-9)
+    assert table.shape == (net.num_subnets, 6)  # 2 x 3 patches of 32 at step 28, flush with the border
+
+    class Reusing(Router):
+        def _run_patches(self, patches, rows, subnet):
+            return outputs[subnet][torch.as_tensor(rows)]
+
+    reused = Reusing(net, RoutingOptions(mode='wbsr'), 4, projection)(x).output
+    torch.testing.assert_close(reused, router(x).output, rtol=0, atol=1e-5)
 
 
 def test_allocation_map_has_legend_and_colours(net, projection):

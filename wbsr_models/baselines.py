@@ -31,26 +31,44 @@ def edge_scores(patches: torch.Tensor) -> np.ndarray:
     return F.conv2d(y, _LAPLACIAN.to(y)).abs().mean(dim=(1, 2, 3)).cpu().numpy().astype(np.float64)
 
 
-def patch_psnr_table(router: Router, lq: torch.Tensor, gt: torch.Tensor) -> tuple[np.ndarray, torch.Tensor]:
-    """PSNR (Y channel, dB) of every subnet on every routing patch of one image: ``(M, n)``, and the patches.
+def patch_outputs(router: Router, lq: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor], list[int], list[int]]:
+    """Every subnet's SR of every routing patch of one image, cut exactly as ``router`` cuts them.
 
-    Patches are cut exactly as ``router`` cuts them; each subnet runs on each patch once.
+    Returns the LR patches ``(n, C, ph, pw)``, one ``(n, C, ph*s, pw*s)`` tensor per subnet (unclamped, as
+    the router merges them), and the patch grid ``tops``, ``lefts``.
     """
-    opts, s = router.options, router.scale
+    opts = router.options
+    lq = router._prepare(lq)
     _, _, h, w = lq.shape
     ph, pw = min(opts.patch_size, h), min(opts.patch_size, w)
     tops, lefts = grid_starts(h, ph, opts.step, True), grid_starts(w, pw, opts.step, True)
     patches = extract_patches(lq[0], tops, lefts, ph, pw)
+    outputs = []
+    with torch.no_grad():
+        for m in range(router.num_subnets):
+            outputs.append(torch.cat([router._run(patches[start:start + opts.batch_size], m)
+                                      for start in range(0, len(patches), opts.batch_size)]))
+    return patches, outputs, tops, lefts
+
+
+def patch_psnr_table(router: Router, lq: torch.Tensor, gt: torch.Tensor,
+                     cut: Optional[tuple] = None) -> tuple[np.ndarray, torch.Tensor]:
+    """PSNR (Y channel, dB) of every subnet on every routing patch of one image: ``(M, n)``, and the patches.
+
+    Patches are cut exactly as ``router`` cuts them and each subnet runs on each patch once; ``cut``, the
+    result of :func:`patch_outputs` for this image, is reused instead of running the subnets again.
+    """
+    patches, outputs, tops, lefts = cut if cut is not None else patch_outputs(router, lq)
+    s = router.scale
+    _, _, h, w = lq.shape
+    ph, pw = patches.shape[2], patches.shape[3]
     gt_patches = extract_patches(gt[0, :, :h * s, :w * s], [t * s for t in tops], [lf * s for lf in lefts], ph * s,
                                  pw * s)
     gt_y = luminance(gt_patches.clamp(0, 1))
-    table = np.zeros((router.num_subnets, len(patches)))
-    with torch.no_grad():
-        for m in range(router.num_subnets):
-            for start in range(0, len(patches), opts.batch_size):
-                sr = router._run(patches[start:start + opts.batch_size], m).clamp(0, 1)
-                mse = (luminance(sr) - gt_y[start:start + opts.batch_size]).pow(2).mean(dim=(1, 2, 3))
-                table[m, start:start + len(sr)] = (10 * torch.log10(1. / mse.clamp_min(1e-10))).cpu().numpy()
+    table = np.zeros((len(outputs), len(patches)))
+    for m, sr in enumerate(outputs):
+        mse = (luminance(sr.clamp(0, 1)) - gt_y).pow(2).mean(dim=(1, 2, 3))
+        table[m] = (10 * torch.log10(1. / mse.clamp_min(1e-10))).cpu().numpy()
     return table, patches
 
 
