@@ -93,12 +93,13 @@ def set_modes(net, scale, projection, arm_table, store: dict, alternative=None) 
 
 
 def evaluate_set(net, scale, projection, arm_table, images: list[TestImage],
-                 alternative=None) -> tuple[list[dict], dict, float]:
+                 alternative=None) -> tuple[list[dict], dict, float, dict]:
     """Routing table rows, curve points and the cache self-check (max |cached - real| of ``wbsr``) for a set.
 
     Per image, every subnet runs once on every patch; all patch-based modes reuse those outputs.
     """
     store: dict = {}
+    rss: list[float] = []
     modes = set_modes(net, scale, projection, arm_table, store, alternative)
     probe = Router(net, RoutingOptions(mode='wbsr'), scale, projection)
     per_mode: dict[str, list[dict]] = {key: [] for key in modes}
@@ -112,6 +113,7 @@ def evaluate_set(net, scale, projection, arm_table, images: list[TestImage],
         if n == 0:  # the cached merge must be the router's own output
             real, cached = probe(image.lq).output, modes['wbsr (Eq. 15)'][0](image.lq).output
             check = float((real - cached).abs().max())
+        rss.append(rss_mb())
     summary = {}
     for key, rows in per_mode.items():
         summary[key] = {k: float(np.mean([r[k] for r in rows])) for k in rows[0] if k != 'shares'}
@@ -125,7 +127,18 @@ def evaluate_set(net, scale, projection, arm_table, images: list[TestImage],
     points = {'wbsr': [(b, *_point(summary[f'wbsr budget {b}'])) for b in CURVE_BUDGETS],
               'arm': [(eta, *_point(summary[f'arm eta {eta}'])) for eta in ARM_ETAS],
               'oracle': [(tol, *_point(summary[f'oracle ({tol} dB)'])) for tol in ORACLE_TOLERANCES]}
-    return rows, points, check
+    memory = {'rss_mb_first_image': rss[0], 'rss_mb_max_first_half': max(rss[:max(1, len(rss) // 2)]),
+              'rss_mb_last_image': rss[-1], 'rss_mb_max': max(rss)}
+    return rows, points, check, memory
+
+
+def rss_mb() -> float:
+    """Resident memory of this process now (Linux; NaN elsewhere)."""
+    try:
+        with open('/proc/self/status') as f:
+            return next(int(line.split()[1]) / 1024 for line in f if line.startswith('VmRSS:'))
+    except (OSError, StopIteration):
+        return float('nan')
 
 
 def _point(s: dict) -> tuple[float, float, float]:
@@ -301,17 +314,20 @@ def main(argv: Optional[list] = None) -> int:
     for name in args.sets:
         print(f'{name}:', flush=True)
         images = load_test_set(os.path.join(args.data, name), scale)
-        rows, points, check = evaluate_set(net, scale, projection, arm_table, images, alternative)
+        rows, points, check, memory = evaluate_set(net, scale, projection, arm_table, images, alternative)
         for row in rows:
             print(f"  {row['mode']:24s} {row['psnr']:.3f} dB  {100 * row['ratio_patches']:.1f}% / "
                   f"{100 * row['ratio_whole']:.1f}%", flush=True)
         plot_curve(name, rows, points, os.path.join(args.out, f'curve_{name}.png'))
         bicubic = bicubic_summary(images, scale)
-        report['sets'][name] = {'rows': rows, 'curves': points, 'bicubic': bicubic, 'cache_check_max_abs': check}
+        report['sets'][name] = {'rows': rows, 'curves': points, 'bicubic': bicubic, 'cache_check_max_abs': check,
+                                'memory': memory}
         note = ' (ARM table in-sample)' if name in ('Set5', 'Set14') else ''
         md += [f'## {name} x4, {len(images)} images{note}\n', f"Bicubic (OpenCV): {bicubic['psnr']:.3f} dB / "
                f"{bicubic['ssim']:.4f}. Reused patch outputs vs a real routed run: max abs difference "
-               f'{check:.1e}.\n'] + fmt_rows(rows) + ['', f'![{name}](curve_{name}.png)', '']
+               f"{check:.1e}. Resident memory after the first image {memory['rss_mb_first_image']:.0f} MB, "
+               f"largest over the first half {memory['rss_mb_max_first_half']:.0f} MB, after the last "
+               f"{memory['rss_mb_last_image']:.0f} MB.\n"] + fmt_rows(rows) + ['', f'![{name}](curve_{name}.png)', '']
         with open(os.path.join(args.out, 'benchmark.json'), 'w') as f:
             json.dump(report, f, indent=1, default=float)
     print('wall time:', flush=True)
