@@ -170,12 +170,13 @@ def plot_curve(name: str, rows: list[dict], points: dict, path: str) -> None:
     plt.close(fig)
 
 
-def wall_time_rows(net, scale, projection, arm_table, images: list[TestImage], repeats: int) -> list[dict]:
+def wall_time_rows(net, scale, projection, arm_table, images: list[TestImage], repeats: int,
+                   budgets=BUDGETS) -> list[dict]:
     """Real wall time (median of ``repeats`` runs per image, averaged over images) of the main modes."""
     rows = []
     modes = [('full', {'mode': 'full'}, None), ('full network on the patches', {'mode': 'wbsr'}, net.num_subnets - 1),
              ('arm (eta 1.0)', {'mode': 'arm', 'arm_eta': 1.0}, None), ('wbsr (Eq. 15)', {'mode': 'wbsr'}, None)]
-    modes += [(f'wbsr budget {b}', {'mode': 'budget', 'budget': b}, None) for b in BUDGETS]
+    modes += [(f'wbsr budget {b}', {'mode': 'budget', 'budget': b}, None) for b in budgets]
     for label, options, fixed in modes:
         router = Router(net, RoutingOptions(**options), scale, projection, arm_table)
         kwargs = {} if fixed is None else {'assign': lambda patches, classes, costs: np.full(len(patches), fixed)}
@@ -261,17 +262,22 @@ def costs(data: str, repeats: int) -> dict:
                 model.optimize_parameters(it + 1)
                 times.append(time.perf_counter() - start)
             result[label] = float(np.median(times[1:]))
-    code = ('import resource, torch, wbsr_arch\n'
+    # Peak memory from VmHWM (kB), which starts afresh with the new process; getrusage's ru_maxrss would
+    # carry this (large) parent's peak over the fork and exec.
+    code = ('import torch, wbsr_arch\n'
             'from wbsr_models.router import Router, RoutingOptions\n'
+            'def hwm():\n'
+            '    return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:"))\n'
             'net = wbsr_arch.WBSRSRResNet().eval()\n'
             'r = Router(net, RoutingOptions(mode="wbsr", batch_size=64), 4)\n'
-            'before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n'
-            'out = r(torch.rand(1, 3, 2048, 2048)).output\n'
-            'print(out.shape[-1], before, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n')
+            'x = torch.rand(1, 3, 2048, 2048)\n'
+            'before = hwm()\n'
+            'out = r(x).output\n'
+            'print(out.shape[-1], before, hwm())\n')
     start = time.perf_counter()
     done = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True)
     size, before, after = done.stdout.split()
-    result.update(peak_rss_2048_mb=int(after) / 1024, rss_before_mb=int(before) / 1024,
+    result.update(peak_rss_2048_mb=int(after) / 1024, peak_rss_before_mb=int(before) / 1024,
                   output_side=int(size), seconds_2048=time.perf_counter() - start)
     return result
 
@@ -291,9 +297,10 @@ def main(argv: Optional[list] = None) -> int:
     parser.add_argument('--model', required=True)
     parser.add_argument('--data', default='datasets')
     parser.add_argument('--out', default='bench_out/benchmark')
-    parser.add_argument('--sets', nargs='+', default=list(SETS))
+    parser.add_argument('--sets', nargs='*', default=list(SETS), help='test sets (none: timing and costs only)')
     parser.add_argument('--repeats', type=int, default=5)
-    parser.add_argument('--time-images', type=int, default=10)
+    parser.add_argument('--time-images', type=int, default=10, help='Urban100 images timed (0: no wall time)')
+    parser.add_argument('--time-budgets', type=float, nargs='+', default=list(BUDGETS))
     parser.add_argument('--skip-costs', action='store_true')
     args = parser.parse_args(argv)
     torch.set_num_threads(int(os.environ.get('OMP_NUM_THREADS', 2)))
@@ -330,14 +337,15 @@ def main(argv: Optional[list] = None) -> int:
                f"{memory['rss_mb_last_image']:.0f} MB.\n"] + fmt_rows(rows) + ['', f'![{name}](curve_{name}.png)', '']
         with open(os.path.join(args.out, 'benchmark.json'), 'w') as f:
             json.dump(report, f, indent=1, default=float)
-    print('wall time:', flush=True)
-    timing_images = load_test_set(os.path.join(args.data, 'Urban100'), scale, limit=args.time_images)
-    timing = wall_time_rows(net, scale, projection, arm_table, timing_images, args.repeats)
-    report['wall_time'] = timing
-    md += [f'## Wall time, Urban100 first {len(timing_images)} images, median of {args.repeats} runs\n',
-           '| mode | s / image | time vs full | FLOPs % vs full on image |', '|---|---|---|---|']
-    md += [f"| {r['mode']} | {r['seconds']:.3f} | {r['time_vs_full']:.2f} | {100 * r['ratio_whole']:.1f} |"
-           for r in timing] + ['']
+    if args.time_images > 0:
+        print('wall time:', flush=True)
+        timing_images = load_test_set(os.path.join(args.data, 'Urban100'), scale, limit=args.time_images)
+        timing = wall_time_rows(net, scale, projection, arm_table, timing_images, args.repeats, args.time_budgets)
+        report['wall_time'] = timing
+        md += [f'## Wall time, Urban100 first {len(timing_images)} images, median of {args.repeats} runs\n',
+               '| mode | s / image | time vs full | FLOPs % vs full on image |', '|---|---|---|---|']
+        md += [f"| {r['mode']} | {r['seconds']:.3f} | {r['time_vs_full']:.2f} | {100 * r['ratio_whole']:.1f} |"
+               for r in timing] + ['']
     if not args.skip_costs:
         report['costs'] = costs(args.data, args.repeats)
         md += ['## Costs\n', '| what | value |', '|---|---|']
