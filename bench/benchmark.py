@@ -171,12 +171,15 @@ def plot_curve(name: str, rows: list[dict], points: dict, path: str) -> None:
 
 
 def wall_time_rows(net, scale, projection, arm_table, images: list[TestImage], repeats: int,
-                   budgets=BUDGETS) -> list[dict]:
+                   budgets=BUDGETS, fixed_subnets: bool = False) -> list[dict]:
     """Real wall time (median of ``repeats`` runs per image, averaged over images) of the main modes."""
     rows = []
     modes = [('full', {'mode': 'full'}, None), ('full network on the patches', {'mode': 'wbsr'}, net.num_subnets - 1),
              ('arm (eta 1.0)', {'mode': 'arm', 'arm_eta': 1.0}, None), ('wbsr (Eq. 15)', {'mode': 'wbsr'}, None)]
     modes += [(f'wbsr budget {b}', {'mode': 'budget', 'budget': b}, None) for b in budgets]
+    if fixed_subnets:  # each subnet on the whole image: how well the CPU runs each width and depth
+        modes += [(f'fixed {i} (w{w} d{d})', {'mode': 'fixed', 'subnet': i}, None)
+                  for i, (w, d) in enumerate(net.subnets)]
     for label, options, fixed in modes:
         router = Router(net, RoutingOptions(**options), scale, projection, arm_table)
         kwargs = {} if fixed is None else {'assign': lambda patches, classes, costs: np.full(len(patches), fixed)}
@@ -301,6 +304,7 @@ def main(argv: Optional[list] = None) -> int:
     parser.add_argument('--repeats', type=int, default=5)
     parser.add_argument('--time-images', type=int, default=10, help='Urban100 images timed (0: no wall time)')
     parser.add_argument('--time-budgets', type=float, nargs='+', default=list(BUDGETS))
+    parser.add_argument('--time-fixed', action='store_true', help='also time every subnet on the whole image')
     parser.add_argument('--skip-costs', action='store_true')
     args = parser.parse_args(argv)
     torch.set_num_threads(int(os.environ.get('OMP_NUM_THREADS', 2)))
@@ -340,7 +344,8 @@ def main(argv: Optional[list] = None) -> int:
     if args.time_images > 0:
         print('wall time:', flush=True)
         timing_images = load_test_set(os.path.join(args.data, 'Urban100'), scale, limit=args.time_images)
-        timing = wall_time_rows(net, scale, projection, arm_table, timing_images, args.repeats, args.time_budgets)
+        timing = wall_time_rows(net, scale, projection, arm_table, timing_images, args.repeats, args.time_budgets,
+                                args.time_fixed)
         report['wall_time'] = timing
         md += [f'## Wall time, Urban100 first {len(timing_images)} images, median of {args.repeats} runs\n',
                '| mode | s / image | time vs full | FLOPs % vs full on image |', '|---|---|---|---|']
