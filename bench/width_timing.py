@@ -15,11 +15,10 @@ import os
 import sys
 from typing import Optional
 
-import numpy as np
 import torch
 
 import wbsr_arch
-from wbsr_models.evaluation import load_test_set, run_timed
+from wbsr_models.evaluation import evaluate, load_test_set
 from wbsr_models.router import Router, RoutingOptions
 
 WIDTH_SETS = ([36, 52, 64], [32, 48, 64])
@@ -37,21 +36,13 @@ def main(argv: Optional[list] = None) -> int:
     for widths in WIDTH_SETS:
         torch.manual_seed(0)
         net = wbsr_arch.WBSRSRResNet(widths=widths).eval()
-
-        def timed(options: dict) -> tuple[float, float]:
-            router = Router(net, RoutingOptions(**options), 4, None)
-            seconds, ratios = [], []
-            for image in images:
-                result, s = run_timed(router, image.lq, args.repeats)
-                seconds.append(s)
-                ratios.append(result.ratio_whole)
-            return float(np.mean(seconds)), float(np.mean(ratios))
-
-        timed({'mode': 'full'})  # untimed warm-up: the first pass over new shapes is slower
-        rows = [(w, d, *timed({'mode': 'fixed', 'subnet': i})) for i, (w, d) in enumerate(net.subnets)]
-        largest = rows[-1][2]
-        lines += [f'| {"/".join(map(str, widths))} | w{w} d{d} | {100 * ratio:.1f} | {seconds / largest:.2f} |'
-                  for w, d, seconds, ratio in rows]
+        for image in images:  # untimed warm-up: the first pass over new shapes is slower
+            Router(net, RoutingOptions(mode='full'), 4, None)(image.lq)
+        rows = [evaluate(Router(net, RoutingOptions(mode='fixed', subnet=i), 4, None), images, args.repeats)
+                for i in range(net.num_subnets)]
+        largest = rows[-1]['seconds']
+        lines += [f'| {"/".join(map(str, widths))} | w{w} d{d} | {100 * row["ratio_whole"]:.1f} | '
+                  f'{row["seconds"] / largest:.2f} |' for (w, d), row in zip(net.subnets, rows)]
     print('\n'.join(lines))
     return 0
 
