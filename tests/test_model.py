@@ -17,6 +17,7 @@ from wbsr_data.hes_dataset import HESPairedImageDataset
 from wbsr_models import infer, runners
 from wbsr_models.router import eq15_subnets
 from wbsr_models.wbsr_model import WBSRModel
+from wbsr_arch.supernet import TileAssignment
 
 from conftest import model_options, write_pair_folder
 
@@ -74,6 +75,25 @@ def test_sandwich_and_routed_plans(tmp_path, data):
     routed.feed_data(batch)
     routed.optimize_parameters(1)
     assert np.isfinite(routed.get_current_log()['l_pix'])
+
+
+def test_tiles_plan_gives_each_tile_its_eq15_subnet_and_trains(tmp_path, data):
+    model = build_model(model_options(tmp_path, data, wbsr={'subnet_sampling': 'tiles'}))
+    batch = batch_of(model.opt)  # LR crops of 8x8: tiles of 4 (half the crop; val.routing.tile_size is 32)
+    _, plan = model.training_plan(batch['lq'], 1)
+    assert isinstance(plan, TileAssignment) and plan.subnets.shape == (4, 2, 2) and plan.grid.rows == (0, 4, 8)
+    tile = batch['lq'][:, :, 4:8, 0:4]  # tile (1, 0) of every crop
+    classes = model.difficulty.classify(model.difficulty.score(gradient_vectors(tile)))
+    assert plan.subnets[:, 1, 0].tolist() == eq15_subnets(classes, 10, 9).tolist()
+    assert len(np.unique(plan.subnets)) > 1  # the crops hold tiles of different subnets side by side
+    before = copy.deepcopy(model.net_g.state_dict())
+    model.feed_data(batch)
+    model.optimize_parameters(1)
+    assert np.isfinite(model.get_current_log()['l_pix'])
+    assert not torch.equal(model.net_g.state_dict()['conv_first.weight'], before['conv_first.weight'])
+    assert model.net_g.active_subnet == model.num_subnets - 1  # the plan is undone after the step
+    fixed = build_model(model_options(tmp_path, data, wbsr={'subnet_sampling': 'tiles', 'tile_size': 8}))
+    assert fixed.training_plan(batch['lq'], 1)[1].subnets.shape == (4, 1, 1)  # one tile per crop: like routed
 
 
 def test_bad_wbsr_training_options(tmp_path, data):
@@ -139,8 +159,9 @@ def test_validation_logs_routing_figures_and_writes_allocation_maps(tmp_path, da
     val_set = build_dataset(opt['datasets']['val'])
     loader = build_dataloader(val_set, opt['datasets']['val'], num_gpu=0, dist=False, sampler=None, seed=0)
     model.validation(loader, 5, None, True)
-    for key in ('# psnr:', '# gflops:', '# flops_vs_full_patches:', '# flops_vs_full_image:', '# subnet_share (wbsr):'):
+    for key in ('# psnr:', '# gflops:', '# flops_vs_full_image:', '# subnet_share (wbsr, tiles):'):
         assert key in basicsr_log.text
+    assert '# flops_vs_full_patches:' not in basicsr_log.text  # with tiles, that is the whole image
     maps = sorted(Path(opt['path']['visualization']).rglob('*_alloc.png'))
     assert len(maps) == 3 and cv2.imread(str(maps[0])).shape[0] >= 384
 
@@ -190,7 +211,7 @@ def test_wbsr_test_runner_prints_psnr_and_flops(tmp_path, data, mode, monkeypatc
     monkeypatch.chdir(tmp_path)
     assert runners.test_main(['-opt', str(option_file)]) == 0
     log = basicsr_log.text
-    assert '# psnr:' in log and '# gflops:' in log and f'# subnet_share ({mode}):' in log
+    assert '# psnr:' in log and '# gflops:' in log and f'# subnet_share ({mode}, tiles):' in log
     assert len(list((tmp_path / 'results' / 'tiny_test' / 'visualization' / 'tinyset').glob('*_alloc.png'))) == 3
 
 

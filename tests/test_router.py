@@ -6,10 +6,13 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from basicsr.archs.srresnet_arch import MSRResNet
+from torch.utils.flop_counter import FlopCounterMode
+
 from wbsr_arch import WBSRSRResNet, count_flops
-from wbsr_data.difficulty import DifficultyProjection, extract_patches, gradient_vectors, grid_starts
-from wbsr_models.baselines import (ArmTable, build_arm_table, edge_scores, oracle_subnets, patch_outputs,
-                                  patch_psnr_table)
+from wbsr_data.difficulty import DifficultyProjection, gradient_vectors, grid_starts
+from wbsr_models.baselines import (ArmTable, build_arm_table, edge_scores, oracle_subnets, region_outputs,
+                                   region_psnr_table)
+from wbsr_models.regions import cut_patches
 from wbsr_models.router import (Router, RoutingOptions, alpha_subnets, budget_subnets, eq15_subnets,
                                 shifted_subnets)
 from wbsr_models.visualize import allocation_map, subnet_colors, subnet_labels
@@ -40,14 +43,15 @@ def route(net, projection, x, **options):
 
 
 # ---- merging ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize('scheme', ['patches', 'tiles'])
 @pytest.mark.parametrize('mode,extra', [('wbsr', {}), ('budget', {'budget': 0.5}), ('alpha', {'alpha': 2.0})])
-def test_one_patch_covering_the_image_equals_the_plain_forward(net, projection, mode, extra):
+def test_one_region_covering_the_image_equals_the_plain_forward(net, projection, mode, extra, scheme):
     x = textured(20, 27)
-    result = route(net, projection, x, mode=mode, patch_size=32, step=28, **extra)
+    result = route(net, projection, x, mode=mode, scheme=scheme, patch_size=32, step=28, tile_size=32, **extra)
     assert len(result.subnets) == 1
     with torch.no_grad():
         expected = net(x, subnet=int(result.subnets[0]))
-    assert (result.output - expected).abs().max().item() < 1e-5
+    assert (result.output - expected).abs().max().item() < 2e-6 * expected.abs().max().item()  # float rounding
 
 
 def test_all_full_tiling_equals_whole_image_away_from_patch_borders():
@@ -59,8 +63,8 @@ def test_all_full_tiling_equals_whole_image_away_from_patch_borders():
     with torch.no_grad():
         whole = small(x)
     patch, step, radius, s = 32, 20, 6, 4  # radius > receptive field of this network in LR pixels
-    result = Router(small, RoutingOptions(patch_size=patch, step=step), s)(
-        x, assign=lambda patches, classes, costs: np.full(len(patches), len(costs) - 1))
+    result = Router(small, RoutingOptions(scheme='patches', patch_size=patch, step=step), s)(
+        x, assign=lambda regions, classes, costs: np.full(len(regions), costs.shape[1] - 1))
 
     def clean(n):  # positions at least `radius` from every patch border (image borders are shared)
         ok = np.ones(n, bool)
@@ -77,13 +81,23 @@ def test_all_full_tiling_equals_whole_image_away_from_patch_borders():
     assert diff.max() > 1e-3  # and the test can see patch-border effects where they are
 
 
-def test_full_mode_tiles_large_images_exactly(net):
+def test_full_mode_runs_large_images_in_bands_exactly(net):
     x = textured(40, 50)
     with torch.no_grad():
         whole = net(x)
-    result = Router(net, RoutingOptions(mode='full', max_pixels=24 * 24), 4)(x)  # tiles of 16 with 16 margin
+    result = Router(net, RoutingOptions(mode='full', max_pixels=16 * 50), 4)(x)  # upsampler in bands of 16 rows
     assert (result.output - whole).abs().max().item() < 1e-5 * whole.abs().max().item()  # float rounding only
-    assert result.flops > count_flops(net, (1, 3, 40, 50))  # margins are paid for
+    assert result.flops > count_flops(net, (1, 3, 40, 50))  # the band margins are paid for
+
+
+def test_plain_network_on_large_images_runs_in_pieces_with_margins():
+    plain = randomise(MSRResNet(num_feat=8, num_block=1), seed=1)
+    x = textured(40, 50)
+    with torch.no_grad():
+        whole = plain(x)
+    result = Router(plain, RoutingOptions(mode='full', max_pixels=24 * 24), 4)(x)  # pieces of 16 with 16 margin
+    assert (result.output - whole).abs().max().item() < 1e-5 * whole.abs().max().item()
+    assert result.flops > count_flops(plain, (1, 3, 40, 50))
 
 
 # ---- modes ----------------------------------------------------------------------------------------------
@@ -116,34 +130,49 @@ def test_budget_never_exceeded_and_monotone(positions, budget):
     assert np.all(more >= chosen)  # a larger budget never downgrades a patch
 
 
-def test_budget_mode_on_images(net, projection):
+@pytest.mark.parametrize('scheme', ['patches', 'tiles'])
+def test_budget_mode_on_images(net, projection, scheme):
     for seed in range(4):
         x = textured(50 + 7 * seed, 70, seed)
         for budget in (0.45, 0.6, 0.8):
-            result = route(net, projection, x, mode='budget', budget=budget)
-            assert result.ratio_patches <= budget + 1e-9
-            patches = extract_patches(x[0], result.tops, result.lefts, *result.patch_hw)
-            scores = projection.score(gradient_vectors(patches))
+            result = route(net, projection, x, mode='budget', budget=budget, scheme=scheme, tile_size=16)
+            assert result.ratio_regions <= budget + 1e-9
+            regions = Router(net, RoutingOptions(scheme=scheme, tile_size=16), 4).regions(x)
+            scores = projection.score(regions.per_region(lambda c: gradient_vectors(c).numpy()))
             order = np.argsort(scores)
-            assert np.all(np.diff(result.subnets[order]) >= 0)  # harder patches never get smaller subnets
+            assert np.all(np.diff(result.subnets[order]) >= 0)  # harder regions never get smaller subnets
 
 
-def test_flops_are_the_sum_of_per_patch_costs(net, projection):
+def test_patch_flops_are_the_sum_of_per_patch_costs(net, projection):
     x = textured(45, 61)
-    result = route(net, projection, x, mode='wbsr')
+    result = route(net, projection, x, mode='wbsr', scheme='patches')
     per_subnet = [count_flops(net, (1, 3, 32, 32), subnet=i) for i in range(net.num_subnets)]
     assert result.flops == sum(per_subnet[m] for m in result.subnets)
-    assert result.flops_full_patches == per_subnet[-1] * len(result.subnets)
+    assert result.flops_full_regions == per_subnet[-1] * len(result.subnets)
     assert result.flops_full_image == count_flops(net, (1, 3, 45, 61))
     assert result.shares().sum() == pytest.approx(1.0)
 
 
-def test_plain_network_routing_is_tiled_inference():
+def test_tile_flops_are_what_the_flop_counter_counts(net, projection):
+    x = textured(45, 61)
+    result = Router(net, RoutingOptions(mode='wbsr', tile_size=16), 4, projection)(x)
+    assert result.scheme == 'tiles' and len(set(result.subnets.tolist())) > 2  # a mixed assignment
+    tiles = [count_flops(net, (1, 3, bh, bw), subnet=int(m)) for (_, _, bh, bw), m in zip(result.boxes, result.subnets)]
+    assert result.flops == sum(tiles)  # no halo or gather work hidden: the convolutions do exactly the tiles' work
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        run = net.forward_tiles(x, result.subnets.reshape(3, 4), tile_size=16)
+    assert result.flops == run.flops == counter.get_total_flops()
+    assert net.tile_flops((45, 61), result.subnets.reshape(3, 4), tile_size=16) == result.flops
+    assert result.flops_full_regions == result.flops_full_image == count_flops(net, (1, 3, 45, 61))
+
+
+@pytest.mark.parametrize('scheme,regions', [('patches', 4), ('tiles', 1)])
+def test_plain_network_routing(scheme, regions):
     plain = MSRResNet(num_feat=8, num_block=1).eval()
     x = textured(40, 40)
-    result = Router(plain, RoutingOptions(mode='wbsr'), 4)(x)
-    assert result.subnets.tolist() == [0] * 4 and result.num_subnets == 1
-    assert result.flops == 4 * count_flops(plain, (1, 3, 32, 32))
+    result = Router(plain, RoutingOptions(mode='wbsr', scheme=scheme), 4)(x)
+    assert result.subnets.tolist() == [0] * regions and result.num_subnets == 1
+    assert result.flops == regions * count_flops(plain, (1, 3, 40 if regions == 1 else 32, 40 if regions == 1 else 32))
 
 
 # ---- bad input ------------------------------------------------------------------------------------------
@@ -194,13 +223,14 @@ def test_arm_table_build_select_and_round_trip(net, projection, tmp_path):
     table.save(str(tmp_path / 'arm.npz'))
     again = ArmTable.load(str(tmp_path / 'arm.npz'))
     assert np.array_equal(again.psnr, table.psnr)
-    patches = torch.rand(5, 3, 32, 32)
-    costs = np.asarray(net.subnet_flops((32, 32)), dtype=float)
+    regions = cut_patches(torch.rand(1, 3, 32, 144), 32, 28)
+    patches = regions.crops((32, 32), np.arange(len(regions)))
+    costs = np.tile(np.asarray(net.subnet_flops((32, 32)), dtype=float), (len(regions), 1))
     bins = np.clip(np.searchsorted(again.edges, edge_scores(patches), side='right') - 1, 0, len(again.psnr) - 1)
-    assert again.select(patches, costs, eta=1e6).tolist() == [int(again.psnr[b].argmax()) for b in bins]
-    assert again.select(patches, costs, eta=0.0).tolist() == [0] * 5  # cost only: the cheapest
+    assert again.select(regions, costs, eta=1e6).tolist() == [int(again.psnr[b].argmax()) for b in bins]
+    assert again.select(regions, costs, eta=0.0).tolist() == [0] * 5  # cost only: the cheapest
     with pytest.raises(ValueError, match='made for 9 subnets'):
-        again.select(patches, costs[:3], eta=1.0)
+        again.select(regions, costs[:, :3], eta=1.0)
 
 
 def test_oracle_picks_cheapest_within_tolerance():
@@ -212,19 +242,19 @@ def test_oracle_picks_cheapest_within_tolerance():
 def test_reused_patch_outputs_give_the_routed_image_and_the_psnr_table(net, projection):
     """The benchmark's reuse of per-subnet patch outputs: same merge, same per-patch PSNR as fresh runs."""
     x, gt = textured(45, 61), textured(180, 244, seed=1)
-    router = Router(net, RoutingOptions(mode='wbsr'), 4, projection)
-    cut = patch_outputs(router, x)
-    patches, outputs = cut[0], cut[1]
-    assert len(outputs) == net.num_subnets and outputs[0].shape == (len(patches), 3, 128, 128)
-    table, _ = patch_psnr_table(router, x, gt)
-    np.testing.assert_allclose(patch_psnr_table(router, x, gt, cut=cut)[0], table, rtol=0, atol=1e-9)
+    router = Router(net, RoutingOptions(mode='wbsr', scheme='patches'), 4, projection)
+    cut = region_outputs(router, x)
+    regions, outputs = cut
+    assert len(outputs) == net.num_subnets and outputs[0].shape == (len(regions), 3, 128, 128)
+    table, _ = region_psnr_table(router, x, gt)
+    np.testing.assert_allclose(region_psnr_table(router, x, gt, cut=cut)[0], table, rtol=0, atol=1e-9)
     assert table.shape == (net.num_subnets, 6)  # 2 x 3 patches of 32 at step 28, flush with the border
 
     class Reusing(Router):
-        def _run_patches(self, patches, rows, subnet):
+        def patch_sr(self, patches, rows, subnet):
             return outputs[subnet][torch.as_tensor(rows)]
 
-    reused = Reusing(net, RoutingOptions(mode='wbsr'), 4, projection)(x).output
+    reused = Reusing(net, RoutingOptions(mode='wbsr', scheme='patches'), 4, projection)(x).output
     torch.testing.assert_close(reused, router(x).output, rtol=0, atol=1e-5)
 
 
@@ -232,7 +262,7 @@ def test_allocation_map_has_legend_and_colours(net, projection):
     x = textured(60, 90)
     result = route(net, projection, x, mode='wbsr')
     lq = (x[0].permute(1, 2, 0).numpy()[..., ::-1] * 255).astype(np.uint8)
-    img = allocation_map(lq, result, subnet_labels(net, result.patch_hw))
+    img = allocation_map(lq, result, subnet_labels(net))
     assert img.shape[0] >= 384 and img.shape[1] > 384 * 90 // 60
     assert len({tuple(c) for c in subnet_colors(9)}) == 9
     assert subnet_labels(net, (32, 32))[0].startswith('w8 d1')

@@ -10,6 +10,7 @@ from torch.nn import functional as F
 from basicsr.archs.rcan_arch import RCAN
 
 from .supernet import SupernetMixin, check_choices, sliced_conv
+from .tiles import FlopCount, TileGroup, TilePlan, conv_tiles, gather, new_map, zero_tiles
 
 SUPPORTED_SCALES = (2, 3, 4, 8)
 
@@ -93,6 +94,70 @@ class WBSRRCAN(SupernetMixin, RCAN):
                 res = layer(res)
         return sliced_conv(self.conv_last, res) / self.img_range + mean
 
+    # ---- seamless tiles (wbsr_arch.tiles) -----------------------------------------------------------------
+    # Channel attention pools over each tile's own region (as it pools over each patch in the patch scheme, and
+    # over each training crop): a tile's attention does not depend on the rest of the image, and with one tile
+    # covering the image the output is the whole-image network's.
+    def _tile_trunk_radius(self, depth: int) -> int:
+        exact = self.num_group * (2 * depth + 1) + 1
+        return min(exact, 64)  # beyond 64 LR pixels of margin, very large images are approximate (README)
+
+    def _tile_input(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean.to(dtype=x.dtype, device=x.device)) * self.img_range
+
+    def _trunk_tiles(self, plan: TilePlan, xmap: torch.Tensor, counter: FlopCount) -> torch.Tensor:
+        first = new_map(plan, self.num_feat, 1, xmap)
+        conv_tiles(plan, xmap, first, self.conv_first, counter, in_channels=lambda w: xmap.shape[1])
+        res, spare = first.clone(), new_map(plan, self.num_feat, 1, xmap)
+        mid = new_map(plan, self.num_feat, 1, xmap)
+        depth = int(plan.depths.max())
+        for group in self.body:
+            group_in = res.clone()
+            for b, rcab in enumerate(group.residual_group[:depth]):
+                stopped = plan.groups(exact_depth=b)
+                if stopped:
+                    zero_tiles(plan, mid, stopped)
+                active = plan.groups(min_depth=b)
+                conv1, _, conv2, attention = rcab.rcab
+                conv_tiles(plan, res, mid, conv1, counter, post=lambda y, *_: F.relu(y), groups=active)
+                post = self._attention_post(attention, rcab.res_scale, counter)
+                conv_tiles(plan, mid, res, conv2, counter, post=post, groups=active, accumulate=True)
+            conv_tiles(plan, res, spare, group.conv, counter, post=_plus(group_in))
+            res, spare = spare, res
+        conv_tiles(plan, res, spare, self.conv_after_body, counter, post=_plus(first))
+        return spare
+
+    def _attention_post(self, attention: nn.Module, res_scale: float, counter: FlopCount):
+        _, squeeze, _, expand, _ = attention.attention
+
+        def post(y: torch.Tensor, group: TileGroup, segments) -> torch.Tensor:
+            width = y.shape[1]
+            weight = y.mean(dim=(2, 3), keepdim=True)  # pooled over the tile
+            hidden = max(1, width // self.squeeze_factor)
+            weight = F.relu(sliced_conv(squeeze, weight, hidden))
+            counter.conv(weight, squeeze.weight[:hidden, :width])
+            weight = sliced_conv(expand, weight, width)
+            counter.conv(weight, expand.weight[:width, :hidden])
+            return y * torch.sigmoid(weight) * res_scale
+
+        return post
+
+    def _head_tiles(self, plan: TilePlan, feat: torch.Tensor, counter: FlopCount) -> torch.Tensor:
+        cur, at = feat, 1
+        layers = list(self.upsample)
+        for conv, shuffle in zip(layers[::2], layers[1::2]):
+            r = shuffle.upscale_factor
+            nxt = new_map(plan, self.num_feat, at * r, feat)
+            conv_tiles(plan, cur, nxt, conv, counter, scale=at, out_scale=at * r, out_channels=lambda w, r=r: r * r * w,
+                       post=lambda y, *_, r=r: F.pixel_shuffle(y, r))
+            cur, at = nxt, at * r
+        out = new_map(plan, self.num_out_ch, at, feat)
+        conv_tiles(plan, cur, out, self.conv_last, counter, scale=at, out_channels=lambda w: self.num_out_ch)
+        return out[:, :, 1:-1, 1:-1]
+
+    def _tile_output(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        return out / self.img_range + self.mean.to(dtype=x.dtype, device=x.device)
+
     def _plain_network(self, width: int, depth: int) -> nn.Module:
         if width // self.squeeze_factor < 1:
             raise ValueError(f'a plain RCAN of width {width} has no attention channel with '
@@ -100,3 +165,8 @@ class WBSRRCAN(SupernetMixin, RCAN):
         return RCAN(num_in_ch=self.num_in_ch, num_out_ch=self.num_out_ch, num_feat=width, num_group=self.num_group,
                     num_block=depth, squeeze_factor=self.squeeze_factor, upscale=self.upscale,
                     res_scale=self.res_scale, img_range=self.img_range, rgb_mean=self.rgb_mean)
+
+
+def _plus(fmap: torch.Tensor):
+    """``post`` that adds the tile's own region of ``fmap`` (a skip connection)."""
+    return lambda y, group, segments: y + gather(fmap, group, segments, 1, y.shape[1], 0)

@@ -10,6 +10,7 @@ from torch.nn import functional as F
 from basicsr.archs.srresnet_arch import MSRResNet
 
 from .supernet import SupernetMixin, check_choices, sliced_conv
+from .tiles import FlopCount, TilePlan, conv_tiles, new_map, zero_tiles
 
 SUPPORTED_SCALES = (2, 3, 4)
 
@@ -64,6 +65,59 @@ class WBSRSRResNet(SupernetMixin, MSRResNet):
         base = F.interpolate(x, scale_factor=self.upscale, mode='bilinear', align_corners=False)
         return out + base
 
+    # ---- seamless tiles (wbsr_arch.tiles) -----------------------------------------------------------------
+    def _tile_trunk_radius(self, depth: int) -> int:
+        return 2 * depth  # two 3x3 convolutions per residual block after conv_first
+
+    def _trunk_tiles(self, plan: TilePlan, xmap: torch.Tensor, counter: FlopCount) -> torch.Tensor:
+        feat = new_map(plan, self.num_feat, 1, xmap)
+        conv_tiles(plan, xmap, feat, self.conv_first, counter, in_channels=lambda w: xmap.shape[1], post=_lrelu)
+        mid = new_map(plan, self.num_feat, 1, xmap)
+        for b, block in enumerate(self.body[:int(plan.depths.max())]):
+            stopped = plan.groups(exact_depth=b)
+            if stopped:  # their inner activation is zero from here on (halo rule, wbsr_arch.tiles)
+                zero_tiles(plan, mid, stopped)
+            active = plan.groups(min_depth=b)
+            conv_tiles(plan, feat, mid, block.conv1, counter, post=_relu, groups=active)
+            conv_tiles(plan, mid, feat, block.conv2, counter, post=_scaled(block.res_scale), groups=active,
+                       accumulate=True)
+        return feat
+
+    def _head_tiles(self, plan: TilePlan, feat: torch.Tensor, counter: FlopCount) -> torch.Tensor:
+        s = self.upscale
+        steps = [(self.upconv1, 2), (self.upconv2, 2)] if s == 4 else [(self.upconv1, s)]
+        cur, at = feat, 1
+        for conv, r in steps:
+            nxt = new_map(plan, self.num_feat, at * r, feat)
+            conv_tiles(plan, cur, nxt, conv, counter, scale=at, out_scale=at * r, out_channels=lambda w, r=r: r * r * w,
+                       post=_shuffle_lrelu(r))
+            cur, at = nxt, at * r
+        hr = new_map(plan, self.num_feat, s, feat)
+        conv_tiles(plan, cur, hr, self.conv_hr, counter, scale=s, post=_lrelu)
+        del cur
+        out = new_map(plan, self.num_out_ch, s, feat)
+        conv_tiles(plan, hr, out, self.conv_last, counter, scale=s, out_channels=lambda w: self.num_out_ch)
+        return out[:, :, 1:-1, 1:-1]
+
+    def _tile_output(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        return out + F.interpolate(x, scale_factor=self.upscale, mode='bilinear', align_corners=False)
+
     def _plain_network(self, width: int, depth: int) -> nn.Module:
         return MSRResNet(num_in_ch=self.num_in_ch, num_out_ch=self.num_out_ch, num_feat=width, num_block=depth,
                          upscale=self.upscale)
+
+
+def _lrelu(y: torch.Tensor, *_) -> torch.Tensor:
+    return F.leaky_relu(y, 0.1)
+
+
+def _relu(y: torch.Tensor, *_) -> torch.Tensor:
+    return F.relu(y)
+
+
+def _scaled(res_scale: float):
+    return (lambda y, *_: y) if res_scale == 1 else (lambda y, *_: y * res_scale)
+
+
+def _shuffle_lrelu(r: int):
+    return lambda y, *_: F.leaky_relu(F.pixel_shuffle(y, r), 0.1)

@@ -10,17 +10,51 @@ SRResNet x4, w64/d4 costs 3.38G and w52/d16 3.44G on a 32x32 input.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import cached_property
 from numbers import Integral
-from typing import Optional, Sequence, Union
+from typing import Any, NamedTuple, Optional, Sequence, Union
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 from .flops import count_flops
+from .tiles import FlopCount, TileGrid, TilePlan, pad_input, row_bands
 
-SubnetSpec = Union[None, int, Sequence[int], torch.Tensor]
+#: Default tile side (LR pixels) of the seamless tile scheme.
+DEFAULT_TILE_SIZE = 32
+#: Default largest LR area whose high-resolution stage (upsampler) runs at once in :meth:`forward_tiles`; the
+#: trunk runs on up to 16 times as much.
+DEFAULT_TILE_MAX_PIXELS = 1 << 16
+
+
+@dataclass(frozen=True)
+class TileAssignment:
+    """One subnet per tile of a regular grid: a subnet spec for :meth:`SupernetMixin.set_subnet` and ``forward``.
+
+    Attributes:
+        subnets: ``(rows, cols)`` indices into ``net.subnets``, shared by the batch, or ``(N, rows, cols)``.
+        tile_size: Tile side in LR pixels (the last row and column may be smaller).
+        grid: The tile grid, when it is not regular (then ``tile_size`` is not used).
+        max_pixels: See :meth:`SupernetMixin.forward_tiles`.
+    """
+
+    subnets: Any
+    tile_size: int = DEFAULT_TILE_SIZE
+    grid: Optional[TileGrid] = None
+    max_pixels: Optional[int] = None
+
+
+class TileRun(NamedTuple):
+    """Output of :meth:`SupernetMixin.forward_tiles` and the FLOPs its convolutions did."""
+
+    output: torch.Tensor
+    flops: int
+
+
+SubnetSpec = Union[None, int, Sequence[int], torch.Tensor, TileAssignment]
 
 #: LR size at which subnets are ordered by FLOPs (the ClassSR/ARM/WBSR patch size).
 ORDERING_LR_SIZE = (32, 32)
@@ -84,10 +118,15 @@ class SupernetMixin:
 
         A sequence or 1-D tensor gives one subnet per sample of the following batches (what the model's
         ``sandwich`` and ``routed`` training use, so that one plain ``forward`` call trains several
-        subnets and DDP sees a single forward/backward pair).
+        subnets and DDP sees a single forward/backward pair); a :class:`TileAssignment` gives one subnet per
+        tile (the seamless tile scheme, :meth:`forward_tiles`).
         """
         if index is None or isinstance(index, Integral):
             self._active = None if index is None else self._check_index(index)
+            return
+        if isinstance(index, TileAssignment):
+            self._subnet_array(index.subnets)
+            self._active = index
             return
         assign = torch.as_tensor(index, dtype=torch.long).flatten().cpu()
         for value in torch.unique(assign).tolist():
@@ -146,6 +185,9 @@ class SupernetMixin:
         """
         if subnet is None:
             subnet = self.active_subnet
+        if isinstance(subnet, TileAssignment):
+            return self.forward_tiles(x, subnet.subnets, tile_size=subnet.tile_size, grid=subnet.grid,
+                                      max_pixels=subnet.max_pixels).output
         if isinstance(subnet, tuple):
             width, depth = subnet
             if width not in self.widths or depth not in self.depths:
@@ -163,6 +205,90 @@ class SupernetMixin:
             outputs.append(self._forward_subnet(x.index_select(0, rows), *self.subnets[self._check_index(index)]))
         inverse = torch.argsort(order).to(x.device)
         return torch.cat(outputs, 0).index_select(0, inverse)
+
+    # ---- the seamless tile scheme (wbsr_arch.tiles) --------------------------------------------------------
+    def forward_tiles(self, x: torch.Tensor, subnets: Any, *, tile_size: int = DEFAULT_TILE_SIZE,
+                      grid: Optional[TileGrid] = None, max_pixels: Optional[int] = None) -> TileRun:
+        """Super-resolve ``x`` in one seamless pass with one subnet per tile (see :mod:`wbsr_arch.tiles`).
+
+        Args:
+            x: LR batch ``(N, C, H, W)``.
+            subnets: ``(rows, cols)`` subnet indices of the tiles (row-major, shared by the batch) or
+                ``(N, rows, cols)``.
+            tile_size: Side of the regular tiles, when ``grid`` is not given. Default: 32.
+            grid: The tile grid (default: :meth:`TileGrid.regular` of ``tile_size``).
+            max_pixels: Largest LR area whose upsampler runs at once (rows of tiles at a time; one extra LR row
+                is computed at each band border); the trunk runs on up to 16 times as much, with a margin of its
+                receptive field at each border. Bounds memory on large images; the extra work is in ``flops``.
+                Default: 65536.
+
+        Returns:
+            The SR batch and the FLOPs of every convolution run (what ``FlopCounterMode`` counts around the call).
+        """
+        n, _, h, w = x.shape
+        grid = grid or TileGrid.regular(h, w, tile_size)
+        if grid.size != (h, w):
+            raise ValueError(f'the tile grid covers {grid.size[0]}x{grid.size[1]} pixels, the input is {h}x{w}')
+        sub = self._subnet_array(subnets)
+        if sub.ndim == 2:
+            sub = np.broadcast_to(sub, (n, *sub.shape))
+        if sub.shape != (n, *grid.shape):
+            raise ValueError(f'subnets must be {grid.shape} or ({n}, {grid.shape[0]}, {grid.shape[1]}) for this grid, '
+                             f'got {sub.shape}')
+        table = np.asarray(self.subnets, dtype=np.int64)
+        widths, depths = table[sub, 0], table[sub, 1]
+        limit = int(max_pixels or DEFAULT_TILE_MAX_PIXELS)
+        counter = FlopCount()
+        xin = self._tile_input(x)
+        xmap = pad_input(xin)
+        out = x.new_zeros(n, self.num_out_ch, h * self.upscale, w * self.upscale)
+        s = self.upscale
+        for a, b in row_bands(grid.rows, 0, h, max(1, 16 * limit // w)):
+            # A margin of whole tile rows (channel attention pools over whole tiles) that covers the trunk's
+            # receptive field and the upsampler's one-row margin with its halo makes the band's output exact.
+            margin = 0 if (a, b) == (0, h) else self._tile_trunk_radius(int(depths.max())) + 2
+            ta = max([r for r in grid.rows if r <= max(0, a - margin)])
+            tb = min([r for r in grid.rows if r >= min(h, b + margin)])
+            tgrid, rows = grid.band(ta, tb)
+            plan = TilePlan(tgrid, widths[:, rows], depths[:, rows])
+            feat = self._trunk_tiles(plan, xmap[:, :, ta:tb + 2], counter)
+            for c, d in row_bands(grid.rows, a, b, max(1, limit // w)):
+                ha, hb = max(0, c - 1), min(h, d + 1)  # one LR row of margin makes the upsampler's output exact
+                hgrid, rows = grid.band(ha, hb)
+                plan = TilePlan(hgrid, widths[:, rows], depths[:, rows])
+                y = self._head_tiles(plan, feat[:, :, ha - ta:hb - ta + 2], counter)
+                out[:, :, c * s:d * s] = y[:, :, (c - ha) * s:(d - ha) * s]
+        return TileRun(self._tile_output(x, out), counter.total)
+
+    def tile_flops(self, lr_hw: Sequence[int], subnets: Any, *, tile_size: int = DEFAULT_TILE_SIZE,
+                   grid: Optional[TileGrid] = None, max_pixels: Optional[int] = None) -> int:
+        """FLOPs of :meth:`forward_tiles` on one LR image of ``lr_hw`` with this assignment, without running it."""
+        spec = TileAssignment(subnets, tile_size, grid, max_pixels)
+        return count_flops(self, (1, self.num_in_ch, *lr_hw), subnet=spec)
+
+    def _subnet_array(self, subnets: Any) -> np.ndarray:
+        sub = subnets.detach().cpu().numpy() if isinstance(subnets, torch.Tensor) else np.asarray(subnets)
+        if sub.ndim not in (2, 3) or sub.size == 0 or not np.issubdtype(sub.dtype, np.integer):
+            raise ValueError(f'a tile assignment is a non-empty (rows, cols) or (N, rows, cols) integer array, got '
+                             f'shape {sub.shape} of {sub.dtype}')
+        if sub.min() < 0 or sub.max() >= self.num_subnets:
+            raise IndexError(f'tile subnet indices must be in 0..{self.num_subnets - 1}, got {sub.min()}..{sub.max()}')
+        return sub.astype(np.int64)
+
+    def _tile_input(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def _tile_output(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _tile_trunk_radius(self, depth: int) -> int:
+        raise NotImplementedError
+
+    def _trunk_tiles(self, plan: TilePlan, xmap: torch.Tensor, counter: FlopCount) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _head_tiles(self, plan: TilePlan, feat: torch.Tensor, counter: FlopCount) -> torch.Tensor:
+        raise NotImplementedError
 
     def _check_index(self, index: int) -> int:
         index = int(index)

@@ -111,7 +111,7 @@ def evaluate_demo(checkpoint: str, test_dir: str, out: str, device: str, repeats
             stem = os.path.splitext(image.name)[0]
             imwrite(sr, os.path.join(out, 'sr', f'{stem}_{mode}.png'))
             if mode == 'wbsr':
-                imwrite(allocation_map(tensor2img([image.lq[0].cpu()]), result, subnet_labels(net, result.patch_hw)),
+                imwrite(allocation_map(tensor2img([image.lq[0].cpu()]), result, subnet_labels(net)),
                         os.path.join(out, 'maps', f'{stem}_alloc.png'))
         return on_image if mode in ('wbsr', 'full') else None
 

@@ -91,7 +91,7 @@ def evaluate(router: Router, images: Iterable[TestImage], repeats: int = 1,
         scale = router.scale
         rows.append({'psnr': calculate_psnr(sr, image.gt, crop_border=scale, test_y_channel=True),
                      'ssim': calculate_ssim(sr, image.gt, crop_border=scale, test_y_channel=True),
-                     'gflops': result.flops / 1e9, 'ratio_patches': result.ratio_patches,
+                     'gflops': result.flops / 1e9, 'ratio_regions': result.ratio_regions,
                      'ratio_whole': result.ratio_whole, 'seconds': seconds, 'shares': result.shares()})
         if on_image is not None:
             on_image(image, result, sr)

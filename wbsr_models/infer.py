@@ -119,10 +119,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         imwrite(tensor2img([result.output[0].cpu()]), os.path.join(args.output, f'{name}{args.suffix}.png'))
         if args.save_map:
             lq_img = (img * 255).round().astype(np.uint8)
-            imwrite(allocation_map(lq_img, result, subnet_labels(net, result.patch_hw)),
+            imwrite(allocation_map(lq_img, result, subnet_labels(net)),
                     os.path.join(args.output, f'{name}{args.suffix}_alloc.png'))
         tqdm.write(f'{name}: {img.shape[1]}x{img.shape[0]} -> {img.shape[1] * scale}x{img.shape[0] * scale}  '
-                   f'FLOPs {100 * result.ratio_patches:.1f}% of full on patches, '
+                   f'FLOPs {100 * result.ratio_regions:.1f}% of full on the same {result.scheme}, '
                    f'{100 * result.ratio_whole:.1f}% of full on the image, {result.flops / 1e9:.2f} G  '
                    f'{seconds:.2f} s')
     print(f'wbsr-infer: {len(files) - failed} of {len(files)} images written to {args.output}')

@@ -1,23 +1,22 @@
 """Gradient-projection dynamic inference (spec section 5), and the modes it is compared with.
 
-The LR image is chopped into ``patch_size`` patches with ``step`` (default 32/28, the ClassSR/ARM/PCSR
-protocol; the last row and column are flush with the border), each patch gets a difficulty class from
-the stored thresholds, each subnet runs on its patches in batches of at most ``batch_size``, and the
-overlaps are merged by averaging. Modes:
+Routing is two independent choices:
 
-- ``wbsr``: Eq. 15, subnet ``m = ceil(k * M / K)``.
-- ``budget``: the average cost of the image stays at or below ``budget`` x the full network's, and the
-  allocation stays monotone in difficulty: each patch's continuous difficulty position ``u`` in [0, 1]
-  (class k ends at k/K) is shifted by one image-wide ``lam`` and ``m = ceil((u + lam) * M)``; ``lam`` is
-  the largest shift that fits the budget (``lam = 0`` is Eq. 15 up to rounding inside a class).
-- ``alpha``: per patch, the subnet whose cost is nearest ``alpha * (k / K) * C_full`` (Eq. 16 read as a
-  per-patch target; larger alpha = more quality).
-- ``arm``: ARM's edge-score lookup table (:mod:`wbsr_models.baselines`).
-- ``full`` / ``fixed``: the largest / one named subnet on the whole image (in tiles of at most
-  ``max_pixels`` LR pixels with a margin when the image is larger, so memory stays bounded).
+- *which subnet each region gets*, the mode: ``wbsr`` (Eq. 15, ``m = ceil(k * M / K)``), ``budget`` (the
+  image's average cost stays at or below ``budget`` x the full network's and the allocation stays
+  monotone in difficulty: each region's continuous difficulty position ``u`` in [0, 1] is shifted by one
+  image-wide ``lam`` and ``m = ceil((u + lam) * M)``, ``lam`` the largest shift that fits), ``alpha`` (per
+  region, the subnet whose cost is nearest ``alpha * (k / K) * C_full``), ``arm`` (ARM's edge lookup
+  table, :mod:`wbsr_models.baselines`), or any ``assign`` callback (the benchmark's oracle);
+- *how the image is cut and run*, the scheme (:mod:`wbsr_models.regions`): ``tiles`` (default:
+  non-overlapping tiles, one seamless pass of the supernet in which each tile runs only its subnet's
+  layers and channels, :meth:`~wbsr_arch.supernet.SupernetMixin.forward_tiles`) or ``patches`` (the
+  ClassSR/ARM/PCSR protocol: overlapping 32/28 patches run separately, overlaps averaged; kept so that
+  numbers compare with the papers).
 
-FLOPs are reported three ways: executed, the full network on the same patches (the papers'
-convention), and the full network run once on the whole image (includes the chopping overlap).
+``full`` / ``fixed`` run the largest / one named subnet on the whole image (bounded memory on large
+images). FLOPs are reported three ways: executed, the full network on the same regions (the papers'
+convention for patches), and the full network run once on the whole image.
 """
 from __future__ import annotations
 
@@ -31,10 +30,16 @@ from torch import nn
 
 from basicsr.utils import get_root_logger
 from wbsr_arch.flops import count_flops
-from wbsr_data.difficulty import DifficultyProjection, extract_patches, gradient_vectors, grid_starts
+from wbsr_arch.supernet import DEFAULT_TILE_MAX_PIXELS, DEFAULT_TILE_SIZE
+from wbsr_arch.tiles import TileGrid
+from wbsr_data.difficulty import DifficultyProjection, gradient_vectors
+
+from .regions import SCHEMES, Regions, cut
 
 MODES = ('wbsr', 'budget', 'alpha', 'arm', 'full', 'fixed')
-PATCH_MODES = ('wbsr', 'budget', 'alpha', 'arm')
+#: Rows of the strips a large image runs in when one subnet covers it (the bands of bounded memory are whole strips).
+BAND_STEP = 8
+REGION_MODES = ('wbsr', 'budget', 'alpha', 'arm')
 
 
 @dataclass(frozen=True)
@@ -43,19 +48,25 @@ class RoutingOptions:
 
     Attributes:
         mode: One of :data:`MODES`. Default: ``wbsr``.
-        patch_size: LR patch size. Default: 32.
+        scheme: ``tiles`` (one seamless pass, non-overlapping tiles) or ``patches`` (overlapping patches run
+            separately, the papers' protocol). Default: ``tiles``.
+        tile_size: LR tile side of the ``tiles`` scheme. Default: 32.
+        patch_size: LR patch size of the ``patches`` scheme. Default: 32.
         step: LR step between patches (<= patch_size). Default: 28.
-        batch_size: Largest number of patches run at once. Default: 64.
+        batch_size: Largest number of patches run at once (``patches``). Default: 64.
         budget: Target average cost, a fraction in (0, 1] of the full network (``budget`` mode).
         alpha: Quality/cost trade-off of ``alpha`` mode. Default: 1.0.
         subnet: Subnet index for ``fixed`` mode.
         arm_lut: ARM lookup-table file (``arm`` mode); built in-sample from the validation set if absent.
         arm_eta: ARM's trade-off: a subnet maximises ``eta * PSNR - cost share``. Default: 1.0.
-        max_pixels: Largest LR area run as one piece in ``full``/``fixed`` modes. Default: 512 * 512.
+        max_pixels: Memory bound: the largest LR area whose high-resolution stage runs at once (``tiles``, and
+            ``full``/``fixed`` on larger images; the trunk takes up to 16x as much). Default: 65536.
         num_classes: K used when a checkpoint has no thresholds. Default: 10.
     """
 
     mode: str = 'wbsr'
+    scheme: str = 'tiles'
+    tile_size: int = DEFAULT_TILE_SIZE
     patch_size: int = 32
     step: int = 28
     batch_size: int = 64
@@ -64,7 +75,7 @@ class RoutingOptions:
     subnet: Optional[int] = None
     arm_lut: Optional[str] = None
     arm_eta: float = 1.0
-    max_pixels: int = 512 * 512
+    max_pixels: int = DEFAULT_TILE_MAX_PIXELS
     num_classes: int = 10
 
     @classmethod
@@ -80,6 +91,10 @@ class RoutingOptions:
     def validate(self, where: str = 'val.routing') -> None:
         if self.mode not in MODES:
             raise ValueError(f'{where}.mode must be one of {MODES}, got {self.mode!r}')
+        if self.scheme not in SCHEMES:
+            raise ValueError(f'{where}.scheme must be one of {SCHEMES}, got {self.scheme!r}')
+        if self.tile_size < 1:
+            raise ValueError(f'{where}.tile_size must be >= 1, got {self.tile_size}')
         if self.patch_size < 1 or not 1 <= self.step <= self.patch_size:
             raise ValueError(f'{where}: need patch_size >= 1 and 1 <= step <= patch_size, got patch_size='
                              f'{self.patch_size}, step={self.step}')
@@ -97,31 +112,32 @@ class RoutingOptions:
 
 @dataclass
 class RoutingResult:
-    """One routed image: the SR output and what it cost."""
+    """One routed image: the SR output, where each subnet ran and what it cost."""
 
     output: torch.Tensor  # (1, C, sH, sW)
-    subnets: np.ndarray  # per patch (row-major over tops x lefts), index into net.subnets
-    tops: list[int]
-    lefts: list[int]
-    patch_hw: tuple[int, int]
-    classes: Optional[np.ndarray]  # per patch 1..K, None for full/fixed
+    subnets: np.ndarray  # per region (row-major), index into net.subnets
+    boxes: np.ndarray  # (n, 4) top, left, height, width of each region (LR pixels)
+    scheme: str  # 'tiles', 'patches' or 'whole'
+    classes: Optional[np.ndarray]  # per region 1..K, None for full/fixed
     flops: int  # executed
-    flops_full_patches: int  # the full network on the same patches
+    flops_full_regions: int  # the full network on the same regions (= the whole image for tiles and whole)
     flops_full_image: int  # the full network once on the whole image
     num_subnets: int
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
-    def ratio_patches(self) -> float:
-        return self.flops / self.flops_full_patches
+    def ratio_regions(self) -> float:
+        return self.flops / self.flops_full_regions
 
     @property
     def ratio_whole(self) -> float:
         return self.flops / self.flops_full_image
 
     def shares(self) -> np.ndarray:
-        """Fraction of patches per subnet (in net.subnets order)."""
-        counts = np.bincount(self.subnets, minlength=self.num_subnets).astype(np.float64)
+        """Fraction of the image's LR pixels per subnet (in net.subnets order; overlaps of patches counted once
+        per patch)."""
+        area = (self.boxes[:, 2] * self.boxes[:, 3]).astype(np.float64)
+        counts = np.bincount(self.subnets, weights=area, minlength=self.num_subnets)
         return counts / max(1., counts.sum())
 
 
@@ -138,13 +154,17 @@ def shifted_subnets(position: np.ndarray, lam: float, num_subnets: int) -> np.nd
 
 
 def budget_subnets(position: np.ndarray, costs: np.ndarray, budget: float) -> np.ndarray:
-    """Monotone allocation with average cost <= ``budget * costs[-1]`` (the largest shift that fits)."""
-    costs = np.asarray(costs, dtype=np.float64)
-    limit = budget * costs[-1] * len(position) * (1 + 1e-12)
-    m = len(costs)
+    """Monotone allocation whose total cost is <= ``budget`` x the full network's (the largest shift that fits).
+
+    ``costs`` is ``(M,)`` (every region the same size) or ``(n, M)`` (per region).
+    """
+    costs = np.broadcast_to(np.asarray(costs, dtype=np.float64), (len(position), np.shape(costs)[-1]))
+    limit = budget * costs[:, -1].sum() * (1 + 1e-12)
+    m = costs.shape[1]
+    rows = np.arange(len(position))
 
     def total(lam: float) -> float:
-        return costs[shifted_subnets(position, lam, m)].sum()
+        return costs[rows, shifted_subnets(position, lam, m)].sum()
 
     lo, hi = -1.0, 1.0
     if total(lo) > limit:
@@ -158,22 +178,22 @@ def budget_subnets(position: np.ndarray, costs: np.ndarray, budget: float) -> np
 
 
 def alpha_subnets(classes: np.ndarray, num_classes: int, costs: np.ndarray, alpha: float) -> np.ndarray:
-    """Per patch, the subnet whose cost is nearest ``alpha * (k / K) * C_full``."""
-    costs = np.asarray(costs, dtype=np.float64)
-    target = alpha * np.asarray(classes, dtype=np.float64) / num_classes * costs[-1]
-    return np.abs(costs[None, :] - target[:, None]).argmin(axis=1)
+    """Per region, the subnet whose cost is nearest ``alpha * (k / K) * C_full`` (``costs`` ``(M,)`` or ``(n, M)``)."""
+    costs = np.broadcast_to(np.asarray(costs, dtype=np.float64), (len(classes), np.shape(costs)[-1]))
+    target = alpha * np.asarray(classes, dtype=np.float64) / num_classes * costs[:, -1]
+    return np.abs(costs - target[:, None]).argmin(axis=1)
 
 
 class Router:
     """Runs a (super)network on an LR image according to :class:`RoutingOptions`.
 
     Args:
-        net: A WBSR supernet (``subnets``, ``subnet_flops``, ``forward(x, subnet=...)``) or any plain
-            BasicSR network (treated as one subnet: routing becomes tiled inference).
+        net: A WBSR supernet (``subnets``, ``subnet_flops``, ``forward(x, subnet=...)``, ``forward_tiles``) or
+            any plain BasicSR network (treated as one subnet: routing becomes whole-image or patch inference).
         options: Routing options.
         scale: Upscaling factor of ``net``.
         projection: Difficulty thresholds and projection (from the checkpoint or the training index);
-            ``None`` fits them on each test image's own patches, with a warning.
+            ``None`` fits them on each test image's own regions, with a warning.
         arm_table: ARM lookup table (``arm`` mode), see :mod:`wbsr_models.baselines`.
     """
 
@@ -183,44 +203,50 @@ class Router:
         self.projection, self.arm_table = projection, arm_table
         self.num_subnets = int(getattr(net, 'num_subnets', 1))
         self.num_in_ch = int(getattr(net, 'num_in_ch', 3))
+        self.seamless = hasattr(net, 'forward_tiles')
         if options.mode == 'fixed' and not 0 <= options.subnet < self.num_subnets:
             raise ValueError(f'val.routing.subnet={options.subnet} out of range 0..{self.num_subnets - 1}')
         if options.mode == 'arm' and arm_table is None:
             raise ValueError('val.routing: arm mode needs an ARM lookup table')
         if options.mode == 'budget':
-            cheapest = self.costs((options.patch_size, options.patch_size))
+            side = options.tile_size if options.scheme == 'tiles' else options.patch_size
+            cheapest = self.costs((side, side))
             share = cheapest[0] / cheapest[-1]
             if options.budget < share:
                 raise ValueError(f'val.routing.budget={options.budget} is below the cheapest subnet\'s cost share '
                                  f'{share:.3f}; no allocation can meet it')
         self._warned: set[str] = set()
         self._plain_flops: dict[tuple[int, int], int] = {}
+        self._full_tile_flops: dict[tuple, int] = {}
 
     # ---- costs ---------------------------------------------------------------------------------------
     def costs(self, lr_hw: tuple[int, int]) -> np.ndarray:
         """FLOPs of each subnet on an LR input of ``lr_hw`` (ascending)."""
         if hasattr(self.net, 'subnet_flops'):
             return np.asarray(self.net.subnet_flops(lr_hw), dtype=np.int64)
+        lr_hw = tuple(int(v) for v in lr_hw)
         if lr_hw not in self._plain_flops:
             self._plain_flops[lr_hw] = count_flops(self.net, (1, self.num_in_ch, *lr_hw))
         return np.asarray([self._plain_flops[lr_hw]], dtype=np.int64)
 
     # ---- running -------------------------------------------------------------------------------------
-    def _run(self, x: torch.Tensor, subnet: int) -> torch.Tensor:
-        if self.num_subnets == 1 and not hasattr(self.net, 'subnets'):
+    def run_subnet(self, x: torch.Tensor, subnet: int) -> torch.Tensor:
+        """``x`` through one subnet (or through a plain network)."""
+        if not hasattr(self.net, 'subnets'):
             return self.net(x)
         return self.net(x, subnet=int(subnet))
 
-    def _run_patches(self, patches: torch.Tensor, rows: np.ndarray, subnet: int) -> torch.Tensor:
+    def patch_sr(self, patches: torch.Tensor, rows: np.ndarray, subnet: int) -> torch.Tensor:
         """SR of ``patches[rows]`` with one subnet (the benchmark overrides this to reuse outputs)."""
-        return self._run(patches[torch.as_tensor(rows)], subnet)
+        return self.run_subnet(patches[torch.as_tensor(rows)], subnet)
 
     def _warn_once(self, message: str) -> None:
         if message not in self._warned:
             self._warned.add(message)
             get_root_logger().warning(message)
 
-    def _prepare(self, lq: torch.Tensor) -> torch.Tensor:
+    def prepare(self, lq: torch.Tensor) -> torch.Tensor:
+        """Check an LR image ``(1, C, H, W)`` and give it the network's channels (gray and RGBA are converted)."""
         if lq.dim() != 4 or lq.shape[0] != 1:
             raise ValueError(f'the router takes one LR image (1, C, H, W), got shape {tuple(lq.shape)}')
         if lq.shape[2] < 1 or lq.shape[3] < 1:
@@ -234,32 +260,94 @@ class Router:
             return lq[:, :3]
         raise ValueError(f'the network takes {self.num_in_ch} channels, the image has {channels}')
 
+    def regions(self, lq: torch.Tensor) -> Regions:
+        """The regions of a prepared LR image under this router's scheme."""
+        opts = self.options
+        return cut(lq, opts.scheme, patch_size=opts.patch_size, step=opts.step, tile_size=opts.tile_size)
+
     @torch.no_grad()
     def __call__(self, lq: torch.Tensor, assign: Optional[Callable[..., np.ndarray]] = None) -> RoutingResult:
         """Route one LR image ``(1, C, H, W)``.
 
-        ``assign``, if given, replaces the mode's choice: it receives ``(patches, classes, costs)`` and
-        returns one subnet index per patch (used by the benchmark's oracle).
+        ``assign``, if given, replaces the mode's choice: it receives ``(regions, classes, costs)`` (the
+        :class:`~wbsr_models.regions.Regions`, their classes 1..K and the ``(n, M)`` FLOPs of every subnet on
+        every region) and returns one subnet index per region, row-major (used by the benchmark's oracle).
         """
-        lq = self._prepare(lq)
+        lq = self.prepare(lq)
         if self.options.mode in ('full', 'fixed') and assign is None:
             subnet = self.num_subnets - 1 if self.options.mode == 'full' else int(self.options.subnet)
             return self._whole(lq, subnet)
-        return self._patches(lq, assign)
+        if self.options.scheme == 'tiles' and not self.seamless:  # a plain network: one pass is the whole image
+            return self._whole(lq, 0)
+        regions = self.regions(lq)
+        costs = regions.costs(self.costs)
+        classes, position, num_classes = self.classify(regions)
+        subnets = self.choose(regions, classes, position, num_classes, costs, assign)
+        if self.options.scheme == 'tiles':
+            return self._run_tiles(lq, regions, subnets, classes)
+        return self._run_patches(lq, regions, subnets, classes, costs)
 
+    def classify(self, regions: Regions) -> tuple[np.ndarray, np.ndarray, int]:
+        """Difficulty classes 1..K, continuous positions in [0, 1] and K of every region."""
+        vectors = regions.per_region(lambda crops: gradient_vectors(crops).cpu().numpy())
+        projection = self.projection
+        if projection is None:
+            self._warn_once('routing without stored difficulty thresholds (not a WBSR checkpoint): thresholds '
+                            "are fitted on each test image's own regions")
+            projection = DifficultyProjection.fit(vectors, self.options.num_classes)
+        scores = projection.score(vectors)
+        return projection.classify(scores), projection.position(scores), projection.num_classes
+
+    def choose(self, regions: Regions, classes: np.ndarray, position: np.ndarray, num_classes: int,
+               costs: np.ndarray, assign: Optional[Callable[..., np.ndarray]] = None) -> np.ndarray:
+        """One subnet per region: the mode's policy, or ``assign``'s."""
+        opts = self.options
+        if assign is not None:
+            subnets = np.asarray(assign(regions, classes, costs), dtype=np.int64)
+        elif self.num_subnets == 1:
+            subnets = np.zeros(len(regions), dtype=np.int64)
+        elif opts.mode == 'wbsr':
+            subnets = eq15_subnets(classes, num_classes, self.num_subnets)
+        elif opts.mode == 'budget':
+            subnets = budget_subnets(position, costs, float(opts.budget))
+            if costs[np.arange(len(subnets)), subnets].sum() > opts.budget * costs[:, -1].sum() * (1 + 1e-9):
+                self._warn_once(f'budget {opts.budget} is below the cheapest subnet for this image\'s regions; every '
+                                'region uses the cheapest subnet')
+        elif opts.mode == 'alpha':
+            subnets = alpha_subnets(classes, num_classes, costs, opts.alpha)
+        else:  # arm
+            subnets = self.arm_table.select(regions, costs, opts.arm_eta)
+        if subnets.shape != (len(regions), ) or subnets.min() < 0 or subnets.max() >= self.num_subnets:
+            raise ValueError(f'subnet assignment must give one index in 0..{self.num_subnets - 1} per region')
+        return subnets
+
+    def _result(self, output: torch.Tensor, regions: Regions, subnets: np.ndarray, classes: Optional[np.ndarray],
+                flops: int, flops_full_regions: int) -> RoutingResult:
+        h, w = regions.image_hw
+        return RoutingResult(output=output, subnets=subnets, boxes=regions.boxes, scheme=regions.scheme,
+                             classes=classes, flops=int(flops), flops_full_regions=int(flops_full_regions),
+                             flops_full_image=int(self.costs((h, w))[-1]), num_subnets=self.num_subnets)
+
+    # ---- whole image ---------------------------------------------------------------------------------
     def _whole(self, lq: torch.Tensor, subnet: int) -> RoutingResult:
         _, _, h, w = lq.shape
         costs = self.costs((h, w))
         if h * w <= self.options.max_pixels:
-            output, flops = self._run(lq, subnet), int(costs[subnet])
+            output, flops = self.run_subnet(lq, subnet), int(costs[subnet])
+        elif self.seamless:  # exact, in bands of bounded memory: every strip of rows on the same subnet
+            grid = TileGrid(tuple(range(0, h, BAND_STEP)) + (h, ), (0, w))
+            run = self.net.forward_tiles(lq, np.full(grid.shape, subnet), grid=grid,
+                                         max_pixels=self.options.max_pixels)
+            output, flops = run.output, run.flops
         else:
             output, flops = self._tiled(lq, subnet)
-        return RoutingResult(output=output, subnets=np.array([subnet]), tops=[0], lefts=[0], patch_hw=(h, w),
-                             classes=None, flops=flops, flops_full_patches=int(costs[-1]),
-                             flops_full_image=int(costs[-1]), num_subnets=self.num_subnets)
+        boxes = np.array([[0, 0, h, w]], dtype=np.int64)
+        return RoutingResult(output=output, subnets=np.array([subnet]), boxes=boxes, scheme='whole', classes=None,
+                             flops=flops, flops_full_regions=int(costs[-1]), flops_full_image=int(costs[-1]),
+                             num_subnets=self.num_subnets)
 
     def _tiled(self, lq: torch.Tensor, subnet: int) -> tuple[torch.Tensor, int]:
-        """Whole-image inference in square tiles with a 16-pixel margin; the margins are discarded."""
+        """A plain network on a large image: square pieces with a 16-pixel margin, the margins discarded."""
         _, _, h, w = lq.shape
         tile, margin, s = max(16, int(math.isqrt(self.options.max_pixels)) - 32), 16, self.scale
         out = None
@@ -268,7 +356,7 @@ class Router:
             for left in range(0, w, tile):
                 t0, l0 = max(0, top - margin), max(0, left - margin)
                 t1, l1 = min(h, top + tile + margin), min(w, left + tile + margin)
-                sr = self._run(lq[:, :, t0:t1, l0:l1], subnet)
+                sr = self.run_subnet(lq[:, :, t0:t1, l0:l1], subnet)
                 flops += int(self.costs((t1 - t0, l1 - l0))[subnet])
                 if out is None:
                     out = sr.new_empty(1, sr.shape[1], h * s, w * s)
@@ -277,71 +365,46 @@ class Router:
                     sr[:, :, (top - t0) * s:(top - t0 + bh) * s, (left - l0) * s:(left - l0 + bw) * s]
         return out, flops
 
-    def _patches(self, lq: torch.Tensor, assign: Optional[Callable[..., np.ndarray]]) -> RoutingResult:
-        opts = self.options
-        _, c, h, w = lq.shape
-        ph, pw = min(opts.patch_size, h), min(opts.patch_size, w)
-        tops = grid_starts(h, ph, opts.step, cover_end=True)
-        lefts = grid_starts(w, pw, opts.step, cover_end=True)
-        patches = extract_patches(lq[0], tops, lefts, ph, pw)
-        costs = self.costs((ph, pw))
-        classes, position, num_classes = self._classes(patches)
-        if assign is not None:
-            subnets = np.asarray(assign(patches, classes, costs), dtype=np.int64)
-        elif self.num_subnets == 1:
-            subnets = np.zeros(len(patches), dtype=np.int64)
-        elif opts.mode == 'wbsr':
-            subnets = eq15_subnets(classes, num_classes, self.num_subnets)
-        elif opts.mode == 'budget':
-            subnets = budget_subnets(position, costs, float(opts.budget))
-            if costs[subnets].mean() > opts.budget * costs[-1] * (1 + 1e-9):
-                self._warn_once(f'budget {opts.budget} is below the cheapest subnet for {ph}x{pw} patches; '
-                                'every patch uses the cheapest subnet')
-        elif opts.mode == 'alpha':
-            subnets = alpha_subnets(classes, num_classes, costs, opts.alpha)
-        else:  # arm
-            subnets = self.arm_table.select(patches, costs, opts.arm_eta)
-        if subnets.shape != (len(patches), ) or subnets.min() < 0 or subnets.max() >= self.num_subnets:
-            raise ValueError(f'subnet assignment must give one index in 0..{self.num_subnets - 1} per patch')
-        output = self._merge(patches, subnets, tops, lefts, (ph, pw), (c, h, w))
-        return RoutingResult(output=output, subnets=subnets, tops=tops, lefts=lefts, patch_hw=(ph, pw),
-                             classes=classes, flops=int(costs[subnets].sum()),
-                             flops_full_patches=int(costs[-1]) * len(patches),
-                             flops_full_image=int(self.costs((h, w))[-1]), num_subnets=self.num_subnets)
+    # ---- tiles: one seamless pass ----------------------------------------------------------------------
+    def _run_tiles(self, lq: torch.Tensor, regions: Regions, subnets: np.ndarray,
+                   classes: np.ndarray) -> RoutingResult:
+        grid, limit = regions.grid, self.options.max_pixels
+        run = self.net.forward_tiles(lq, subnets.reshape(grid.shape), grid=grid, max_pixels=limit)
+        key = (grid, limit)
+        if key not in self._full_tile_flops:
+            full = np.full(grid.shape, self.num_subnets - 1)
+            self._full_tile_flops[key] = self.net.tile_flops(regions.image_hw, full, grid=grid, max_pixels=limit)
+        return self._result(run.output, regions, subnets, classes, run.flops, self._full_tile_flops[key])
 
-    def _classes(self, patches: torch.Tensor) -> tuple[np.ndarray, np.ndarray, int]:
-        vectors = gradient_vectors(patches)
-        projection = self.projection
-        if projection is None:
-            self._warn_once('routing without stored difficulty thresholds (not a WBSR checkpoint): thresholds '
-                            "are fitted on each test image's own patches")
-            projection = DifficultyProjection.fit(vectors.cpu().numpy(), self.options.num_classes)
-        scores = projection.score(vectors)
-        return projection.classify(scores), projection.position(scores), projection.num_classes
+    # ---- patches: the papers' protocol ---------------------------------------------------------------
+    def _run_patches(self, lq: torch.Tensor, regions: Regions, subnets: np.ndarray, classes: np.ndarray,
+                     costs: np.ndarray) -> RoutingResult:
+        patches = regions.crops(tuple(regions.boxes[0, 2:]), np.arange(len(regions)))
+        output = self._merge(patches, subnets, regions)
+        flops = costs[np.arange(len(subnets)), subnets].sum()
+        return self._result(output, regions, subnets, classes, flops, costs[:, -1].sum())
 
-    def _merge(self, patches: torch.Tensor, subnets: np.ndarray, tops: list[int], lefts: list[int],
-               patch_hw: tuple[int, int], chw: tuple[int, int, int]) -> torch.Tensor:
+    def _merge(self, patches: torch.Tensor, subnets: np.ndarray, regions: Regions) -> torch.Tensor:
         """Run each subnet on its patches in bounded batches; average the overlaps."""
-        (ph, pw), (_, h, w), s = patch_hw, chw, self.scale
-        grid_top = np.repeat(np.asarray(tops), len(lefts))
-        grid_left = np.tile(np.asarray(lefts), len(tops))
+        (h, w), s = regions.image_hw, self.scale
+        ph, pw = patches.shape[2:]
         out = None
         offsets = None
         for subnet in np.unique(subnets):
             rows = np.flatnonzero(subnets == subnet)
             for start in range(0, len(rows), self.options.batch_size):
                 chunk = rows[start:start + self.options.batch_size]
-                sr = self._run_patches(patches, chunk, int(subnet))
+                sr = self.patch_sr(patches, chunk, int(subnet))
                 if out is None:
                     out = sr.new_zeros(sr.shape[1], h * s * w * s)
                     yy, xx = torch.meshgrid(torch.arange(ph * s), torch.arange(pw * s), indexing='ij')
                     offsets = (yy * (w * s) + xx).flatten().to(sr.device)
-                base = torch.as_tensor(grid_top[chunk] * s * (w * s) + grid_left[chunk] * s, device=sr.device)
+                box = regions.boxes[chunk]
+                base = torch.as_tensor(box[:, 0] * s * (w * s) + box[:, 1] * s, device=sr.device)
                 index = (base[:, None] + offsets[None, :]).flatten()
                 out.index_add_(1, index, sr.permute(1, 0, 2, 3).reshape(sr.shape[1], -1))
         count = torch.zeros(h, w)
-        for top in tops:
-            for left in lefts:
-                count[top:top + ph, left:left + pw] += 1
+        for top, left in regions.boxes[:, :2].tolist():
+            count[top:top + ph, left:left + pw] += 1
         out = out.view(-1, h, s, w, s) / count.to(out).view(1, h, 1, w, 1)  # the HR count, never materialised
         return out.view(1, -1, h * s, w * s)

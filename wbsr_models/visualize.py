@@ -1,4 +1,4 @@
-"""Subnet allocation maps (the paper's Figure 3): the LR image tinted by the subnet of each patch."""
+"""Subnet allocation maps (the paper's Figure 3): the LR image tinted by the subnet of each region."""
 from __future__ import annotations
 
 from typing import Optional, Sequence
@@ -20,18 +20,14 @@ def allocation_map(lq_bgr: np.ndarray, result: RoutingResult, labels: Optional[S
                    min_side: int = 384) -> np.ndarray:
     """Render the allocation of ``result`` over the LR image ``lq_bgr`` (uint8 HxWx3), with a legend.
 
-    Each patch paints its cell (patches later in raster order overwrite the overlap of earlier ones); the
+    Each region paints its box (overlapping patches later in raster order overwrite earlier ones); the
     image is enlarged by an integer factor to at least ``min_side`` pixels on its short side.
     """
     h, w = lq_bgr.shape[:2]
     colors = subnet_colors(result.num_subnets)
     paint = np.zeros((h, w, 3), np.uint8)
-    ph, pw = result.patch_hw
-    k = 0
-    for top in result.tops:
-        for left in result.lefts:
-            paint[top:top + ph, left:left + pw] = colors[result.subnets[k]]
-            k += 1
+    for (top, left, bh, bw), subnet in zip(result.boxes.tolist(), result.subnets.tolist()):
+        paint[top:top + bh, left:left + bw] = colors[subnet]
     gray = cv2.cvtColor(cv2.cvtColor(lq_bgr, cv2.COLOR_BGR2GRAY), cv2.COLOR_GRAY2BGR)
     tinted = cv2.addWeighted(gray, 0.45, paint, 0.55, 0)
     factor = max(1, -(-min_side // max(1, min(h, w))))
@@ -52,8 +48,9 @@ def allocation_map(lq_bgr: np.ndarray, result: RoutingResult, labels: Optional[S
     return canvas
 
 
-def subnet_labels(net, lr_hw: tuple[int, int]) -> list[str]:
-    """``'w36 d4 1.08G'``-style labels of a supernet's subnets (or one label for a plain network)."""
+def subnet_labels(net, lr_hw: tuple[int, int] = (32, 32)) -> list[str]:
+    """``'w36 d4 1.08G'``-style labels of a supernet's subnets, FLOPs on an LR region of ``lr_hw`` (or one label
+    for a plain network)."""
     if not hasattr(net, 'subnets'):
         return ['network']
     flops = net.subnet_flops(lr_hw)

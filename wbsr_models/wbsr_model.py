@@ -33,6 +33,8 @@ from torch.nn.parallel import DataParallel, DistributedDataParallel
 from basicsr.models.sr_model import SRModel
 from basicsr.utils import get_root_logger, imwrite, tensor2img
 from basicsr.utils.dist_util import master_only
+from wbsr_arch.supernet import TileAssignment
+from wbsr_arch.tiles import TileGrid
 from wbsr_data.difficulty import DifficultyProjection, gradient_vectors
 from wbsr_data.fileio import torch_load, torch_save
 from wbsr_data.hes_dataset import set_train_progress
@@ -42,7 +44,7 @@ from .baselines import ArmTable, build_arm_table
 from .router import Router, RoutingOptions, RoutingResult, eq15_subnets
 from .visualize import allocation_map, subnet_labels
 
-SUBNET_SAMPLING = ('flops_squared', 'sandwich', 'routed', 'full')
+SUBNET_SAMPLING = ('flops_squared', 'sandwich', 'routed', 'tiles', 'full')
 CHECKPOINT_FORMAT = 1
 
 
@@ -53,12 +55,16 @@ class WBSRModel(SRModel):
         wbsr_opt = dict((opt.get('train') or {}).get('wbsr') or {})
         self.subnet_sampling = str(wbsr_opt.pop('subnet_sampling', 'routed'))  # the README's sampling sweep
         self.sandwich_random = int(wbsr_opt.pop('sandwich_random', 2))
+        tile_size = wbsr_opt.pop('tile_size', None)
         if wbsr_opt:
             raise ValueError(f'train.wbsr: unknown option(s) {sorted(wbsr_opt)}; known: subnet_sampling, '
-                             'sandwich_random')
+                             'sandwich_random, tile_size')
         if self.subnet_sampling not in SUBNET_SAMPLING:
             raise ValueError(f'train.wbsr.subnet_sampling must be one of {SUBNET_SAMPLING}, '
                              f'got {self.subnet_sampling!r}')
+        self.train_tile_size = None if tile_size is None else int(tile_size)
+        if self.train_tile_size is not None and self.train_tile_size < 1:
+            raise ValueError(f'train.wbsr.tile_size must be >= 1, got {tile_size}')
         self.routing = RoutingOptions.from_opt((opt.get('val') or {}).get('routing'))
         self.difficulty: Optional[DifficultyProjection] = None
         self.optimizer_sigma: Optional[torch.optim.Optimizer] = None
@@ -104,7 +110,7 @@ class WBSRModel(SRModel):
         pixel_opt = self.opt['train'].get('pixel_opt')
         if pixel_opt and pixel_opt.get('type') == 'BDLoss' and not pixel_opt.get('gmm_path'):
             self.opt['train']['pixel_opt'] = dict(pixel_opt, gmm_path=self._startup_gmm(pixel_opt))
-        if self.num_subnets > 1 and self.subnet_sampling in ('sandwich', 'routed') and \
+        if self.num_subnets > 1 and self.subnet_sampling in ('sandwich', 'routed', 'tiles') and \
                 isinstance(self.net_g, DataParallel):
             raise ValueError(f'subnet_sampling={self.subnet_sampling} trains one subnet per sample, which '
                              'DataParallel cannot split: use one GPU or DDP (--launcher pytorch)')
@@ -156,9 +162,26 @@ class WBSRModel(SRModel):
             middle = rng.permutation(np.arange(1, m - 1))[:max(0, self.sandwich_random)].tolist()
             chosen = [m - 1, 0] + middle
             return len(chosen), torch.tensor(chosen).repeat_interleave(lq.shape[0])
+        if self.subnet_sampling == 'tiles':
+            return 1, self.tile_plan(lq)
         scores = self.difficulty.score(gradient_vectors(lq))
         classes = self.difficulty.classify(scores)
         return 1, torch.from_numpy(eq15_subnets(classes, self.difficulty.num_classes, m))
+
+    def tile_plan(self, lq: torch.Tensor) -> TileAssignment:
+        """``tiles`` sampling: every crop cut into tiles, each tile on the subnet Eq. 15 gives it at test time.
+
+        The tile side is ``train.wbsr.tile_size``, by default the smaller of ``val.routing.tile_size`` and half
+        the LR crop, so that every crop holds tiles whose neighbours run other subnets.
+        """
+        _, _, h, w = lq.shape
+        size = self.train_tile_size or max(1, min(self.routing.tile_size, min(h, w) // 2))
+        grid = TileGrid.regular(h, w, size)
+        vectors = np.stack([gradient_vectors(lq[:, :, t:t + bh, lf:lf + bw]).cpu().numpy()
+                            for t, lf, bh, bw in grid.boxes().tolist()], axis=1)  # (N, tiles, 4)
+        classes = self.difficulty.classify(self.difficulty.score(vectors))
+        subnets = eq15_subnets(classes, self.difficulty.num_classes, self.num_subnets)
+        return TileAssignment(subnets.reshape(len(lq), *grid.shape), grid=grid)
 
     def optimize_parameters(self, current_iter: int) -> None:
         repeats, subnets = self.training_plan(self.lq, current_iter)
@@ -280,7 +303,7 @@ class WBSRModel(SRModel):
             net.train()
 
     def _record(self, result: RoutingResult, seconds: float, i: int) -> None:
-        self._route_log.append({'flops': result.flops, 'ratio_patches': result.ratio_patches,
+        self._route_log.append({'flops': result.flops, 'ratio_regions': result.ratio_regions,
                                 'ratio_whole': result.ratio_whole, 'shares': result.shares(), 'seconds': seconds})
         ctx = self._val_context
         if not ctx.get('save_img') or not self.lq_path:
@@ -293,7 +316,7 @@ class WBSRModel(SRModel):
             path = osp.join(self.opt['path']['visualization'], ctx['dataset'], f'{name}_{suffix}_alloc.png')
         lq_img = tensor2img([self.lq[i].detach().cpu()])
         net = self.get_bare_model(self.net_g)
-        imwrite(allocation_map(lq_img, result, subnet_labels(net, result.patch_hw)), path)
+        imwrite(allocation_map(lq_img, result, subnet_labels(net)), path)
 
     def nondist_validation(self, dataloader, current_iter, tb_logger, save_img) -> None:
         dataset_name = dataloader.dataset.opt['name']
@@ -324,16 +347,21 @@ class WBSRModel(SRModel):
     def _routing_summary(self, current_iter, tb_logger, dataset_name: str) -> str:
         log = self._route_log
         gflops = float(np.mean([r['flops'] for r in log])) / 1e9
-        ratio_p = float(np.mean([r['ratio_patches'] for r in log]))
+        ratio_p = float(np.mean([r['ratio_regions'] for r in log]))
         ratio_w = float(np.mean([r['ratio_whole'] for r in log]))
         seconds = float(np.mean([r['seconds'] for r in log]))
         shares = np.mean([r['shares'] for r in log], axis=0)
-        text = (f'\t # gflops: {gflops:.4f}\n\t # flops_vs_full_patches: {100 * ratio_p:.2f}%\n'
-                f'\t # flops_vs_full_image: {100 * ratio_w:.2f}%\n\t # seconds_per_image: {seconds:.4f}\n'
-                f"\t # subnet_share ({self.routing.mode}): {' '.join(f'{100 * v:.1f}' for v in shares)}\n")
+        patches = self.routing.scheme == 'patches' and self.routing.mode not in ('full', 'fixed')
+        text = f'\t # gflops: {gflops:.4f}\n'
+        if patches:  # the papers' convention; with tiles it is the whole image
+            text += f'\t # flops_vs_full_patches: {100 * ratio_p:.2f}%\n'
+        text += (f'\t # flops_vs_full_image: {100 * ratio_w:.2f}%\n\t # seconds_per_image: {seconds:.4f}\n'
+                 f"\t # subnet_share ({self.routing.mode}, {self.routing.scheme}): "
+                 f"{' '.join(f'{100 * v:.1f}' for v in shares)}\n")
         if tb_logger:
             tb_logger.add_scalar(f'routing/{dataset_name}/gflops', gflops, current_iter)
-            tb_logger.add_scalar(f'routing/{dataset_name}/flops_vs_full_patches', ratio_p, current_iter)
+            if patches:
+                tb_logger.add_scalar(f'routing/{dataset_name}/flops_vs_full_patches', ratio_p, current_iter)
             tb_logger.add_scalar(f'routing/{dataset_name}/flops_vs_full_image', ratio_w, current_iter)
             for i, v in enumerate(shares):
                 tb_logger.add_scalar(f'routing/{dataset_name}/share_subnet{i}', float(v), current_iter)

@@ -1,0 +1,162 @@
+"""The seamless tile scheme: equivalence with whole-image subnets, exact FLOPs, bands, seams, training."""
+import numpy as np
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from wbsr_arch import WBSRSRResNet
+from wbsr_arch.supernet import TileAssignment
+from wbsr_arch.tiles import TileGrid, _rectangles, row_bands
+
+from test_arch import randomise, tiny_rcan, tiny_srresnet
+
+
+@pytest.fixture(autouse=True)
+def seeded():
+    torch.manual_seed(0)
+
+
+def grid_shape(h, w, tile):
+    return -(-h // tile), -(-w // tile)
+
+
+@pytest.mark.parametrize('scale', [2, 3, 4])
+@pytest.mark.parametrize('tile', [8, 13, 64])
+def test_every_tile_on_subnet_k_is_subnet_k_on_the_whole_image(scale, tile):
+    net = randomise(tiny_srresnet(scale), seed=scale)
+    x = torch.rand(1, 3, 37, 45)  # not a multiple of any tile size
+    with torch.no_grad():
+        for k in range(net.num_subnets):
+            expected = net(x, subnet=k)
+            got = net.forward_tiles(x, np.full(grid_shape(37, 45, tile), k), tile_size=tile).output
+            assert (got - expected).abs().max().item() < 2e-6 * expected.abs().max().item()  # float rounding
+
+
+@pytest.mark.parametrize('scale', [2, 3, 4])
+def test_largest_subnet_in_tiles_is_the_exported_basicsr_network(scale):
+    net = randomise(tiny_srresnet(scale), seed=scale)
+    x = torch.rand(2, 3, 21, 30)
+    with torch.no_grad():
+        expected = net.export_subnet(net.num_subnets - 1).eval()(x)
+        got = net.forward_tiles(x, np.full(grid_shape(21, 30, 8), 8), tile_size=8).output
+    assert (got - expected).abs().max().item() < 2e-6 * expected.abs().max().item()
+
+
+@pytest.mark.parametrize('make', [tiny_srresnet, tiny_rcan])
+def test_rcan_and_srresnet_with_one_tile_are_the_whole_network(make):
+    net = randomise(make(), seed=1)
+    x = torch.rand(1, 3, 19, 26)
+    with torch.no_grad():
+        for k in (0, 4, 8):
+            expected = net(x, subnet=k)
+            got = net.forward_tiles(x, np.full((1, 1), k), tile_size=32).output
+            assert (got - expected).abs().max().item() < 1e-5 * expected.abs().max().item()  # RCAN works at x255
+
+
+@pytest.mark.parametrize('make', [tiny_srresnet, tiny_rcan])
+def test_flops_of_a_mixed_assignment_are_what_the_flop_counter_counts(make):
+    net = randomise(make(), seed=2)
+    x = torch.rand(1, 3, 37, 45)
+    assign = np.random.default_rng(0).integers(0, net.num_subnets, grid_shape(37, 45, 8))
+    assert len(net.subnets) == 9  # (ordering the subnets counts FLOPs on the meta device: done before counting)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        run = net.forward_tiles(x, assign, tile_size=8)
+    assert run.flops == counter.get_total_flops() == net.tile_flops((37, 45), assign, tile_size=8)
+    boxes = TileGrid.regular(37, 45, 8).boxes()
+    per_tile = sum(net.subnet_flops((int(bh), int(bw)))[m] for (_, _, bh, bw), m in zip(boxes, assign.ravel()))
+    assert run.flops == per_tile  # the halo costs no convolution work; per-tile attention for RCAN is in both
+
+
+def test_bands_give_the_same_image_and_pay_for_their_margins():
+    net = randomise(tiny_srresnet(), seed=4)
+    x = torch.rand(1, 3, 37, 45)
+    assign = np.random.default_rng(1).integers(0, 9, grid_shape(37, 45, 8))
+    with torch.no_grad():
+        whole = net.forward_tiles(x, assign, tile_size=8)
+        head_bands = net.forward_tiles(x, assign, tile_size=8, max_pixels=8 * 45)  # upsampler a tile row at a time
+        all_bands = net.forward_tiles(x, assign, tile_size=8, max_pixels=1)  # the trunk too, with its margins
+    scale = whole.output.abs().max().item()
+    assert (head_bands.output - whole.output).abs().max().item() < 2e-6 * scale
+    assert (all_bands.output - whole.output).abs().max().item() < 2e-6 * scale
+    assert whole.flops < head_bands.flops < all_bands.flops
+    assert net.tile_flops((37, 45), assign, tile_size=8, max_pixels=1) == all_bands.flops
+
+
+def test_mixed_tiles_of_a_trained_network_leave_no_visible_seam():
+    """A smooth image through a network that is a good interpolator at every width and depth: at tile borders
+    between different subnets the output changes no more than inside the tiles."""
+    torch.manual_seed(0)
+    net = WBSRSRResNet(num_feat=16, num_block=4, widths=[8, 12, 16], depths=[1, 2, 4]).eval()
+    with torch.no_grad():  # the bilinear skip carries the image, the trunk adds small detail (BasicSR's 0.1 init)
+        for p in net.parameters():
+            p.mul_(0.3)
+    yy, xx = torch.meshgrid(torch.linspace(0, 1, 48), torch.linspace(0, 1, 64), indexing='ij')
+    x = (0.5 + 0.3 * torch.sin(3 * xx + 2 * yy)).expand(1, 3, 48, 64).contiguous()
+    assign = np.array([[0, 8, 3, 6], [8, 0, 6, 3], [2, 7, 0, 8]])  # 16-pixel tiles, neighbours always differ
+    with torch.no_grad():
+        mixed = net.forward_tiles(x, assign, tile_size=16).output[0].mean(0)
+        uniform = {k: net(x, subnet=int(k))[0].mean(0) for k in np.unique(assign)}
+    s = 4
+    # away from borders, each tile equals its subnet on the whole image (the receptive field is 9 LR pixels)
+    for (top, left, bh, bw), k in zip(TileGrid.regular(48, 64, 16).boxes(), assign.ravel()):
+        inner = (slice((top + 5) * s, (top + bh - 5) * s), slice((left + 5) * s, (left + bw - 5) * s))
+        assert (mixed[inner] - uniform[k][inner]).abs().max().item() < 1e-5
+    # across every tile border the step between neighbouring output pixels is as small as inside the tiles
+    dx = (mixed[:, 1:] - mixed[:, :-1]).abs()
+    borders = [c * s - 1 for c in (16, 32, 48)]
+    inside = np.setdiff1d(np.arange(dx.shape[1]), borders)
+    assert dx[:, borders].max() < 1.5 * dx[:, inside].max()
+    # while cutting the image apart with zero padding (a naive tiling) leaves steps far above that
+    naive = torch.cat([net(x[:, :, :, c:c + 16], subnet=8) for c in range(0, 64, 16)], 3)[0].mean(0)
+    ndx = (naive[:, 1:] - naive[:, :-1]).abs()
+    assert ndx[:, borders].max() > 3 * dx[:, borders].max()
+
+
+def test_training_through_tiles_matches_the_whole_network_gradient():
+    net = randomise(tiny_srresnet(), seed=5).train()
+    x = torch.rand(3, 3, 16, 16)
+    for k in (0, 8):
+        net.zero_grad()
+        net(x, subnet=k).square().mean().backward()
+        plain = {n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None}
+        net.zero_grad()
+        net(x, subnet=TileAssignment(np.full((3, 2, 2), k), 8)).square().mean().backward()
+        tiled = {n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None}
+        assert plain.keys() == tiled.keys()
+        for n in plain:
+            torch.testing.assert_close(tiled[n], plain[n], rtol=1e-4, atol=1e-5 * plain[n].abs().max().item())
+    net.zero_grad()  # a mixed assignment per sample reaches every layer any of its tiles uses
+    assign = np.array([[[0, 8], [8, 0]], [[2, 2], [2, 2]], [[8, 8], [8, 8]]])
+    net(x, subnet=TileAssignment(assign, 8)).square().mean().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in net.parameters())
+
+
+def test_bad_assignments_are_refused():
+    net = tiny_srresnet()
+    x = torch.rand(1, 3, 20, 20)
+    with pytest.raises(ValueError, match=r'subnets must be \(3, 3\)'):
+        net.forward_tiles(x, np.zeros((2, 2), int), tile_size=8)
+    with pytest.raises(IndexError, match=r'in 0..8, got 0..9'):
+        net.forward_tiles(x, np.full((3, 3), 9) * np.eye(3, dtype=int), tile_size=8)
+    with pytest.raises(ValueError, match='integer array'):
+        net.forward_tiles(x, np.zeros((3, 3)), tile_size=8)
+    with pytest.raises(ValueError, match='covers 16x20 pixels, the input is 20x20'):
+        net.forward_tiles(x, np.zeros((1, 1), int), grid=TileGrid((0, 16), (0, 20)))
+    with pytest.raises(ValueError, match='strictly increase'):
+        TileGrid((0, 8, 8, 20), (0, 20))
+
+
+def test_grid_bands_and_rectangles():
+    grid = TileGrid.regular(37, 45, 8)
+    assert grid.shape == (5, 6) and grid.rows == (0, 8, 16, 24, 32, 37) and len(grid) == 30
+    band, rows = grid.band(6, 30)
+    assert band.rows == (0, 2, 10, 18, 24) and rows.tolist() == [0, 1, 2, 3]
+    assert row_bands(grid.rows, 0, 37, 20) == [(0, 16), (16, 32), (32, 37)]
+    assert row_bands(grid.rows, 8, 24, 1) == [(8, 16), (16, 24)]  # at least one tile row per band
+    mask = np.array([[[1, 1, 0], [1, 1, 0], [0, 1, 1]]], bool)
+    rects = _rectangles(mask)
+    covered = np.zeros_like(mask)
+    for n, a0, a1, b0, b1 in rects:
+        assert not covered[n, a0:a1, b0:b1].any()
+        covered[n, a0:a1, b0:b1] = True
+    assert (covered == mask).all() and len(rects) == 2

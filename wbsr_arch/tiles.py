@@ -1,0 +1,343 @@
+"""Seamless tiled execution: one pass over the whole image, every tile at its own subnet.
+
+The LR image is cut into a grid of non-overlapping rectangular tiles (:class:`TileGrid`) and every tile is
+given a subnet. The network then runs once over the image, but every layer does only the work that each
+tile's subnet needs: a tile of width ``w`` computes only its first ``w`` channels, a tile of depth ``d``
+only the first ``d`` residual blocks. The tiles of one shape and one width that are active at a layer
+run as one batched convolution (:class:`TilePlan`, :func:`conv_tiles`).
+
+At its border, each convolution reads the neighbouring tiles' current features (a one-pixel halo, taken
+from the feature map of the whole image), never zero padding and never a recomputed overlap, so there is
+nothing to average. Features live in full-width maps that start at zero and that every tile writes only
+within its own width, so where neighbours differ the halo holds:
+
+- from a *narrower* neighbour, its ``w`` channels and zeros beyond them: exactly what a width-``w``
+  subnet has (it has no channels beyond ``w``);
+- from a *wider* neighbour, its first channels only (a narrow tile's filters read no more);
+- from a neighbour that *skipped* a residual block, its features from before the block (for it the block
+  is the identity), and zeros for the block's inner activation, which it did not compute.
+
+``subnet_sampling: tiles`` in training builds these situations, so the network learns them.
+
+With every tile on subnet ``k`` the output is ``net(x, subnet=k)`` on the whole image (up to float
+rounding), for any tile size.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterator, NamedTuple, Optional, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+#: Largest number of output pixels (at the layer's own resolution) one batched convolution produces; bounds the
+#: temporary gather and output buffers on large images.
+MAX_CALL_PIXELS = 1 << 19
+
+
+@dataclass(frozen=True)
+class TileGrid:
+    """Non-overlapping tiles covering an LR image of ``H x W``, given by their row and column boundaries.
+
+    Attributes:
+        rows: ``0 = rows[0] < rows[1] < ... < rows[-1] = H``; tile row ``i`` spans ``rows[i]:rows[i + 1]``.
+        cols: the same for columns.
+    """
+
+    rows: tuple[int, ...]
+    cols: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        for name, bounds in (('rows', self.rows), ('cols', self.cols)):
+            if len(bounds) < 2 or bounds[0] != 0 or any(b <= a for a, b in zip(bounds, bounds[1:])):
+                raise ValueError(f'tile {name} boundaries must start at 0 and strictly increase, got {bounds}')
+
+    @classmethod
+    def regular(cls, h: int, w: int, tile_size: int) -> 'TileGrid':
+        """``tile_size`` squares from the top left; the last row and column are smaller where needed."""
+        if tile_size < 1:
+            raise ValueError(f'tile_size must be >= 1, got {tile_size}')
+        if h < 1 or w < 1:
+            raise ValueError(f'image size must be positive, got {h}x{w}')
+        return cls(tuple(range(0, h, tile_size)) + (h, ), tuple(range(0, w, tile_size)) + (w, ))
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """Tile rows and columns."""
+        return len(self.rows) - 1, len(self.cols) - 1
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """``(H, W)`` of the image."""
+        return self.rows[-1], self.cols[-1]
+
+    def __len__(self) -> int:
+        return self.shape[0] * self.shape[1]
+
+    def boxes(self) -> np.ndarray:
+        """``(n, 4)`` int array of ``(top, left, height, width)`` per tile, row-major."""
+        rows, cols = np.asarray(self.rows), np.asarray(self.cols)
+        top, left = np.meshgrid(rows[:-1], cols[:-1], indexing='ij')
+        height, width = np.meshgrid(np.diff(rows), np.diff(cols), indexing='ij')
+        return np.stack([top.ravel(), left.ravel(), height.ravel(), width.ravel()], axis=1)
+
+    def band(self, top: int, bottom: int) -> tuple['TileGrid', np.ndarray]:
+        """The grid cut to LR rows ``top:bottom``: local grid, and the tile row of each local row."""
+        h = self.rows[-1]
+        if not 0 <= top < bottom <= h:
+            raise ValueError(f'band {top}:{bottom} is not inside 0:{h}')
+        inner = [r for r in self.rows if top < r < bottom]
+        bounds = (0, *(r - top for r in inner), bottom - top)
+        first = int(np.searchsorted(self.rows, top, side='right')) - 1
+        return TileGrid(bounds, self.cols), np.arange(first, first + len(bounds) - 1)
+
+
+class _Run(NamedTuple):
+    """Consecutive tile rows (or columns) of one size: local indices ``first .. first + count - 1``."""
+
+    first: int
+    count: int
+    start: int
+    size: int
+
+
+def _runs(bounds: Sequence[int]) -> list[_Run]:
+    sizes = np.diff(np.asarray(bounds))
+    runs: list[_Run] = []
+    for i, size in enumerate(sizes.tolist()):
+        if runs and runs[-1].size == size:
+            runs[-1] = runs[-1]._replace(count=runs[-1].count + 1)
+        else:
+            runs.append(_Run(i, 1, int(bounds[i]), size))
+    return runs
+
+
+class Segment(NamedTuple):
+    """A rectangle of tiles of one run class: sample ``n``, rows ``a0:a1`` and columns ``b0:b1`` within the run."""
+
+    n: int
+    a0: int
+    a1: int
+    b0: int
+    b1: int
+
+    @property
+    def count(self) -> int:
+        return (self.a1 - self.a0) * (self.b1 - self.b0)
+
+
+class TileGroup(NamedTuple):
+    """Tiles of one shape and one width: they run as one batched call, in the order of their segments."""
+
+    row_run: _Run
+    col_run: _Run
+    width: int
+    segments: tuple[Segment, ...]
+
+    @property
+    def count(self) -> int:
+        return sum(seg.count for seg in self.segments)
+
+
+def _rectangles(mask: np.ndarray) -> list[Segment]:
+    """Cover the true cells of ``mask`` (N, rows, cols) with rectangles: row runs, merged down while identical."""
+    segments: list[Segment] = []
+    for n in range(mask.shape[0]):
+        open_runs: dict[tuple[int, int], int] = {}  # (b0, b1) -> first row
+        for a in range(mask.shape[1] + 1):
+            runs = set()
+            if a < mask.shape[1]:
+                row = np.concatenate([[False], mask[n, a], [False]])
+                edges = np.flatnonzero(row[1:] != row[:-1])
+                runs = set(zip(edges[::2].tolist(), edges[1::2].tolist()))
+            for run in [r for r in open_runs if r not in runs]:
+                segments.append(Segment(n, open_runs.pop(run), a, *run))
+            for run in runs:
+                open_runs.setdefault(run, a)
+    return sorted(segments)
+
+
+class TilePlan:
+    """Which tile runs which width and how deep, for a batch sharing one grid, grouped for batched calls.
+
+    Args:
+        grid: The tile grid.
+        widths: ``(N, rows, cols)`` width of every tile of every sample.
+        depths: ``(N, rows, cols)`` depth (residual blocks, or blocks per group) of every tile.
+    """
+
+    def __init__(self, grid: TileGrid, widths: np.ndarray, depths: np.ndarray) -> None:
+        widths, depths = np.asarray(widths, dtype=np.int64), np.asarray(depths, dtype=np.int64)
+        if widths.ndim != 3 or widths.shape[1:] != grid.shape or depths.shape != widths.shape:
+            raise ValueError(f'widths and depths must be (N, {grid.shape[0]}, {grid.shape[1]}), got '
+                             f'{widths.shape} and {depths.shape}')
+        self.grid, self.widths, self.depths = grid, widths, depths
+        self.row_runs, self.col_runs = _runs(grid.rows), _runs(grid.cols)
+        self._cache: dict[tuple, list[TileGroup]] = {}
+
+    @property
+    def batch(self) -> int:
+        return self.widths.shape[0]
+
+    def groups(self, min_depth: int = 0, exact_depth: Optional[int] = None) -> list[TileGroup]:
+        """Groups of the tiles deeper than ``min_depth`` (or exactly ``exact_depth`` deep)."""
+        key = (min_depth, exact_depth)
+        if key not in self._cache:
+            mask = self.depths > min_depth if exact_depth is None else self.depths == exact_depth
+            groups = []
+            for rr in self.row_runs:
+                for cr in self.col_runs:
+                    cells = (slice(None), slice(rr.first, rr.first + rr.count), slice(cr.first, cr.first + cr.count))
+                    sub_mask, sub_width = mask[cells], self.widths[cells]
+                    for width in np.unique(sub_width[sub_mask]).tolist():
+                        segments = _rectangles(sub_mask & (sub_width == width))
+                        groups.append(TileGroup(rr, cr, int(width), tuple(segments)))
+            self._cache[key] = groups
+        return self._cache[key]
+
+
+def new_map(plan: TilePlan, channels: int, scale: int, like: torch.Tensor) -> torch.Tensor:
+    """A zero feature map ``(N, channels, H*scale + 2, W*scale + 2)`` (the image at ``scale`` with a zero border),
+    channels-last: tiles are gathered and written as runs of whole pixels, and CPU convolutions run faster."""
+    h, w = plan.grid.size
+    return like.new_zeros(plan.batch, h * scale + 2, w * scale + 2, channels).permute(0, 3, 1, 2)
+
+
+def pad_input(x: torch.Tensor) -> torch.Tensor:
+    """The input image as a feature map (one-pixel zero border, channels-last)."""
+    return F.pad(x, (1, 1, 1, 1)).contiguous(memory_format=torch.channels_last)
+
+
+def _windows(fmap: torch.Tensor, group: TileGroup, scale: int, halo: int) -> torch.Tensor:
+    """View ``(N, C, row tiles, col tiles, h + 2 halo, w + 2 halo)`` of a group's run of tiles in a padded map."""
+    rr, cr = group.row_run, group.col_run
+    th, tw = rr.size * scale, cr.size * scale
+    top, left = rr.start * scale + 1 - halo, cr.start * scale + 1 - halo
+    band = fmap[:, :, top:top + rr.count * th + 2 * halo, left:left + cr.count * tw + 2 * halo]
+    return band.unfold(2, th + 2 * halo, th).unfold(3, tw + 2 * halo, tw)
+
+
+def _split(group: TileGroup, scale: int) -> Iterator[tuple[Segment, ...]]:
+    """The group's segments in chunks of at most :data:`MAX_CALL_PIXELS` output pixels (segments cut where needed)."""
+    per_tile = group.row_run.size * group.col_run.size * scale * scale
+    step = max(1, MAX_CALL_PIXELS // per_tile)
+    chunk: list[Segment] = []
+    size = 0
+    for seg in group.segments:
+        pieces = [seg]
+        if seg.count > step:  # cut into rows, and rows into column pieces
+            pieces = [Segment(seg.n, a, a + 1, b, min(b + step, seg.b1)) for a in range(seg.a0, seg.a1)
+                      for b in range(seg.b0, seg.b1, step)]
+        for piece in pieces:
+            if size + piece.count > step and chunk:
+                yield tuple(chunk)
+                chunk, size = [], 0
+            chunk.append(piece)
+            size += piece.count
+    if chunk:
+        yield tuple(chunk)
+
+
+def gather(fmap: torch.Tensor, group: TileGroup, segments: Sequence[Segment], scale: int, channels: int,
+           halo: int) -> torch.Tensor:
+    """Tiles ``(n, channels, h + 2 halo, w + 2 halo)`` (channels-last) of a padded map, in segment order."""
+    windows = _windows(fmap, group, scale, halo)
+    count = sum(seg.count for seg in segments)
+    th, tw = windows.shape[-2:]
+    out = fmap.new_empty(count, th, tw, channels).permute(0, 3, 1, 2)
+    if len(segments) == 1 and segments[0].count == windows.shape[2] * windows.shape[3]:
+        seg = segments[0]  # the whole run: one copy
+        out.view(windows.shape[2], windows.shape[3], channels, th, tw).copy_(
+            windows[seg.n, :channels].permute(1, 2, 0, 3, 4))
+        return out
+    at = 0
+    for seg in segments:
+        rows, cols = seg.a1 - seg.a0, seg.b1 - seg.b0
+        out[at:at + seg.count].view(rows, cols, channels, th, tw).copy_(
+            windows[seg.n, :channels, seg.a0:seg.a1, seg.b0:seg.b1].permute(1, 2, 0, 3, 4))
+        at += seg.count
+    return out
+
+
+def scatter(fmap: torch.Tensor, group: TileGroup, segments: Sequence[Segment], scale: int, values: torch.Tensor,
+            accumulate: bool = False) -> None:
+    """Write (or add) tiles ``(n, c, h, w)``, in segment order, into the first ``c`` channels of a padded map."""
+    windows = _windows(fmap, group, scale, 0)
+    channels, th, tw = values.shape[1:]
+    at = 0
+    for seg in segments:
+        rows, cols = seg.a1 - seg.a0, seg.b1 - seg.b0
+        target = windows[seg.n, :channels, seg.a0:seg.a1, seg.b0:seg.b1]
+        source = values[at:at + seg.count].view(rows, cols, channels, th, tw).permute(2, 0, 1, 3, 4)
+        if accumulate:
+            target.add_(source)
+        else:
+            target.copy_(source)
+        at += seg.count
+
+
+class FlopCount:
+    """FLOPs of the convolutions run so far, counted as :class:`torch.utils.flop_counter.FlopCounterMode` does."""
+
+    def __init__(self) -> None:
+        self.total = 0
+
+    def conv(self, out: torch.Tensor, weight: torch.Tensor) -> None:
+        self.total += 2 * out.numel() * weight[0].numel()
+
+
+PostFn = Callable[[torch.Tensor, TileGroup, Sequence[Segment]], torch.Tensor]
+
+
+def conv_tiles(plan: TilePlan, src: torch.Tensor, dst: torch.Tensor, conv: nn.Conv2d, counter: FlopCount, *,
+               scale: int = 1, out_scale: Optional[int] = None, in_channels: Optional[Callable[[int], int]] = None,
+               out_channels: Optional[Callable[[int], int]] = None, post: Optional[PostFn] = None,
+               groups: Optional[list[TileGroup]] = None, accumulate: bool = False) -> None:
+    """One 3x3 convolution (stride 1, padding 1) of ``conv`` over the tiles of ``groups``, from ``src`` into ``dst``.
+
+    Each tile reads its own region of ``src`` plus a one-pixel halo of its neighbours (the map's zero border
+    at the image border) and runs with the filters of its width: ``weight[:out_channels(w), :in_channels(w)]``.
+    ``post(y, group, segments)`` transforms the result (activation, pixel shuffle, residual) before it is written
+    to ``dst`` at ``out_scale`` (added, with ``accumulate``).
+    """
+    if conv.kernel_size != (3, 3) or conv.stride != (1, 1) or conv.padding != (1, 1) or conv.groups != 1:
+        raise ValueError(f'conv_tiles runs 3x3 convolutions with stride 1 and padding 1, got {conv}')
+    in_channels = in_channels or (lambda w: w)
+    out_channels = out_channels or (lambda w: w)
+    out_scale = out_scale or scale
+    for group in plan.groups() if groups is None else groups:
+        cin, cout = in_channels(group.width), out_channels(group.width)
+        weight = conv.weight[:cout, :cin]
+        bias = None if conv.bias is None else conv.bias[:cout]
+        for segments in _split(group, scale):
+            y = F.conv2d(gather(src, group, segments, scale, cin, 1), weight, bias)
+            counter.conv(y, weight)
+            if post is not None:
+                y = post(y, group, segments)
+            scatter(dst, group, segments, out_scale, y, accumulate)
+
+
+def zero_tiles(plan: TilePlan, fmap: torch.Tensor, groups: list[TileGroup], scale: int = 1) -> None:
+    """Set the tiles of ``groups`` to zero in ``fmap`` (every channel)."""
+    for group in groups:
+        windows = _windows(fmap, group, scale, 0)
+        for seg in group.segments:
+            windows[seg.n, :, seg.a0:seg.a1, seg.b0:seg.b1].zero_()
+
+
+def row_bands(bounds: Sequence[int], start: int, stop: int, limit_rows: int) -> list[tuple[int, int]]:
+    """Split LR rows ``start:stop`` (both tile boundaries in ``bounds``) into bands of whole tile rows, each at most
+    ``limit_rows`` high where the tiles allow (a band holds at least one tile row)."""
+    inner = [b for b in bounds if start <= b <= stop]
+    if inner[0] != start or inner[-1] != stop:
+        raise ValueError(f'rows {start}:{stop} do not fall on tile boundaries {list(bounds)}')
+    bands, i = [], 0
+    while i + 1 < len(inner):
+        j = i + 1
+        while j + 1 < len(inner) and inner[j + 1] - inner[i] <= limit_rows:
+            j += 1
+        bands.append((inner[i], inner[j]))
+        i = j
+    return bands
