@@ -1,21 +1,28 @@
-"""The routing benchmark: every routing on the same weights, x4, in one process.
+"""The routing benchmark: every routing on the same weights, x4, under both execution schemes, in one process.
 
     python bench/benchmark.py --model checkpoints/wbsr_srresnet_x4_train291.pth [--out bench_out/benchmark]
 
-1. Routing table per test set (Set5, Set14, B100, Urban100 under ``--data``, made by ``wbsr-make-lr``):
-   ``full``; each ``fixed`` subnet; ``arm`` (ARM's edge lookup table, built on Set5 + Set14, so it is
-   out-of-sample on B100 and Urban100 and in-sample on Set5/Set14); ``wbsr`` (Eq. 15); ``wbsr`` at budgets
-   0.5 / 0.6 / 0.7; ``oracle`` (per patch the cheapest subnet within 0.05 dB of the full subnet's patch
-   PSNR, chosen with the ground truth). PSNR-Y, SSIM-Y, FLOPs % against the full network on the same
-   patches and run once on the whole image, seconds per image.
-2. PSNR-vs-FLOPs curves per test set: ``wbsr`` budget sweep, ``arm`` eta sweep, ``oracle`` tolerance
-   sweep, fixed subnets.
-3. Wall time: median of ``--repeats`` runs per image on the first ``--time-images`` Urban100 images for
-   ``full``, ``wbsr`` and the budgets, and the ratio of routed to full time next to the FLOPs ratio.
-4. Costs: training iteration time of WBSRModel vs BasicSR's SRModel on the full MSRResNet (same batch),
-   HES sampling overhead per batch, index-build and GMM-fit times, peak memory of routed inference on a
-   2048x2048 LR input (in a fresh process).
-Writes ``benchmark.md``, ``benchmark.json`` and ``curve_<set>.png`` under ``--out``.
+1. Per test set (Set5, Set14, B100, Urban100 under ``--data``, made by ``wbsr-make-lr``), PSNR-Y, SSIM-Y and FLOPs
+   (% of the full network run once on the whole image, and % of the full network on the same regions) of:
+   - whole image: ``full`` and every ``fixed`` subnet;
+   - ``patches`` (the papers' 32/28 protocol): the full network on the patches, Eq. 15, the budget sweep, ARM
+     (eta sweep), the oracle (tolerance sweep). Every patch row reuses one run of each subnet on each patch of
+     the image (checked against a real routed run on the first image of each set);
+   - ``tiles`` (one seamless pass): Eq. 15, the budget sweep, ARM and the oracle, each a real run.
+   ARM's lookup table is built on Set5 + Set14 (in-sample there, out-of-sample on B100 and Urban100). The
+   oracle gives each region the cheapest subnet within a tolerance of the largest one's PSNR on that region,
+   chosen with the ground truth: the limit of any router over these subnets.
+2. One PSNR-vs-FLOPs plot per set with both schemes' curves, and per scheme the lowest budget that stays within
+   0.05 dB of the whole-image full network.
+3. Wall time on the first ``--time-images`` Urban100 images (:func:`wbsr_models.evaluation.time_modes`: every
+   mode warmed on every image, modes interleaved, medians of ``--repeats``), with the full network timed twice
+   as a check of the timing itself.
+4. Costs: training-step time of WBSRModel vs BasicSR's SRModel on the full MSRResNet (same batch), HES sampling
+   overhead per batch, index-build and GMM-fit times, peak memory of routed inference on a 2048x2048 LR input
+   in a fresh process, for each scheme.
+
+Writes ``benchmark.md``, ``benchmark.json`` and ``curve_<set>.png`` under ``--out``. ``--tile-sizes`` runs the
+tile-size sweep instead (tiles scheme, Eq. 15 and the budget sweep per tile size) on ``--sets``.
 """
 from __future__ import annotations
 
@@ -28,171 +35,198 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from wbsr_models.baselines import build_arm_table, oracle_subnets, patch_outputs, patch_psnr_table
-from wbsr_models.evaluation import TestImage, bicubic_summary, evaluate, load_test_set, run_timed
+from wbsr_models.baselines import build_arm_table, oracle_subnets, region_outputs, region_psnr_table
+from wbsr_models.evaluation import TestImage, bicubic_summary, evaluate, load_test_set, time_modes
 from wbsr_models.infer import load_model
 from wbsr_models.router import Router, RoutingOptions
 
 SETS = ('Set5', 'Set14', 'B100', 'Urban100')
-BUDGETS = (0.5, 0.6, 0.7)
-CURVE_BUDGETS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
-ARM_ETAS = (0.05, 0.1, 0.2, 0.4, 0.8, 1.6, 3.2)
-ORACLE_TOLERANCES = (0.0, 0.02, 0.05, 0.1, 0.2, 0.4)
+PATCH_BUDGETS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+TILE_BUDGETS = (0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+PATCH_ETAS = (0.05, 0.1, 0.2, 0.4, 0.8, 1.6, 3.2)
+TILE_ETAS = (0.4, 1.0, 3.2)
+PATCH_TOLERANCES = (0.0, 0.02, 0.05, 0.1, 0.2, 0.4)
+TILE_TOLERANCES = (0.02, 0.05, 0.2)
+WITHIN_DB = 0.05
 
 
-class CachedPatchRouter(Router):
-    """A router that takes each patch's SR from outputs computed once per image (``store``).
+class CachedRouter(Router):
+    """A router that takes every subnet's output from runs made once per image (``store``).
 
-    Every patch-based routing of one image (fixed subnets on patches, ``arm``, ``wbsr``, budgets, oracle)
-    then costs a selection and a merge instead of a network run; the merge is the router's own. Seconds
-    measured on it mean nothing: wall time is measured on the real router (``wall_time_rows``).
+    ``store['patches'][m]`` holds subnet m's SR of every patch (the patch scheme then costs a selection and a
+    merge, the router's own); ``store['whole'][m]`` its SR of the whole image (``full`` and ``fixed`` rows).
+    Seconds measured on it mean nothing: wall time is measured on real routers.
     """
 
     def __init__(self, *args, store: dict, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.store = store
 
-    def _run_patches(self, patches: torch.Tensor, rows: np.ndarray, subnet: int) -> torch.Tensor:
-        return self.store['outputs'][subnet][torch.as_tensor(rows)]
+    def patch_sr(self, patches: torch.Tensor, rows: np.ndarray, subnet: int) -> torch.Tensor:
+        return self.store['patches'][subnet][torch.as_tensor(rows)]
+
+    def run_subnet(self, x: torch.Tensor, subnet: int) -> torch.Tensor:
+        whole = self.store['whole'][subnet]
+        if whole.shape[-2:] != (x.shape[-2] * self.scale, x.shape[-1] * self.scale):
+            raise RuntimeError('CachedRouter runs whole images only from the store')
+        return whole
 
 
 def gt_tensor(image: TestImage) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(image.gt[..., ::-1].transpose(2, 0, 1))).float()[None] / 255.
 
 
-def set_modes(net, scale, projection, arm_table, store: dict, alternative=None) -> dict[str, tuple]:
-    """``key -> (router, assign_for_or_None)`` for every row of the table and every curve point."""
-    cached = lambda **o: CachedPatchRouter(net, RoutingOptions(**o), scale, projection, arm_table,  # noqa: E731
-                                           store=store)
-    fixed = lambda i: (lambda image: (lambda patches, classes, costs: np.full(len(patches), i)))  # noqa: E731
-    oracle = lambda tol: (lambda image: (  # noqa: E731
-        lambda patches, classes, costs: oracle_subnets(store['table'], tol)))
-    modes: dict[str, tuple] = {'full': (Router(net, RoutingOptions(mode='full'), scale, projection), None)}
-    base = cached(mode='wbsr')
+def fixed_assign(subnet: int) -> Callable:
+    return lambda image: (lambda regions, classes, costs: np.full(len(regions), subnet))
+
+
+def set_modes(net, scale: int, projection, arm_table, store: dict,
+              alternative=None) -> dict[str, tuple[str, Router, Optional[Callable]]]:
+    """``key -> (scheme, router, assign_for or None)`` of every row and curve point of a set (``alternative``: the
+    other difficulty projection, ``(kind, projection)``, for one more Eq. 15 row)."""
+    def cached(**options) -> Router:
+        return CachedRouter(net, RoutingOptions(**options), scale, projection, arm_table, store=store)
+
+    def real(**options) -> Router:
+        return Router(net, RoutingOptions(**options), scale, projection, arm_table)
+
+    def oracle(key: str, tol: float) -> Callable:
+        return lambda image: (lambda regions, classes, costs: oracle_subnets(store[key], tol))
+
+    largest = net.num_subnets - 1
+    modes = {'full': ('whole', cached(mode='full'), None)}
     for i, (w, d) in enumerate(net.subnets):
-        modes[f'fixed {i} (w{w} d{d})'] = (base, fixed(i))
-    modes['arm (eta 1.0)'] = (cached(mode='arm', arm_eta=1.0), None)
-    modes['wbsr (Eq. 15)'] = (base, None)
+        modes[f'fixed {i} (w{w} d{d})'] = ('whole', cached(mode='fixed', subnet=i), None)
+    patches = cached(mode='wbsr', scheme='patches')
+    modes['patches: full network'] = ('patches', patches, fixed_assign(largest))
+    modes['patches: Eq. 15'] = ('patches', patches, None)
+    modes.update({f'patches: budget {b}': ('patches', cached(mode='budget', budget=b, scheme='patches'), None)
+                  for b in PATCH_BUDGETS})
+    modes.update({f'patches: ARM eta {e}': ('patches', cached(mode='arm', arm_eta=e, scheme='patches'), None)
+                  for e in PATCH_ETAS})
+    modes.update({f'patches: oracle {t}': ('patches', patches, oracle('patch_table', t)) for t in PATCH_TOLERANCES})
+    tiles = real(mode='wbsr', scheme='tiles')
+    modes['tiles: Eq. 15'] = ('tiles', tiles, None)
     if alternative is not None:
         kind, other = alternative
-        modes[f'wbsr (Eq. 15), {kind} projection'] = (CachedPatchRouter(
-            net, RoutingOptions(mode='wbsr'), scale, other, store=store), None)
-    for b in sorted(set(BUDGETS) | set(CURVE_BUDGETS)):
-        modes[f'wbsr budget {b}'] = (cached(mode='budget', budget=b), None)
-    for eta in ARM_ETAS:
-        modes[f'arm eta {eta}'] = (cached(mode='arm', arm_eta=eta), None)
-    for tol in ORACLE_TOLERANCES:
-        modes[f'oracle ({tol} dB)'] = (base, oracle(tol))
+        modes[f'tiles: Eq. 15, {kind} projection'] = ('tiles', Router(net, RoutingOptions(), scale, other), None)
+    modes.update({f'tiles: budget {b}': ('tiles', real(mode='budget', budget=b, scheme='tiles'), None)
+                  for b in TILE_BUDGETS})
+    modes.update({f'tiles: ARM eta {e}': ('tiles', real(mode='arm', arm_eta=e, scheme='tiles'), None)
+                  for e in TILE_ETAS})
+    modes.update({f'tiles: oracle {t}': ('tiles', tiles, oracle('tile_table', t)) for t in TILE_TOLERANCES})
     return modes
 
 
-def evaluate_set(net, scale, projection, arm_table, images: list[TestImage],
-                 alternative=None) -> tuple[list[dict], dict, float, dict]:
-    """Routing table rows, curve points and the cache self-check (max |cached - real| of ``wbsr``) for a set.
-
-    Per image, every subnet runs once on every patch; all patch-based modes reuse those outputs.
-    """
+def evaluate_set(net, scale: int, projection, arm_table, images: list[TestImage],
+                 alternative=None) -> tuple[dict, float]:
+    """Summary of every mode over a set, and the cache self-check (max |cached - real| of patches: Eq. 15)."""
     store: dict = {}
-    rss: list[float] = []
     modes = set_modes(net, scale, projection, arm_table, store, alternative)
-    probe = Router(net, RoutingOptions(mode='wbsr'), scale, projection)
+    probe_patches = Router(net, RoutingOptions(mode='wbsr', scheme='patches'), scale, projection)
+    probe_tiles = Router(net, RoutingOptions(mode='wbsr', scheme='tiles'), scale, projection)
     per_mode: dict[str, list[dict]] = {key: [] for key in modes}
     check = 0.0
     for n, image in enumerate(tqdm(images, desc='images', leave=False)):
-        cut = patch_outputs(probe, image.lq)
-        store['outputs'] = cut[1]
-        store['table'] = patch_psnr_table(probe, image.lq, gt_tensor(image), cut=cut)[0]
-        for key, (router, assign_for) in modes.items():
+        gt = gt_tensor(image)
+        cut = region_outputs(probe_patches, image.lq)
+        store['patches'] = cut[1]
+        store['patch_table'] = region_psnr_table(probe_patches, image.lq, gt, cut=cut)[0]
+        cut = region_outputs(probe_tiles, image.lq)  # every subnet on the whole image
+        store['whole'] = cut[1]
+        store['tile_table'] = region_psnr_table(probe_tiles, image.lq, gt, cut=cut)[0]
+        for key, (_, router, assign_for) in modes.items():
             per_mode[key].append(evaluate(router, [image], assign_for=assign_for))
         if n == 0:  # the cached merge must be the router's own output
-            real, cached = probe(image.lq).output, modes['wbsr (Eq. 15)'][0](image.lq).output
-            check = float((real - cached).abs().max())
-        rss.append(rss_mb())
+            check = float((probe_patches(image.lq).output - modes['patches: Eq. 15'][1](image.lq).output).abs().max())
     summary = {}
     for key, rows in per_mode.items():
-        summary[key] = {k: float(np.mean([r[k] for r in rows])) for k in rows[0] if k != 'shares'}
+        summary[key] = {k: float(np.mean([r[k] for r in rows])) for k in rows[0] if k not in ('shares', 'images')}
         summary[key]['shares'] = np.mean([r['shares'] for r in rows], axis=0).tolist()
-    table_keys = ['full'] + [k for k in modes if k.startswith('fixed')] + ['arm (eta 1.0)', 'wbsr (Eq. 15)']
-    table_keys += [k for k in modes if k.endswith('projection')]
-    table_keys += [f'wbsr budget {b}' for b in BUDGETS] + ['oracle (0.05 dB)']
-    rows = [{'mode': key, **summary[key]} for key in table_keys]
-    for row in rows[1:]:
-        row['seconds'] = None  # patch outputs were reused: see the wall-time table
-    points = {'wbsr': [(b, *_point(summary[f'wbsr budget {b}'])) for b in CURVE_BUDGETS],
-              'arm': [(eta, *_point(summary[f'arm eta {eta}'])) for eta in ARM_ETAS],
-              'oracle': [(tol, *_point(summary[f'oracle ({tol} dB)'])) for tol in ORACLE_TOLERANCES]}
-    memory = {'rss_mb_first_image': rss[0], 'rss_mb_max_first_half': max(rss[:max(1, len(rss) // 2)]),
-              'rss_mb_last_image': rss[-1], 'rss_mb_max': max(rss)}
-    return rows, points, check, memory
+        summary[key]['scheme'] = modes[key][0]
+        summary[key]['images'] = len(rows)
+    return summary, check
 
 
-def rss_mb() -> float:
-    """Resident memory of this process now (Linux; NaN elsewhere)."""
-    try:
-        with open('/proc/self/status') as f:
-            return next(int(line.split()[1]) / 1024 for line in f if line.startswith('VmRSS:'))
-    except (OSError, StopIteration):
-        return float('nan')
+def lowest_budget_within(summary: dict, scheme: str, budgets, reference: float) -> Optional[tuple[float, dict]]:
+    """The lowest budget of ``scheme`` whose PSNR is within :data:`WITHIN_DB` of ``reference``."""
+    for b in budgets:
+        row = summary[f'{scheme}: budget {b}']
+        if row['psnr'] >= reference - WITHIN_DB:
+            return b, row
+    return None
 
 
-def _point(s: dict) -> tuple[float, float, float]:
-    return s['ratio_patches'], s['ratio_whole'], s['psnr']
-
-
-def plot_curve(name: str, rows: list[dict], points: dict, path: str) -> None:
+def plot_curve(name: str, summary: dict, path: str) -> None:
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(7.5, 4.8), dpi=120)
-    styles = {'wbsr': ('-o', '#c44e52', 'WBSR, budget sweep'), 'arm': ('-s', '#55a868', 'ARM, eta sweep'),
-              'oracle': ('--^', '#8172b2', 'oracle, tolerance sweep')}
-    for key, (fmt, color, label) in styles.items():
-        pts = sorted(points[key], key=lambda p: p[1])
-        ax.plot([100 * p[1] for p in pts], [p[3] for p in pts], fmt, color=color, label=label, ms=4)
-    fixed = [r for r in rows if r['mode'].startswith('fixed')]
-    ax.plot([100 * r['ratio_patches'] for r in fixed], [r['psnr'] for r in fixed], 'D', color='#777777',
-            label='fixed subnets (on the same patches)', ms=4)
-    wbsr = next(r for r in rows if r['mode'] == 'wbsr (Eq. 15)')
-    ax.plot(100 * wbsr['ratio_patches'], wbsr['psnr'], '*', color='#c44e52', ms=13, label='WBSR, Eq. 15')
-    ax.set_xlabel('FLOPs, % of the full network on the same patches')
+    fig, ax = plt.subplots(figsize=(8, 5), dpi=120)
+    full = summary['full']['psnr']
+    ax.axhline(full, color='#999999', lw=1, ls=':', label='full network, whole image')
+    ax.axhspan(full - WITHIN_DB, full, color='#dddddd', alpha=0.5, lw=0, label=f'within {WITHIN_DB} dB of it')
+    series = [('patches: budget', PATCH_BUDGETS, '-o', '#dd8452', 'patches (32/28), budget sweep'),
+              ('tiles: budget', TILE_BUDGETS, '-o', '#c44e52', 'tiles (seamless), budget sweep'),
+              ('tiles: ARM eta', TILE_ETAS, '-s', '#55a868', 'tiles, ARM eta sweep'),
+              ('tiles: oracle', TILE_TOLERANCES, '--^', '#8172b2', 'tiles, oracle tolerance sweep')]
+    for prefix, values, fmt, color, label in series:
+        pts = sorted((summary[f'{prefix} {v}'] for v in values), key=lambda r: r['ratio_whole'])
+        ax.plot([100 * r['ratio_whole'] for r in pts], [r['psnr'] for r in pts], fmt, color=color, ms=4, label=label)
+    fixed = [r for k, r in summary.items() if k.startswith('fixed')]
+    ax.plot([100 * r['ratio_whole'] for r in fixed], [r['psnr'] for r in fixed], 'D', color='#777777', ms=4,
+            label='fixed subnets, whole image')
+    for key, marker, color in (('patches: Eq. 15', '*', '#dd8452'), ('tiles: Eq. 15', '*', '#c44e52')):
+        r = summary[key]
+        ax.plot(100 * r['ratio_whole'], r['psnr'], marker, color=color, ms=13, label=key)
+    ax.set_xlabel('FLOPs, % of the full network run once on the whole image')
     ax.set_ylabel('PSNR-Y (dB)')
     ax.set_title(f'{name} x4: PSNR vs FLOPs on the same weights')
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
 
 
-def wall_time_rows(net, scale, projection, arm_table, images: list[TestImage], repeats: int,
-                   budgets=BUDGETS, fixed_subnets: bool = False) -> list[dict]:
-    """Real wall time (median of ``repeats`` runs per image, averaged over images) of the main modes."""
-    rows = []
-    modes = [('full', {'mode': 'full'}, None), ('full network on the patches', {'mode': 'wbsr'}, net.num_subnets - 1),
-             ('arm (eta 1.0)', {'mode': 'arm', 'arm_eta': 1.0}, None), ('wbsr (Eq. 15)', {'mode': 'wbsr'}, None)]
-    modes += [(f'wbsr budget {b}', {'mode': 'budget', 'budget': b}, None) for b in budgets]
-    if fixed_subnets:  # each subnet on the whole image: how well the CPU runs each width and depth
-        modes += [(f'fixed {i} (w{w} d{d})', {'mode': 'fixed', 'subnet': i}, None)
-                  for i, (w, d) in enumerate(net.subnets)]
-    for label, options, fixed in modes:
-        router = Router(net, RoutingOptions(**options), scale, projection, arm_table)
-        kwargs = {} if fixed is None else {'assign': lambda patches, classes, costs: np.full(len(patches), fixed)}
-        seconds, ratios = [], []
-        for image in tqdm(images, desc=label, leave=False):
-            result, s = run_timed(router, image.lq, repeats, **kwargs)
-            seconds.append(s)
-            ratios.append(result.ratio_whole)
-        rows.append({'mode': label, 'seconds': float(np.mean(seconds)), 'ratio_whole': float(np.mean(ratios))})
-        print(f"  {label:28s} {rows[-1]['seconds']:.3f} s  {100 * rows[-1]['ratio_whole']:.1f}%", flush=True)
-    for row in rows:
-        row['time_vs_full'] = row['seconds'] / rows[0]['seconds']
-    return rows
+def table_rows(summary: dict) -> list[str]:
+    lines = ['| scheme | mode | PSNR-Y | SSIM-Y | GFLOPs | FLOPs % vs full on image | '
+             'FLOPs % vs full on the same regions |', '|---|---|---|---|---|---|---|']
+    for key, r in summary.items():
+        scheme, _, mode = key.partition(': ') if ': ' in key else ('whole', '', key)
+        lines.append(f"| {scheme} | {mode or key} | {r['psnr']:.3f} | {r['ssim']:.4f} | {r['gflops']:.2f} | "
+                     f"{100 * r['ratio_whole']:.1f} | {100 * r['ratio_regions']:.1f} |")
+    return lines
+
+
+def wall_time(net, scale: int, projection, arm_table, images: list[TestImage], repeats: int,
+              budgets: dict[str, list[float]], fixed_subnets: bool) -> list[dict]:
+    """Seconds per image of the main modes (:func:`time_modes`), with their FLOPs ratio and time ratio."""
+    def router(**options) -> Router:
+        return Router(net, RoutingOptions(**options), scale, projection, arm_table)
+
+    modes = {'full': (router(mode='full'), None), 'full (timed again)': (router(mode='full'), None),
+             f'fixed {net.num_subnets - 1} (the same network)': (router(mode='fixed', subnet=net.num_subnets - 1),
+                                                                 None),
+             'patches: full network': (router(mode='wbsr', scheme='patches'), fixed_assign(net.num_subnets - 1))}
+    for scheme in ('patches', 'tiles'):
+        modes[f'{scheme}: Eq. 15'] = (router(mode='wbsr', scheme=scheme), None)
+        modes[f'{scheme}: ARM eta 1.0'] = (router(mode='arm', scheme=scheme), None)
+        modes.update({f'{scheme}: budget {b}': (router(mode='budget', budget=b, scheme=scheme), None)
+                      for b in budgets[scheme]})
+    if fixed_subnets:
+        modes.update({f'fixed {i} (w{w} d{d})': (router(mode='fixed', subnet=i), None)
+                      for i, (w, d) in enumerate(net.subnets[:-1])})
+    with tqdm(total=len(images), desc='wall time', leave=False) as bar:
+        seconds = time_modes(modes, images, repeats, progress=bar.update)
+    ratios = {label: evaluate(r, images, assign_for=a)['ratio_whole'] for label, (r, a) in modes.items()}
+    return [{'mode': label, 'seconds': seconds[label], 'time_vs_full': seconds[label] / seconds['full'],
+             'ratio_whole': ratios[label]} for label in modes]
 
 
 def train_options(data: str) -> dict:
@@ -213,8 +247,22 @@ def alternative_projection(data: str, projection) -> Optional[tuple[str, object]
     return kind, DifficultyProjection.fit(index.vectors, projection.num_classes, kind)
 
 
+PEAK_MEMORY_CODE = '''
+import sys, torch, wbsr_arch
+from wbsr_models.router import Router, RoutingOptions
+def hwm():
+    return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:"))
+net = wbsr_arch.WBSRSRResNet().eval()
+r = Router(net, RoutingOptions(mode="wbsr", scheme=sys.argv[1]), 4)
+x = torch.rand(1, 3, 2048, 2048)
+before = hwm()
+out = r(x).output
+print(out.shape[-1], before, hwm())
+'''
+
+
 def costs(data: str, repeats: int) -> dict:
-    """Training-step time, HES overhead, index build, GMM fit, peak memory at 2048x2048."""
+    """Training-step time, HES overhead, index build, GMM fit, peak memory at 2048x2048 per scheme."""
     from basicsr.data import build_dataset
     from basicsr.models.sr_model import SRModel
     from wbsr_data.patch_index import IndexOptions, build_index
@@ -242,7 +290,7 @@ def costs(data: str, repeats: int) -> dict:
                 ds[indices[(i * 7919) % len(indices)]]
             result[name] = (time.perf_counter() - start) / repeats
         # one training step on the full MSRResNet, same batch: SRModel; WBSRModel training only the largest
-        # subnet (the supernet's own overhead); WBSRModel with the default routed sampling
+        # subnet (the supernet's own overhead); WBSRModel with routed and with tiles sampling
         items = [hes[(i * 7919) % len(hes)] for i in range(16)]
         batch = {key: torch.stack([item[key] for item in items]) for key in ('lq', 'gt')}  # real patches
         base = {'scale': 4, 'num_gpu': 0, 'dist': False, 'rank': 0, 'world_size': 1, 'is_train': True,
@@ -255,7 +303,8 @@ def costs(data: str, repeats: int) -> dict:
         for label, cls, net, sampling in (('sr_model_step_s', SRModel, {'type': 'MSRResNet'}, 'full'),
                                           ('wbsr_model_full_step_s', WBSRModel, {'type': 'WBSRSRResNet'}, 'full'),
                                           ('wbsr_model_routed_step_s', WBSRModel, {'type': 'WBSRSRResNet'},
-                                           'routed')):
+                                           'routed'),
+                                          ('wbsr_model_tiles_step_s', WBSRModel, {'type': 'WBSRSRResNet'}, 'tiles')):
             train_opt = dict(copy.deepcopy(base['train']), wbsr={'subnet_sampling': sampling})  # BasicSR pops keys
             model = cls(dict(base, network_g=net, model_type=cls.__name__, train=train_opt))
             times = []
@@ -267,31 +316,35 @@ def costs(data: str, repeats: int) -> dict:
             result[label] = float(np.median(times[1:]))
     # Peak memory from VmHWM (kB), which starts afresh with the new process; getrusage's ru_maxrss would
     # carry this (large) parent's peak over the fork and exec.
-    code = ('import torch, wbsr_arch\n'
-            'from wbsr_models.router import Router, RoutingOptions\n'
-            'def hwm():\n'
-            '    return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:"))\n'
-            'net = wbsr_arch.WBSRSRResNet().eval()\n'
-            'r = Router(net, RoutingOptions(mode="wbsr", batch_size=64), 4)\n'
-            'x = torch.rand(1, 3, 2048, 2048)\n'
-            'before = hwm()\n'
-            'out = r(x).output\n'
-            'print(out.shape[-1], before, hwm())\n')
-    start = time.perf_counter()
-    done = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True)
-    size, before, after = done.stdout.split()
-    result.update(peak_rss_2048_mb=int(after) / 1024, peak_rss_before_mb=int(before) / 1024,
-                  output_side=int(size), seconds_2048=time.perf_counter() - start)
+    for scheme in ('patches', 'tiles'):
+        start = time.perf_counter()
+        done = subprocess.run([sys.executable, '-c', PEAK_MEMORY_CODE, scheme], capture_output=True, text=True,
+                              check=True)
+        size, before, after = done.stdout.split()
+        result.update({f'peak_rss_2048_{scheme}_mb': int(after) / 1024, 'peak_rss_before_mb': int(before) / 1024,
+                       'output_side': int(size), f'seconds_2048_{scheme}': time.perf_counter() - start})
     return result
 
 
-def fmt_rows(rows: list[dict]) -> list[str]:
-    lines = ['| mode | PSNR-Y | SSIM-Y | GFLOPs | FLOPs % vs full on patches | FLOPs % vs full on image | '
-             'full: s / image |', '|---|---|---|---|---|---|---|']
-    for r in rows:
-        seconds = '' if r['seconds'] is None else f"{r['seconds']:.3f}"
-        lines.append(f"| {r['mode']} | {r['psnr']:.3f} | {r['ssim']:.4f} | {r['gflops']:.2f} | "
-                     f"{100 * r['ratio_patches']:.1f} | {100 * r['ratio_whole']:.1f} | {seconds} |")
+def tile_size_sweep(net, scale: int, projection, data: str, sets: list[str], sizes: list[int]) -> list[str]:
+    """Eq. 15 and the budget sweep of the tiles scheme for every tile size, on ``sets``."""
+    lines = ['| set | tile | ' + ' | '.join(['Eq. 15'] + [f'budget {b}' for b in TILE_BUDGETS]) + ' |',
+             '|---|---|' + '---|' * (1 + len(TILE_BUDGETS))]
+    report = {}
+    for name in sets:
+        images = load_test_set(os.path.join(data, name), scale)
+        full = evaluate(Router(net, RoutingOptions(mode='full'), scale, projection), images)
+        lines.append(f"| {name} | whole image, full network | {full['psnr']:.3f} (100%) |" + ' |' * len(TILE_BUDGETS))
+        for size in sizes:
+            cells = []
+            options = [{'mode': 'wbsr'}] + [{'mode': 'budget', 'budget': b} for b in TILE_BUDGETS]
+            for extra in options:
+                r = evaluate(Router(net, RoutingOptions(scheme='tiles', tile_size=size, **extra), scale, projection),
+                             images)
+                report[f'{name}/{size}/{extra}'] = r
+                cells.append(f"{r['psnr']:.3f} ({100 * r['ratio_whole']:.1f}%)")
+            lines.append(f'| {name} | {size} | ' + ' | '.join(cells) + ' |')
+            print(lines[-1], flush=True)
     return lines
 
 
@@ -301,53 +354,71 @@ def main(argv: Optional[list] = None) -> int:
     parser.add_argument('--data', default='datasets')
     parser.add_argument('--out', default='bench_out/benchmark')
     parser.add_argument('--sets', nargs='*', default=list(SETS), help='test sets (none: timing and costs only)')
-    parser.add_argument('--repeats', type=int, default=5)
-    parser.add_argument('--time-images', type=int, default=10, help='Urban100 images timed (0: no wall time)')
-    parser.add_argument('--time-budgets', type=float, nargs='+', default=list(BUDGETS))
+    parser.add_argument('--repeats', type=int, default=3)
+    parser.add_argument('--time-images', type=int, default=6, help='Urban100 images timed (0: no wall time)')
+    parser.add_argument('--time-budgets', type=float, nargs='*', default=None,
+                        help='budgets timed (default: each scheme\'s lowest budget within 0.05 dB on Urban100)')
     parser.add_argument('--time-fixed', action='store_true', help='also time every subnet on the whole image')
     parser.add_argument('--skip-costs', action='store_true')
+    parser.add_argument('--tile-sizes', type=int, nargs='*', default=None,
+                        help='run the tile-size sweep on --sets instead (e.g. --tile-sizes 64 32 16 8)')
     args = parser.parse_args(argv)
     torch.set_num_threads(int(os.environ.get('OMP_NUM_THREADS', 2)))
     os.makedirs(args.out, exist_ok=True)
     net, scale, projection = load_model(args.model)
-    report: dict = {'model': args.model, 'machine': f'{platform.processor() or platform.machine()}, '
-                    f'{torch.get_num_threads()} threads, torch {torch.__version__}', 'sets': {}}
-    probe = Router(net, RoutingOptions(mode='wbsr'), scale, projection)
+    machine = (f'{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, '
+               f'torch {torch.__version__}')
+    if args.tile_sizes:
+        lines = tile_size_sweep(net, scale, projection, args.data, args.sets, args.tile_sizes)
+        text = f'# Tile-size sweep\n\nModel: `{args.model}`; machine: {machine}.\n\n' + '\n'.join(lines) + '\n'
+        with open(os.path.join(args.out, 'tile_sizes.md'), 'w') as f:
+            f.write(text)
+        print(text)
+        return 0
+    report: dict = {'model': args.model, 'machine': machine, 'sets': {}}
+    probe = Router(net, RoutingOptions(mode='wbsr', scheme='patches'), scale, projection)
     lut_images = load_test_set(os.path.join(args.data, 'Set5'), scale) + load_test_set(
         os.path.join(args.data, 'Set14'), scale)
-    alternative = alternative_projection(args.data, projection)
     arm_table = build_arm_table(probe, ((im.lq, gt_tensor(im)) for im in lut_images), source='Set5+Set14')
     arm_table.save(os.path.join(args.out, 'arm_table.npz'))
+    alternative = alternative_projection(args.data, projection)
     md = [f"# Routing benchmark\n\nModel: `{args.model}`; machine: {report['machine']}.\n",
-          'Every patch-based row reuses one run of each subnet on each patch of the image (the merge is the '
-          "router's own; the check below compares it with a real routed run); `full` is the largest subnet "
-          'run once on the whole image. Wall times are in the last table.\n']
+          'FLOPs % vs full on image: against the full network run once on the whole image; vs full on the same '
+          'regions: against the full network on the same patches (the papers\' convention; for tiles and the '
+          'whole image this is the whole image). Wall times are in the last tables.\n']
     for name in args.sets:
         print(f'{name}:', flush=True)
         images = load_test_set(os.path.join(args.data, name), scale)
-        rows, points, check, memory = evaluate_set(net, scale, projection, arm_table, images, alternative)
-        for row in rows:
-            print(f"  {row['mode']:24s} {row['psnr']:.3f} dB  {100 * row['ratio_patches']:.1f}% / "
-                  f"{100 * row['ratio_whole']:.1f}%", flush=True)
-        plot_curve(name, rows, points, os.path.join(args.out, f'curve_{name}.png'))
+        summary, check = evaluate_set(net, scale, projection, arm_table, images, alternative)
+        plot_curve(name, summary, os.path.join(args.out, f'curve_{name}.png'))
         bicubic = bicubic_summary(images, scale)
-        report['sets'][name] = {'rows': rows, 'curves': points, 'bicubic': bicubic, 'cache_check_max_abs': check,
-                                'memory': memory}
+        full = summary['full']['psnr']
+        lowest = {scheme: lowest_budget_within(summary, scheme, budgets, full)
+                  for scheme, budgets in (('patches', PATCH_BUDGETS), ('tiles', TILE_BUDGETS))}
+        report['sets'][name] = {'summary': summary, 'bicubic': bicubic, 'cache_check_max_abs': check,
+                                'lowest_budget_within_0.05dB': {k: v and {'budget': v[0], **v[1]}
+                                                                for k, v in lowest.items()}}
         note = ' (ARM table in-sample)' if name in ('Set5', 'Set14') else ''
-        md += [f'## {name} x4, {len(images)} images{note}\n', f"Bicubic (OpenCV): {bicubic['psnr']:.3f} dB / "
-               f"{bicubic['ssim']:.4f}. Reused patch outputs vs a real routed run: max abs difference "
-               f"{check:.1e}. Resident memory after the first image {memory['rss_mb_first_image']:.0f} MB, "
-               f"largest over the first half {memory['rss_mb_max_first_half']:.0f} MB, after the last "
-               f"{memory['rss_mb_last_image']:.0f} MB.\n"] + fmt_rows(rows) + ['', f'![{name}](curve_{name}.png)', '']
+        md += [f'## {name} x4, {len(images)} images{note}\n',
+               f"Bicubic (OpenCV): {bicubic['psnr']:.3f} dB / {bicubic['ssim']:.4f}. Reused patch outputs vs a real "
+               f"routed run: max abs difference {check:.1e}.\n"]
+        for scheme, found in lowest.items():
+            md.append(f'- {scheme}: lowest budget within {WITHIN_DB} dB of the whole-image full network '
+                      f'({full:.3f} dB): ' + (f"{found[0]} ({found[1]['psnr']:.3f} dB at "
+                                              f"{100 * found[1]['ratio_whole']:.1f}% of its FLOPs)"
+                                              if found else 'none of the budgets'))
+        md += [''] + table_rows(summary) + ['', f'![{name}](curve_{name}.png)', '']
         with open(os.path.join(args.out, 'benchmark.json'), 'w') as f:
             json.dump(report, f, indent=1, default=float)
     if args.time_images > 0:
         print('wall time:', flush=True)
         timing_images = load_test_set(os.path.join(args.data, 'Urban100'), scale, limit=args.time_images)
-        timing = wall_time_rows(net, scale, projection, arm_table, timing_images, args.repeats, args.time_budgets,
-                                args.time_fixed)
+        found = report['sets'].get('Urban100', {}).get('lowest_budget_within_0.05dB', {})
+        budgets = {scheme: args.time_budgets if args.time_budgets is not None else
+                   ([found[scheme]['budget']] if found.get(scheme) else []) for scheme in ('patches', 'tiles')}
+        timing = wall_time(net, scale, projection, arm_table, timing_images, args.repeats, budgets, args.time_fixed)
         report['wall_time'] = timing
-        md += [f'## Wall time, Urban100 first {len(timing_images)} images, median of {args.repeats} runs\n',
+        md += [f'## Wall time, Urban100 first {len(timing_images)} images, median of {args.repeats} interleaved runs\n',
                '| mode | s / image | time vs full | FLOPs % vs full on image |', '|---|---|---|---|']
         md += [f"| {r['mode']} | {r['seconds']:.3f} | {r['time_vs_full']:.2f} | {100 * r['ratio_whole']:.1f} |"
                for r in timing] + ['']

@@ -45,6 +45,10 @@ SWEEPS = {
              ('BDLoss detail, sigma fixed 0.01', {'train.pixel_opt': BD_DETAIL_FIXED})],
     'delta': [(f'delta {d}', {'datasets.train.delta': d}) for d in (1.0, 0.9, 0.8, 0.7)],
     'sampling': [(s, {'train.wbsr.subnet_sampling': s}) for s in ('flops_squared', 'sandwich', 'routed')],
+    # Trained on the pool without its validation split (every 10th image), which decides the default; evaluated
+    # under both schemes and on the test sets too.
+    'tiles': [('routed', {'train.wbsr.subnet_sampling': 'routed', 'split': True}),
+              ('tiles', {'train.wbsr.subnet_sampling': 'tiles', 'split': True})],
     'ablation': [('uniform + L1', {'datasets.train.delta': 1.0, 'train.pixel_opt': L1}),
                  ('HES + L1', {'train.pixel_opt': L1}),
                  ('uniform + BDLoss', {'datasets.train.delta': 1.0}),
@@ -72,8 +76,25 @@ def base_options(data: str, iters: int) -> dict:
     }
 
 
+def split_pool(data: str) -> None:
+    """The 291-image pool as ``train291_fit`` and ``val291`` (every 10th image by name): folders of symbolic
+    links under ``data``. The validation split decides defaults, never the test sets."""
+    names = sorted(os.listdir(os.path.join(data, 'train291', 'HR')))
+    for part, chosen in (('train291_fit', [n for i, n in enumerate(names) if i % 10]), ('val291', names[::10])):
+        for sub in ('HR', os.path.join('LR_bicubic', 'X4')):
+            folder = os.path.join(data, part, sub)
+            os.makedirs(folder, exist_ok=True)
+            for name in chosen:
+                if not os.path.lexists(os.path.join(folder, name)):
+                    os.symlink(os.path.abspath(os.path.join(data, 'train291', sub, name)), os.path.join(folder, name))
+
+
 def with_overrides(opt: dict, overrides: dict) -> dict:
     opt = copy.deepcopy(opt)
+    overrides = dict(overrides)
+    if overrides.pop('split', False):
+        for key in ('dataroot_gt', 'dataroot_lq'):
+            opt['datasets']['train'][key] = opt['datasets']['train'][key].replace('train291', 'train291_fit')
     for dotted, value in overrides.items():
         node, keys = opt, dotted.split('.')
         for key in keys[:-1]:
@@ -109,6 +130,32 @@ def train(opt: dict, run_dir: str) -> tuple[str, float]:
     return checkpoint, minutes
 
 
+# What each sweep's checkpoints are evaluated on: (set, key, routing options). The earlier sweeps used the patch
+# scheme (the only one then); 'tiles' compares sampling modes under both schemes, on the validation split first.
+TILES_EVAL = (('full', {'mode': 'full'}), ('wbsr patches', {'mode': 'wbsr', 'scheme': 'patches'}),
+              ('wbsr tiles', {'mode': 'wbsr', 'scheme': 'tiles'}),
+              ('budget 0.5 tiles', {'mode': 'budget', 'budget': 0.5, 'scheme': 'tiles'}),
+              ('budget 0.7 tiles', {'mode': 'budget', 'budget': 0.7, 'scheme': 'tiles'}))
+EVALUATIONS = {
+    'default': [(name, mode, {'mode': mode, 'scheme': 'patches'}) for name in ('B100', 'Urban100')
+                for mode in ('wbsr', 'full')],
+    'tiles': [(name, key, options) for name in ('val291', 'B100', 'Urban100') for key, options in TILES_EVAL],
+}
+
+
+def scheme_table(sweep: str, entries: list[dict], iters: int) -> list[str]:
+    """PSNR-Y (FLOPs % of the whole-image full network) of every evaluation of every row."""
+    keys = [key for key, _ in TILES_EVAL]
+    lines = [f'{sweep}: {iters} iterations, batch 16, GT 64, seed 0, x4, 291-image pool without its validation '
+             'split; PSNR-Y (FLOPs % of the full network on the whole image)', '',
+             '| row | set | ' + ' | '.join(keys) + ' | train min |', '|---|---|' + '---|' * len(keys) + '---|']
+    for e in entries:
+        for name in ('val291', 'B100', 'Urban100'):
+            cells = [f"{e[f'{name}/{k}']['psnr']:.3f} ({100 * e[f'{name}/{k}']['ratio_whole']:.0f}%)" for k in keys]
+            lines.append(f"| {e['row']} | {name} | " + ' | '.join(cells) + f" | {e['train_minutes']:.1f} |")
+    return lines
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--sweep', choices=sorted(SWEEPS), nargs='+', required=True)
@@ -118,14 +165,16 @@ def main() -> int:
     parser.add_argument('--out', default='bench_out/sweeps')
     args = parser.parse_args()
     data, out = os.path.abspath(args.data), os.path.abspath(args.out)
+    split_pool(data)
     base = base_options(data, args.iters)
-    rows = [(sweep, label, with_overrides(base, overrides)) for sweep in args.sweep for label, overrides in SWEEPS[sweep]]
+    rows = [(sweep, label, with_overrides(base, overrides))
+            for sweep in args.sweep for label, overrides in SWEEPS[sweep]]
     for _, _, opt in rows:
         opt['datasets']['train']['index_cache'] = os.path.join(out, 'hes_cache')
     with ThreadPoolExecutor(args.jobs) as pool:
         trained = list(pool.map(lambda r: train(r[2], os.path.join(out, 'runs', run_key(r[2]))), rows))
     torch.set_num_threads(2)
-    sets = {name: load_test_set(os.path.join(data, name), 4) for name in ('B100', 'Urban100')}
+    sets: dict[str, list] = {}
     results: dict[str, list] = {}
     for (sweep, label, opt), (checkpoint, minutes) in zip(rows, trained):
         cache = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(checkpoint))), 'eval.json')
@@ -135,25 +184,29 @@ def main() -> int:
         else:
             net, scale, projection = load_model(checkpoint)
             scores = {}
-            for name, images in sets.items():
-                for mode in ('wbsr', 'full'):
-                    summary = evaluate(Router(net, RoutingOptions(mode=mode), scale, projection), images)
-                    scores[f'{name}/{mode}'] = {k: summary[k] for k in ('psnr', 'ssim', 'ratio_patches', 'ratio_whole')}
+            for name, key, options in EVALUATIONS.get(sweep, EVALUATIONS["default"]):
+                if name not in sets:
+                    sets[name] = load_test_set(os.path.join(data, name), 4)
+                summary = evaluate(Router(net, RoutingOptions(**options), scale, projection), sets[name])
+                scores[f'{name}/{key}'] = {k: summary[k] for k in ('psnr', 'ssim', 'ratio_regions', 'ratio_whole')}
             with open(cache, 'w') as f:
                 json.dump(scores, f, indent=2)
         print(f'{sweep:9s} {label:34s}', '  '.join(f"{k} {v['psnr']:.3f}" for k, v in scores.items()), flush=True)
         results.setdefault(sweep, []).append({'row': label, 'run': run_key(opt), 'train_minutes': minutes, **scores})
     for sweep, entries in results.items():
-        lines = [f'{sweep}: {args.iters} iterations, batch 16, GT 64, seed 0, x4, 291-image pool',
-                 '', '| row | B100 routed PSNR / SSIM (FLOPs %) | B100 full | Urban100 routed PSNR / SSIM (FLOPs %) '
-                 '| Urban100 full | train min |', '|---|---|---|---|---|---|']
-        for e in entries:
-            cells = []
-            for name in ('B100', 'Urban100'):
-                r, f = e[f'{name}/wbsr'], e[f'{name}/full']
-                cells += [f"{r['psnr']:.3f} / {r['ssim']:.4f} ({100 * r['ratio_patches']:.0f}%)",
-                          f"{f['psnr']:.3f} / {f['ssim']:.4f}"]
-            lines.append(f"| {e['row']} | " + ' | '.join(cells) + f" | {e['train_minutes']:.1f} |")
+        if sweep in EVALUATIONS:
+            lines = scheme_table(sweep, entries, args.iters)
+        else:
+            lines = [f'{sweep}: {args.iters} iterations, batch 16, GT 64, seed 0, x4, 291-image pool', '',
+                     '| row | B100 routed PSNR / SSIM (FLOPs %) | B100 full | Urban100 routed PSNR / SSIM (FLOPs %) '
+                     '| Urban100 full | train min |', '|---|---|---|---|---|---|']
+            for e in entries:
+                cells = []
+                for name in ('B100', 'Urban100'):
+                    r, f = e[f'{name}/wbsr'], e[f'{name}/full']
+                    cells += [f"{r['psnr']:.3f} / {r['ssim']:.4f} ({100 * r['ratio_regions']:.0f}%)",
+                              f"{f['psnr']:.3f} / {f['ssim']:.4f}"]
+                lines.append(f"| {e['row']} | " + ' | '.join(cells) + f" | {e['train_minutes']:.1f} |")
         os.makedirs(out, exist_ok=True)
         with open(os.path.join(out, f'{sweep}.md'), 'w') as f:
             f.write('\n'.join(lines) + '\n')

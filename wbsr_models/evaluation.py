@@ -1,8 +1,8 @@
-"""Evaluating a router on a test set the way published SR tables are made (spec section 9).
+"""Evaluating a router on a test set the way published SR tables are made (spec section 9), and timing it.
 
 PSNR and SSIM are BasicSR's ``calculate_psnr`` / ``calculate_ssim`` on the Y channel with
-``crop_border = scale``; FLOPs come from the router's accounting; seconds are the median of ``repeats``
-runs of the router on each image (synchronised on CUDA).
+``crop_border = scale``; FLOPs come from the router's accounting. Wall times that are compared across
+modes come from :func:`time_modes`, which times every mode under the same conditions.
 """
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import os
 import statistics
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterable, Optional
+from typing import Callable, Iterable, Mapping, Optional, Sequence
 
 import cv2
 import numpy as np
@@ -62,6 +62,36 @@ def run_timed(router: Router, lq: torch.Tensor, repeats: int = 1, **kwargs) -> t
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
     return result, statistics.median(times)
+
+
+def time_modes(modes: Mapping[str, tuple[Router, Optional[Callable[[TestImage], Callable]]]],
+               images: Sequence[TestImage], repeats: int = 3, progress: Optional[Callable[[], None]] = None
+               ) -> dict[str, float]:
+    """Seconds per image of every mode, measured under the same conditions.
+
+    ``modes`` maps a label to ``(router, assign_for)`` (``assign_for(image)`` gives a per-image ``assign``, or is
+    None). On each image every mode first runs once untimed, so that no mode pays for the first use of the
+    image's shapes (convolution set-up, memory); then the modes run in turn, ``repeats`` times, in an order
+    rotated from one repeat to the next, so that none is always first or last. A mode's time on an image is
+    the median of its repeats; its figure is the mean over the images. ``progress()`` is called after each image.
+    """
+    labels = list(modes)
+    times: dict[str, list[float]] = {label: [] for label in labels}
+    for image in images:
+        runs = {label: (router, {'assign': assign_for(image)} if assign_for else {})
+                for label, (router, assign_for) in modes.items()}
+        for router, kwargs in runs.values():
+            router(image.lq, **kwargs)
+        per_image: dict[str, list[float]] = {label: [] for label in labels}
+        for r in range(max(1, repeats)):
+            for label in labels[r % len(labels):] + labels[:r % len(labels)]:
+                router, kwargs = runs[label]
+                per_image[label].append(run_timed(router, image.lq, 1, **kwargs)[1])
+        for label in labels:
+            times[label].append(statistics.median(per_image[label]))
+        if progress is not None:
+            progress()
+    return {label: float(np.mean(values)) for label, values in times.items()}
 
 
 def bicubic_summary(images: Iterable[TestImage], scale: int) -> dict:
