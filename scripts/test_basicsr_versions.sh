@@ -58,7 +58,8 @@ for variant in "${variants[@]}"; do
   # BasicSR's sdists need torch (and cython, numpy) at build time: install them first, build without isolation.
   "$venv/bin/python" -m pip install -q 'torch>=2.1' 'torchvision>=0.16' cython numpy >&2
   "$venv/bin/python" -m pip install -q --no-build-isolation "$variant" >&2
-  # --no-deps: the project's `basicsr` requirement would replace a variant of another distribution name.
+  # --no-deps: the project's `basicsr` requirement would replace a variant of another distribution name
+  # (pip then reports that requirement as missing; the variant provides the package).
   "$venv/bin/python" -m pip install -q --no-build-isolation --no-deps -e "$root" >&2
   # shellcheck disable=SC2086
   "$venv/bin/python" -m pip install -q $deps >&2

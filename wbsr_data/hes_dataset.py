@@ -19,7 +19,7 @@ class-level batch can arrive up to ``num_workers * prefetch_factor`` iterations 
 the first class-level sample is made.
 
 With ``cache_images: true`` the decoded training images are kept in memory (up to
-``cache_images_max_mb``), in the narrowest integer type that gives back exactly the decoded values, so
+``cache_images_max_mb``), in the narrowest of uint8, uint16 and float32 that gives back the decoded values, so
 samples are identical to reading from disk; forked DataLoader workers share the memory without copies.
 
 Random draws use Python's ``random`` like BasicSR's own augmentation, so they are seeded per rank and per
