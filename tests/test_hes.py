@@ -353,7 +353,7 @@ def srmodel_options(folders, tmp_path, total_iter=20):
                       'total_iter': total_iter, 'pixel_opt': {'type': 'L1Loss', 'loss_weight': 1.0}}}
 
 
-@pytest.mark.filterwarnings('ignore:Detected call of `lr_scheduler.step()`')  # no optimizer step in these tests
+@pytest.mark.filterwarnings('ignore:Detected call of .lr_scheduler.step')  # no optimizer step in these tests
 def test_basicsr_srmodel_reports_progress_to_hes(hes_folder, tmp_path):
     from basicsr.models import build_model
     opt = srmodel_options(hes_folder, tmp_path)
@@ -371,7 +371,7 @@ def test_basicsr_srmodel_reports_progress_to_hes(hes_folder, tmp_path):
     assert ds._progress.tolist() == [15, 20]
 
 
-@pytest.mark.filterwarnings('ignore:Detected call of `lr_scheduler.step()`')
+@pytest.mark.filterwarnings('ignore:Detected call of .lr_scheduler.step')
 def test_a_model_of_another_project_reports_progress(hes_folder, tmp_path):
     from basicsr.models.sr_model import SRModel
 
