@@ -9,8 +9,11 @@ from setuptools import find_packages, setup
 from setuptools.command.build_py import build_py
 
 HOOK_PTH = 'wbsr-basicsr-hook.pth'
-# A .pth line that starts with "import" is executed by site.py at start-up. It must never break the
-# interpreter, so failures are reported in one line instead of a traceback.
+# A .pth line that starts with "import" is executed by site.py at start-up, in every Python process of the
+# environment (pip included). It must never break the interpreter, so failures are reported in one line
+# instead of a traceback, and it must cost next to nothing: wbsr_hook imports only os and sys (already
+# loaded by site) and arms two finders; WBSR_DISABLE_HOOK=1 leaves out the registration, not the
+# torchvision alias that `import basicsr` needs (see wbsr_hook).
 HOOK_LINE = ("import sys; exec('try:\\n import wbsr_hook; wbsr_hook.install()\\nexcept Exception as e:\\n"
              " print(\"wbsr: import hook not armed:\", repr(e), file=sys.stderr)')\n")
 
@@ -45,7 +48,10 @@ def read(name):
 
 
 INSTALL_REQUIRES = [
-    'basicsr>=1.4.2',
+    # The plugin patches BasicSR internals (parse_options, BaseModel's progress methods, train.py's root
+    # path): only the range it is tested with. scripts/test_basicsr_versions.sh runs the suite against the
+    # other BasicSR builds in that range that PyPI offers (basicsr-fixed).
+    'basicsr>=1.4.2,<1.5',
     'torch>=2.1',
     'torchvision>=0.16',
     'numpy>=1.24',

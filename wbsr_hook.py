@@ -1,34 +1,34 @@
 """Glue between the WBSR plugin and BasicSR.
 
-Installed with a ``.pth`` file, :func:`install` arms a one-shot import hook: the first ``import basicsr``
-in any Python process (``python -m basicsr.train``, ``basicsr/test.py`` from a checkout, a notebook)
-registers every WBSR type in BasicSR's registries, so option files can name them without an import
-line. Set ``WBSR_DISABLE_HOOK=1`` to switch the hook off; importing any ``wbsr_*`` package still
-registers all four.
+Installed with a ``.pth`` file, :func:`install` runs at the start of every Python process of the
+environment and arms two import hooks:
 
-Two upstream breakages of the basicsr 1.4.2 release are handled here, for the hook and for explicit
-imports alike:
-
-* ``basicsr.data.degradations`` imports ``torchvision.transforms.functional_tensor``, which
-  torchvision 0.17 removed. Where that module is missing, an alias module providing the one function
-  BasicSR uses (``rgb_to_grayscale``) is put in ``sys.modules`` before BasicSR is imported. A
+* **Registration** (switched off by ``WBSR_DISABLE_HOOK=1``): the first ``import basicsr`` in the
+  process (``python -m basicsr.train``, ``basicsr/test.py`` from a checkout, a notebook) registers every
+  WBSR type in BasicSR's registries, so option files can name them without an import line. Importing
+  any ``wbsr_*`` package registers all four whatever the switch says.
+* **The torchvision alias** (always armed; the switch does not touch it): ``basicsr.data.degradations``
+  1.4.2 imports ``torchvision.transforms.functional_tensor``, which torchvision 0.17 removed. A finder at
+  the end of ``sys.meta_path`` answers for that one module name, so it is consulted only when no real
+  module exists, and provides an alias with the one function BasicSR uses (``rgb_to_grayscale``). A
   torchvision that still has the module, or a patched BasicSR that no longer imports it, is left alone.
-* ``python -m basicsr.train`` derives its root path from ``basicsr/train.py``'s own location, so an
-  installed BasicSR writes ``experiments/`` into site-packages. When the root path BasicSR computes is
-  a site-packages directory, the current working directory is used instead (and the log says so).
-"""
-from __future__ import annotations
 
-import importlib
-import importlib.abc
-import importlib.util
+Once BasicSR is imported, the registration also fixes where ``python -m basicsr.train`` writes: BasicSR
+derives its root path from ``basicsr/train.py``'s own location, so an installed BasicSR would write
+``experiments/`` and ``tb_logger/`` into site-packages. A root path that is a site-packages directory is
+replaced by the current working directory, both in ``parse_options`` and when ``train.py`` sets
+``opt['root_path']`` again afterwards (and the message says so).
+
+This module is imported at start-up by every program of the environment (pip included), so it imports
+nothing beyond ``os`` and ``sys``, which ``site`` has already loaded; everything else is imported when
+used.
+"""
 import os
-import site
 import sys
-import sysconfig
-import types
-import warnings
-from typing import Any, Iterable
+
+TYPE_CHECKING = False  # typing costs milliseconds to import: annotations below are strings
+if TYPE_CHECKING:
+    from typing import Any, Iterable
 
 ENV_DISABLE = 'WBSR_DISABLE_HOOK'
 PLUGIN_PACKAGES = ('wbsr_arch', 'wbsr_data', 'wbsr_losses', 'wbsr_models')
@@ -41,26 +41,41 @@ class RegistrationError(KeyError):
 
 
 def hook_disabled() -> bool:
+    """Whether ``WBSR_DISABLE_HOOK`` switches the registration hook off (any value but '', 0, false, no)."""
     return os.environ.get(ENV_DISABLE, '').strip().lower() not in ('', '0', 'false', 'no')
 
 
+# ---- the torchvision alias -------------------------------------------------------------------------------
+class _TorchvisionAlias:
+    """Finder and loader of ``torchvision.transforms.functional_tensor`` for torchvision >= 0.17.
+
+    It sits at the end of ``sys.meta_path``, so it is asked only after every other finder failed to find
+    the module, i.e. only where torchvision no longer ships it.
+    """
+
+    def find_spec(self, fullname: str, path: 'Any' = None, target: 'Any' = None) -> 'Any':
+        if fullname != _TV_FUNCTIONAL_TENSOR:
+            return None
+        from importlib.machinery import ModuleSpec
+        return ModuleSpec(fullname, self)
+
+    def create_module(self, spec: 'Any') -> None:
+        return None  # the default module object
+
+    def exec_module(self, module: 'Any') -> None:
+        from torchvision.transforms.functional import rgb_to_grayscale
+        module.__doc__ = 'Alias installed by wbsr_hook: torchvision >= 0.17 removed this module.'
+        module.rgb_to_grayscale = rgb_to_grayscale
+
+
 def prepare_basicsr_import() -> None:
-    """Make ``import basicsr`` work on a current torchvision (see the module docstring)."""
-    if _TV_FUNCTIONAL_TENSOR in sys.modules:
-        return
-    try:
-        if importlib.util.find_spec(_TV_FUNCTIONAL_TENSOR) is not None:
-            return  # torchvision < 0.17 still ships it
-        from torchvision.transforms import functional
-    except ImportError:
-        return  # no torchvision at all: BasicSR's own import error will say so
-    shim = types.ModuleType(_TV_FUNCTIONAL_TENSOR,
-                            'Alias installed by wbsr_hook: torchvision >= 0.17 removed this module.')
-    shim.rgb_to_grayscale = functional.rgb_to_grayscale
-    sys.modules[_TV_FUNCTIONAL_TENSOR] = shim
+    """Make ``import basicsr`` work on a current torchvision (see the module docstring); idempotent."""
+    if not any(isinstance(f, _TorchvisionAlias) for f in sys.meta_path):
+        sys.meta_path.append(_TorchvisionAlias())
 
 
-def register(registry: Any, objects: Iterable[type]) -> None:
+# ---- registration ----------------------------------------------------------------------------------------
+def register(registry: 'Any', objects: 'Iterable[type]') -> None:
     """Register ``objects`` in a BasicSR ``registry`` under their class names, all or none.
 
     Names must start with WBSR, HES or BD so they can never collide with BasicSR's own. Registering
@@ -87,11 +102,15 @@ def register(registry: Any, objects: Iterable[type]) -> None:
 
 def register_all() -> None:
     """Import the four plugin packages; each registers its own types on import."""
+    import importlib
     for name in PLUGIN_PACKAGES:
         importlib.import_module(name)
 
 
+# ---- where `python -m basicsr.train` writes ---------------------------------------------------------------
 def _site_packages_dirs() -> set[str]:
+    import site
+    import sysconfig
     dirs = set()
     for key in ('purelib', 'platlib'):
         try:
@@ -115,6 +134,35 @@ def fixed_root_path(root_path: str) -> str:
     return root_path
 
 
+def _guard_root_path(opt: 'Any') -> 'Any':
+    """A copy of BasicSR's option dict whose ``root_path`` is never a site-packages directory.
+
+    BasicSR's ``train.py`` sets ``opt['root_path'] = root_path`` again after ``parse_options`` returns (line
+    94 in 1.4.2); in this dict that assignment goes through :func:`fixed_root_path` too, so ``tb_logger/``
+    follows ``experiments/``. It is a subclass of the dict's own type with only ``__setitem__`` changed;
+    copies and pickles of it are plain dicts of that type.
+    """
+    base = type(opt)
+    guarded = _GUARDED_TYPES.get(base)
+    if guarded is None:
+        def __setitem__(self, key, value):
+            if key == 'root_path' and isinstance(value, str):
+                value = fixed_root_path(value)
+            base.__setitem__(self, key, value)
+
+        def __reduce__(self):
+            return base, (), None, None, iter(self.items())
+
+        guarded = type(base.__name__, (base, ), {'__setitem__': __setitem__, '__reduce__': __reduce__})
+        _GUARDED_TYPES[base] = guarded
+    result = guarded()
+    result.update(opt)
+    return result
+
+
+_GUARDED_TYPES: dict[type, type] = {}
+
+
 def _patch_parse_options() -> None:
     from basicsr.utils import options
 
@@ -125,9 +173,10 @@ def _patch_parse_options() -> None:
     def parse_options(root_path, is_train=True):
         fixed = fixed_root_path(root_path)
         if fixed != root_path:
-            print(f'wbsr: BasicSR root path {root_path} is site-packages; writing under {fixed} instead.',
-                  file=sys.stderr)
-        return original(fixed, is_train=is_train)
+            print(f'wbsr: BasicSR root path {root_path} is site-packages; writing experiments/, results/ and '
+                  f'tb_logger/ under {fixed} instead.', file=sys.stderr)
+        opt, args = original(fixed, is_train=is_train)
+        return _guard_root_path(opt), args
 
     parse_options._wbsr_wrapped = True
     parse_options.__doc__ = original.__doc__
@@ -139,35 +188,36 @@ def _after_basicsr_import() -> None:
         _patch_parse_options()
         register_all()
     except Exception as exc:  # a broken plugin must not break BasicSR itself
+        import warnings
         warnings.warn(f'WBSR plugin could not register its types in BasicSR: {exc!r}', RuntimeWarning)
 
 
-class _RegisteringLoader(importlib.abc.Loader):
-    """Wraps BasicSR's loader: alias torchvision first, register the plugin after BasicSR is loaded."""
+class _RegisteringLoader:
+    """Wraps BasicSR's loader: registers the plugin once BasicSR is loaded; everything else is BasicSR's."""
 
-    def __init__(self, loader: importlib.abc.Loader) -> None:
+    def __init__(self, loader: 'Any') -> None:
         self._loader = loader
 
-    def create_module(self, spec):
+    def create_module(self, spec: 'Any') -> 'Any':
         return self._loader.create_module(spec)
 
-    def exec_module(self, module) -> None:
-        prepare_basicsr_import()
+    def exec_module(self, module: 'Any') -> None:
         self._loader.exec_module(module)
         _after_basicsr_import()
 
-    def __getattr__(self, name: str):
+    def __getattr__(self, name: str) -> 'Any':
         return getattr(self._loader, name)
 
 
-class _BasicsrFinder(importlib.abc.MetaPathFinder):
+class _BasicsrFinder:
     """Finds ``basicsr`` through the other finders and wraps its loader; removes itself once used."""
 
-    def find_spec(self, fullname, path, target=None):
+    def find_spec(self, fullname: str, path: 'Any' = None, target: 'Any' = None) -> 'Any':
         if fullname != 'basicsr':
             return None
         _remove_finder()
-        spec = importlib.util.find_spec('basicsr')
+        from importlib.util import find_spec
+        spec = find_spec('basicsr')
         if spec is not None and spec.loader is not None:
             spec.loader = _RegisteringLoader(spec.loader)
         return spec
@@ -178,7 +228,9 @@ def _remove_finder() -> None:
 
 
 def install() -> None:
-    """Arm the import hook (called from the ``.pth`` file at interpreter start)."""
+    """Arm the hooks (called from the ``.pth`` file at interpreter start): the alias always, registration
+    unless ``WBSR_DISABLE_HOOK`` is set."""
+    prepare_basicsr_import()
     if hook_disabled():
         return
     if 'basicsr' in sys.modules:  # already imported before site ran us: register now

@@ -8,6 +8,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
+import yaml
 from torch.utils.data import DataLoader
 
 from basicsr.data import build_dataset
@@ -337,3 +338,162 @@ def test_inspect_tool_prints_classes_and_writes_pngs(hes_folder, tmp_path, capsy
         img = cv2.imread(str(tmp_path / 'out' / name))
         assert img is not None and img.shape[0] > 100
     assert hes_inspect.main(['-opt', str(tmp_path / 'missing.yml')]) == 2
+
+
+# ---- progress from any BasicSR model ------------------------------------------------------------------------
+def srmodel_options(folders, tmp_path, total_iter=20):
+    """What parse_options makes for BasicSR's own SRModel with MSRResNet on a HES dataset."""
+    return {'name': 'plain', 'model_type': 'SRModel', 'scale': 4, 'num_gpu': 0, 'dist': False, 'rank': 0,
+            'world_size': 1, 'is_train': True, 'manual_seed': 0,
+            'datasets': {'train': hes_options(folders, tmp_path, switch_ratio=0.5)},
+            'network_g': {'type': 'MSRResNet', 'num_feat': 8, 'num_block': 1},
+            'path': {'pretrain_network_g': None, 'strict_load_g': True, 'resume_state': None},
+            'train': {'optim_g': {'type': 'Adam', 'lr': 1e-3}, 'scheduler': {'type': 'MultiStepLR', 'milestones': [50],
+                                                                             'gamma': 0.5},
+                      'total_iter': total_iter, 'pixel_opt': {'type': 'L1Loss', 'loss_weight': 1.0}}}
+
+
+@pytest.mark.filterwarnings('ignore:Detected call of .lr_scheduler.step')  # no optimizer step in these tests
+def test_basicsr_srmodel_reports_progress_to_hes(hes_folder, tmp_path):
+    from basicsr.models import build_model
+    opt = srmodel_options(hes_folder, tmp_path)
+    ds = build_dataset(opt['datasets']['train'])
+    ds.set_progress(0, -1)  # as a fresh process: nothing reported yet
+    model = build_model(opt)
+    assert type(model).__name__ == 'SRModel' and ds._progress.tolist() == [0, 20]
+    model.update_learning_rate(10)  # BasicSR's loop: the batch of iteration 10 is already loaded
+    assert ds._progress.tolist() == [10, 20] and ds.current_phase() == CLASS_LEVEL  # iteration 11 on
+    model.update_learning_rate(9, warmup_iter=-1)
+    assert ds.current_phase() == SAMPLE_LEVEL  # iteration 10 is the last sample-level one
+    state = {'epoch': 0, 'iter': 15, 'optimizers': [o.state_dict() for o in model.optimizers],
+             'schedulers': [s.state_dict() for s in model.schedulers]}
+    model.resume_training(state)
+    assert ds._progress.tolist() == [15, 20]
+
+
+@pytest.mark.filterwarnings('ignore:Detected call of .lr_scheduler.step')
+def test_a_model_of_another_project_reports_progress(hes_folder, tmp_path):
+    from basicsr.models.sr_model import SRModel
+
+    class OtherProjectModel(SRModel):  # overrides what it needs and calls up, like HAT's or Real-ESRGAN's
+        def update_learning_rate(self, current_iter, warmup_iter=-1):
+            super().update_learning_rate(current_iter, warmup_iter)
+
+    opt = srmodel_options(hes_folder, tmp_path, total_iter=8)
+    ds = build_dataset(opt['datasets']['train'])
+    model = OtherProjectModel(opt)
+    assert ds._progress.tolist() == [0, 8]
+    model.update_learning_rate(4)
+    assert ds._progress.tolist() == [4, 8] and ds[0]['hes_phase'] == CLASS_LEVEL
+
+
+def test_no_progress_is_reported_by_a_test_time_model(hes_folder, tmp_path):
+    from basicsr.models import build_model
+    ds = HESPairedImageDataset(hes_options(hes_folder, tmp_path))
+    set_train_progress(3, 10)
+    opt = dict(srmodel_options(hes_folder, tmp_path), is_train=False)
+    build_model(opt)
+    assert ds._progress.tolist() == [3, 10]
+
+
+# ---- option keys and the log ------------------------------------------------------------------------------
+@pytest.mark.parametrize('typo,hint', [('num_clases', "'num_clases' -> 'num_classes'"), ('detla', "'detla' -> 'delta'"),
+                                       ('cache_image', "'cache_image' -> 'cache_images'")])
+def test_misspelt_keys_are_refused_with_their_name(hes_folder, tmp_path, typo, hint):
+    opt = hes_options(hes_folder, tmp_path, **{typo: 4})
+    with pytest.raises(ValueError) as err:
+        build_dataset(opt)
+    message = str(err.value)
+    assert message.startswith(f"dataset 'tiny' (HESPairedImageDataset): unknown option(s) ['{typo}'] (did you mean "
+                              f'{hint}?); accepted: [')
+    assert "'num_classes'" in message and "'dataroot_gt'" in message and "'batch_size_per_gpu'" in message
+    assert not cache_files(tmp_path)  # refused before any work
+
+
+def test_shipped_training_sets_use_only_accepted_keys():
+    from basicsr.utils.options import ordered_yaml
+    from conftest import REPO
+    from wbsr_data.hes_dataset import check_option_keys
+    files = sorted((REPO / 'options').glob('train_*.yml'))
+    assert files
+    for path in files:
+        with open(path, encoding='utf-8') as f:
+            train_set = yaml.load(f, Loader=ordered_yaml()[0])['datasets']['train']
+        check_option_keys(dict(train_set, phase='train', scale=4))  # what parse_options adds
+
+
+def test_log_counts_images_and_candidates_also_when_the_index_is_reused(hes_folder, tmp_path, basicsr_log):
+    opt = hes_options(hes_folder, tmp_path)
+    first = HESPairedImageDataset(opt)
+    second = HESPairedImageDataset(opt)
+    assert 'reusing' in basicsr_log.text
+    line = f"HESPairedImageDataset 'tiny': 4 images, {len(first)} candidate patches"
+    # crops of 32 at stride 16: 9 x 7 on 160x128 and 168x132, 10 x 7 on 176x136 and 184x140
+    assert basicsr_log.text.count(line) == 2 and len(second) == len(first) == 63 + 63 + 70 + 70
+
+
+# ---- the image cache ----------------------------------------------------------------------------------------
+def samples(ds, seed, n=10):
+    random.seed(seed)
+    return [ds[i] for i in range(n)]
+
+
+def assert_same_samples(a, b):
+    for x, y in zip(a, b):
+        assert torch.equal(x['gt'], y['gt']) and torch.equal(x['lq'], y['lq'])
+        assert Path(x['gt_path']).stem == Path(y['gt_path']).stem  # lmdb paths are keys: the file stem
+        assert (x['hes_class'], x['hes_phase']) == (y['hes_class'], y['hes_phase'])
+
+
+def test_image_cache_gives_the_samples_of_the_disk(hes_folder, tmp_path, basicsr_log):
+    disk = HESPairedImageDataset(hes_options(hes_folder, tmp_path))
+    cached = HESPairedImageDataset(hes_options(hes_folder, tmp_path, cache_images=True))
+    gt_pixels = sum(cv2.imread(str(p)).size for p in Path(hes_folder['dataroot_gt']).glob('*.png'))
+    lq_pixels = sum(cv2.imread(str(p)).size for p in Path(hes_folder['dataroot_lq']).glob('*.png'))
+    assert cached.image_cache.dtype == np.uint8 and cached.image_cache.nbytes == gt_pixels + lq_pixels
+    assert '4 images decoded into memory (0.3 MB as uint8)' in basicsr_log.text
+    for progress in (0, 90):  # sample-level, then class-level draws
+        set_train_progress(progress, 100)
+        assert_same_samples(samples(disk, 3), samples(cached, 3))
+    # in DataLoader workers too (forked: they read the parent's arrays)
+    set_train_progress(0, 100)
+    batches = [next(iter(DataLoader(ds, batch_size=4, num_workers=2, worker_init_fn=lambda i: random.seed(i))))
+               for ds in (disk, cached)]
+    assert torch.equal(batches[0]['gt'], batches[1]['gt']) and torch.equal(batches[0]['lq'], batches[1]['lq'])
+
+
+def test_image_cache_cap_falls_back_to_disk_with_a_warning(hes_folder, tmp_path, basicsr_log):
+    total_mb = 0.3  # the four images take 0.30 MB as uint8 (see above)
+    ds = HESPairedImageDataset(hes_options(hes_folder, tmp_path, cache_images=True, cache_images_max_mb=0.1))
+    assert ds.image_cache is None
+    assert "dataset 'tiny': cache_images needs more than cache_images_max_mb=0.1" in basicsr_log.text
+    assert 'reading the images from disk instead' in basicsr_log.text
+    assert ds[0]['gt'].shape == (3, 32, 32)
+    fits = HESPairedImageDataset(hes_options(hes_folder, tmp_path, cache_images=True, cache_images_max_mb=total_mb))
+    assert fits.image_cache is not None and fits.image_cache.nbytes <= total_mb * 2**20
+    with pytest.raises(ValueError, match='cache_images must be true or false'):
+        HESPairedImageDataset(hes_options(hes_folder, tmp_path, cache_images='yes'))
+
+
+def test_image_cache_with_lmdb_and_16_bit_images(hes_folder, tmp_path):
+    img_path = Path(hes_folder['dataroot_gt']) / 'img001.png'  # one 16-bit GT: the cache must store uint16
+    img16 = cv2.imread(str(img_path)).astype(np.uint16) * 256 + np.uint16(7)  # not exact in 8 bits
+    cv2.imwrite(str(img_path), img16)
+    lmdb_opts = lmdb_copy(hes_folder, tmp_path)
+    disk = HESPairedImageDataset(hes_options(hes_folder, tmp_path))
+    cached = HESPairedImageDataset(hes_options(lmdb_opts, tmp_path, io_backend={'type': 'lmdb'}, cache_images=True))
+    assert cached.image_cache.dtype == np.uint16
+    for progress in (0, 90):
+        set_train_progress(progress, 100)
+        assert_same_samples(samples(disk, 5, n=len(disk)), samples(cached, 5, n=len(disk)))
+
+
+def test_color_y_as_paired_image_dataset(hes_folder, tmp_path):
+    rgb = HESPairedImageDataset(hes_options(hes_folder, tmp_path, use_hflip=False, use_rot=False))
+    y = HESPairedImageDataset(hes_options(hes_folder, tmp_path, use_hflip=False, use_rot=False, color='y'))
+    set_train_progress(0, 100)
+    a, b = rgb[5], y[5]
+    assert b['gt'].shape == (1, 32, 32) and b['lq'].shape == (1, 8, 8)
+    r, g, bl = a['gt'][0], a['gt'][1], a['gt'][2]  # BT.601 luma in [16, 235] / 255
+    expected = (16. + 65.481 * r + 128.553 * g + 24.966 * bl) / 255.
+    torch.testing.assert_close(b['gt'][0], expected, atol=1e-5, rtol=0)

@@ -1,5 +1,7 @@
 """Registration in BasicSR's registries, the import hook, and BasicSR's own runners finding WBSR types."""
 import os
+import re
+import shutil
 import site
 import subprocess
 import sys
@@ -8,6 +10,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 import wbsr_hook
@@ -70,8 +73,12 @@ def test_register_refuses_bad_prefix_and_taken_names_all_or_none():
 def test_torchvision_alias_provides_what_basicsr_imports():
     import torchvision.transforms.functional as F
     wbsr_hook.prepare_basicsr_import()
-    alias = sys.modules['torchvision.transforms.functional_tensor']
-    assert alias.rgb_to_grayscale is F.rgb_to_grayscale or hasattr(alias, 'rgb_to_grayscale')
+    # BasicSR 1.4.2's import line; the alias answers it where torchvision >= 0.17 has no such module (a
+    # patched BasicSR may never import it, so the test imports it itself)
+    from torchvision.transforms.functional_tensor import rgb_to_grayscale
+    img = torch.rand(3, 5, 4, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(rgb_to_grayscale(img), F.rgb_to_grayscale(img))
+    assert rgb_to_grayscale(img).shape == (1, 5, 4)
 
 
 def test_fixed_root_path_moves_site_packages_root_to_cwd(tmp_path, monkeypatch):
@@ -95,21 +102,48 @@ def test_plain_import_basicsr_registers_everything(tmp_path):
 
 
 @needs_hook
-def test_hook_switched_off_by_environment_variable(tmp_path):
+def test_hook_switched_off_disables_registration_only_in_a_clean_process(tmp_path):
+    # No stand-in module: BasicSR 1.4.2 on torchvision >= 0.17 imports only through the alias, which the
+    # switch must leave armed.
     code = '''
+        import sys
         import basicsr
-        from basicsr.utils.registry import ARCH_REGISTRY
-        print('WBSRSRResNet' in ARCH_REGISTRY)
+        from basicsr.utils.registry import ARCH_REGISTRY, DATASET_REGISTRY, LOSS_REGISTRY, MODEL_REGISTRY
+        print(sorted(n for r in (ARCH_REGISTRY, DATASET_REGISTRY, LOSS_REGISTRY, MODEL_REGISTRY)
+                     for n in r.keys() if n.startswith(('WBSR', 'HES', 'BD'))))
+        print(sorted(m for m in sys.modules if m.startswith('wbsr_') and m != 'wbsr_hook'))
     '''
-    # torchvision >= 0.17 lacks the module BasicSR 1.4.2 imports; give it a stand-in so the check is only
-    # about registration.
-    done = run_python('import sys, types\n'
-                      "m = types.ModuleType('torchvision.transforms.functional_tensor')\n"
-                      "import torchvision.transforms.functional as F; m.rgb_to_grayscale = F.rgb_to_grayscale\n"
-                      "sys.modules[m.__name__] = m\n" + textwrap.dedent(code), tmp_path,
-                      {wbsr_hook.ENV_DISABLE: '1'})
+    done = run_python(code, tmp_path, {wbsr_hook.ENV_DISABLE: '1'})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split('\n')[:2] == ['[]', '[]']  # BasicSR imported; nothing of the plugin registered
+
+
+def test_hook_module_imports_nothing_at_start_up(tmp_path):
+    # The .pth line imports wbsr_hook in every Python process of the environment: it may load nothing
+    # beyond what the interpreter has already loaded, with the switch on or off.
+    code = f'''
+        import os, sys
+        sys.path.insert(0, {str(Path(wbsr_hook.__file__).parent)!r})
+        before = set(sys.modules)
+        import wbsr_hook
+        wbsr_hook.install()
+        print(sorted(set(sys.modules) - before))
+    '''
+    for switch in ('0', '1'):
+        done = subprocess.run([sys.executable, '-S', '-c', textwrap.dedent(code)], cwd=tmp_path, capture_output=True,
+                              text=True, timeout=60, env=dict(os.environ, **{wbsr_hook.ENV_DISABLE: switch}))
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.strip() == "['wbsr_hook']"
+
+
+def test_registration_does_not_import_matplotlib(tmp_path):
+    done = run_python('''
+        import sys
+        import wbsr_models, wbsr_data, wbsr_losses, wbsr_arch
+        print(sorted(m for m in ('matplotlib', 'sklearn') if m in sys.modules))
+    ''', tmp_path, {wbsr_hook.ENV_DISABLE: '1'})
     assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == 'False'
+    assert done.stdout.strip() == '[]'
 
 
 @needs_hook
@@ -160,3 +194,63 @@ def test_python_m_basicsr_train_trains_wbsr_with_bdloss_without_import_line(tmp_
     assert 'iter:       2' in log
     assert (tmp_path / 'experiments' / 'via_basicsr' / 'models' / 'net_g_latest.pth').is_file()
     assert not Path(sysconfig.get_paths()['purelib'], 'experiments', 'via_basicsr').exists()
+
+
+# ---- BasicSR's own runner with BasicSR's own model: HES progress and the tb_logger folder -------------------
+SRMODEL_RUN = 'hes_under_srmodel'
+
+
+@pytest.fixture(scope='module')
+def srmodel_hes_run(tmp_path_factory):
+    """`python -m basicsr.train` with SRModel, MSRResNet and HES (6 iterations, switch after 3), tensorboard on."""
+    root = tmp_path_factory.mktemp('srmodel')
+    data = write_pair_folder(root / 'data', n=2, size=(64, 64))
+    opt = tiny_train_options(data, SRMODEL_RUN, total_iter=6)
+    opt['model_type'] = 'SRModel'
+    opt['network_g'] = {'type': 'MSRResNet', 'num_feat': 8, 'num_block': 1}
+    opt['datasets']['train']['switch_ratio'] = 0.5
+    opt['logger']['use_tb_logger'] = True  # as in the shipped option files
+    (root / 'train.yml').write_text(yaml.safe_dump(opt))
+    env = {k: v for k, v in os.environ.items() if k != wbsr_hook.ENV_DISABLE}
+    done = subprocess.run([sys.executable, '-m', 'basicsr.train', '-opt', str(root / 'train.yml')], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=300)
+    stray = Path(sysconfig.get_paths()['purelib'], 'tb_logger', SRMODEL_RUN)
+    yield root, done, stray.exists()
+    if stray.exists():  # left by a BasicSR run that wrote into site-packages: do not keep it there
+        shutil.rmtree(stray)
+        if not any(stray.parent.iterdir()):
+            stray.parent.rmdir()
+
+
+@needs_hook
+def test_python_m_basicsr_train_writes_tb_logger_under_the_working_directory(srmodel_hes_run):
+    root, done, wrote_into_site_packages = srmodel_hes_run
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert not wrote_into_site_packages
+    assert list((root / 'tb_logger' / SRMODEL_RUN).glob('events.out.tfevents.*'))
+    assert (root / 'experiments' / SRMODEL_RUN / 'models' / 'net_g_latest.pth').is_file()
+    assert f'writing experiments/, results/ and tb_logger/ under {root}' in done.stderr
+
+
+@needs_hook
+def test_hes_switches_under_basicsr_srmodel_exactly_without_workers(srmodel_hes_run):
+    root, done, _ = srmodel_hes_run
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = next((root / 'experiments' / SRMODEL_RUN).glob('train_*.log')).read_text().splitlines()
+    assert 'Model [SRModel] is created.' in '\n'.join(lines)
+    assert not [line for line in lines if 'no training progress reported' in line]
+    switches = [i for i, line in enumerate(lines) if 'HES: class-level sampling from iteration' in line]
+    assert len(switches) == 1 and lines[switches[0]].endswith('HES: class-level sampling from iteration 4 of 6 on')
+    iters = {int(m.group(1)): i for i, line in enumerate(lines) for m in [re.search(r'iter:\s+(\d+),', line)] if m}
+    # the batch of iteration 4 is the first class-level one: made after iteration 3 was logged, before 4 ran
+    assert iters[3] < switches[0] < iters[4]
+
+
+@needs_hook
+def test_hes_logs_images_and_candidate_patches_apart(srmodel_hes_run):
+    root, done, _ = srmodel_hes_run
+    log = next((root / 'experiments' / SRMODEL_RUN).glob('train_*.log')).read_text()
+    found = re.search(r"HESPairedImageDataset 'tiny': (\d+) images, (\d+) candidate patches", log)
+    assert found and int(found.group(1)) == 2
+    assert f'Number of train images: {found.group(2)}' in log  # BasicSR's own line counts the candidates
+    assert int(found.group(2)) == 18  # 9 crops of 32 at stride 16 on each of the two images

@@ -1,8 +1,10 @@
 """BDLoss, the Balanced Diversity Loss of WBSR (Eq. 14 / 21; spec section 3)."""
 from __future__ import annotations
 
+import functools
+import inspect
 import math
-from typing import Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
@@ -15,6 +17,25 @@ from wbsr_losses.gmm import (COVARIANCE_TYPES, DEFAULT_BLUR_SIGMA, DEFAULT_COVAR
 
 _REDUCTIONS = ('none', 'mean', 'sum')
 _LOG_2PI = math.log(2 * math.pi)
+
+
+def _name_unknown_options(init: Callable[..., None]) -> Callable[..., None]:
+    """``__init__`` that refuses an unknown keyword (a typo in ``pixel_opt``) naming it and the accepted ones.
+
+    Python's own error names only the unexpected keyword; this one also lists what BDLoss takes. The
+    signature seen by ``inspect`` stays the keyword-only one of ``init``.
+    """
+    accepted = [name for name in inspect.signature(init).parameters if name != 'self']
+
+    @functools.wraps(init)
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        unknown = sorted(set(kwargs) - set(accepted))
+        if unknown:
+            raise TypeError(f'{type(self).__name__} got an unexpected keyword argument {unknown[0]!r} '
+                            f'(unknown option(s) {unknown}); accepted: {accepted}')
+        init(self, *args, **kwargs)
+
+    return __init__
 
 
 class BDLoss(nn.Module):
@@ -66,10 +87,12 @@ class BDLoss(nn.Module):
             Default: 'mean'.
 
     Raises:
+        TypeError: an unknown option; the message names it and the accepted ones.
         ValueError: no ``gmm_path``, an invalid option, or a GMM file of another label space or blur.
         CorruptFileError: the GMM file is unreadable or invalid (the message names it).
     """
 
+    @_name_unknown_options
     def __init__(self, *, gmm_path: Optional[str] = None, label_space: str = DEFAULT_LABEL_SPACE,
                  num_components: int = DEFAULT_NUM_COMPONENTS, covariance_type: str = DEFAULT_COVARIANCE_TYPE,
                  blur_sigma: float = DEFAULT_BLUR_SIGMA, gmm_pixels: int = DEFAULT_GMM_PIXELS, seed: int = DEFAULT_SEED,

@@ -350,9 +350,10 @@ def gmm_fit_options(loss_opt: Mapping[str, Any]) -> dict[str, Any]:
 
     from wbsr_losses.bd_loss import BDLoss
 
-    unknown = sorted(set(loss_opt) - set(inspect.signature(BDLoss).parameters) - {'type'})
+    accepted = ['type', *inspect.signature(BDLoss).parameters]
+    unknown = sorted(set(loss_opt) - set(accepted))
     if unknown:
-        raise TypeError(f'BDLoss options: unknown keys {unknown}')
+        raise TypeError(f'BDLoss options: unknown keys {unknown}; accepted: {accepted}')
     return {'label_space': loss_opt.get('label_space', DEFAULT_LABEL_SPACE),
             'num_components': int(loss_opt.get('num_components', DEFAULT_NUM_COMPONENTS)),
             'covariance_type': loss_opt.get('covariance_type', DEFAULT_COVARIANCE_TYPE),

@@ -68,7 +68,8 @@ def demo_options(data: str, iters: int) -> dict:
         'datasets': {'train': {
             'name': 'skimage_train', 'type': 'HESPairedImageDataset', **folders, 'io_backend': {'type': 'disk'},
             'gt_size': 64, 'use_hflip': True, 'use_rot': True, 'num_classes': 10, 'delta': 0.9, 'switch_ratio': 0.7,
-            'index_cache': os.path.join(data, 'hes_cache'), 'num_worker_per_gpu': 0, 'batch_size_per_gpu': 16}},
+            'index_cache': os.path.join(data, 'hes_cache'), 'cache_images': True, 'num_worker_per_gpu': 0,
+            'batch_size_per_gpu': 16}},
         'network_g': {'type': 'WBSRSRResNet', 'num_feat': 32, 'num_block': 8, 'upscale': SCALE,
                       'widths': [16, 24, 32], 'depths': [2, 4, 8]},
         'path': {'pretrain_network_g': None, 'strict_load_g': True, 'resume_state': None},

@@ -5,13 +5,13 @@ from typing import Optional, Sequence
 
 import cv2
 import numpy as np
-from matplotlib import colormaps
 
 from .router import RoutingResult
 
 
 def subnet_colors(num_subnets: int) -> np.ndarray:
     """BGR uint8 colours from green (smallest) through yellow to red (largest)."""
+    from matplotlib import colormaps  # here, not at import: registering the plugin must not load matplotlib
     rgb = colormaps['RdYlGn_r'](np.linspace(0.05, 0.95, max(1, num_subnets)))[:, :3]
     return (rgb[:, ::-1] * 255).round().astype(np.uint8)
 

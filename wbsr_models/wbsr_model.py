@@ -5,12 +5,17 @@ Only what differs from ``SRModel`` is overridden:
 - Training: each iteration chooses which subnets to train (``train: wbsr: subnet_sampling``), sets that
   plan on the network, and runs ``SRModel.optimize_parameters`` unchanged. The choice comes from a
   generator seeded by ``manual_seed`` and the iteration, so every DDP rank trains the same subnets.
-  After the step the model tells HES datasets the iteration (:func:`wbsr_data.set_train_progress`).
+  HES datasets learn the iteration from BasicSR's ``BaseModel`` itself (:mod:`wbsr_data.hes_dataset`),
+  as under any BasicSR model; the model also reports it after each step, for loops that call
+  ``optimize_parameters`` without ``update_learning_rate``.
 - BDLoss: without a ``gmm_path`` the mixture is fitted at start-up from the training set; its noise
   sigma gets its own Adam optimizer with a constant learning rate (not scheduled), stepped right after
   the network's, averaged over DDP ranks, and saved in the training state.
 - Checkpoints carry the difficulty thresholds and projection (``'wbsr'`` entry next to ``'params'``), so
-  a test run needs only the weights; they are written atomically and read with ``weights_only=True``.
+  a test run needs only the weights. Saving and loading are BasicSR's own methods (its retries on a
+  failed write, ``module.`` prefixes, ``params_ema``), called up: BasicSR writes into a temporary folder
+  beside the target, the model adds its entry and renames the file into place (atomic), and checks the
+  file with ``weights_only=True`` before BasicSR loads it.
 - Validation and ``basicsr/test.py``: :class:`~wbsr_models.router.Router` does the inference, and the
   log table gains the average GFLOPs, both FLOPs ratios and the share of patches per subnet; with
   ``save_img`` an allocation map is written beside every SR image.
@@ -20,11 +25,14 @@ routing is tiled inference.
 """
 from __future__ import annotations
 
+import contextlib
+import os
+import shutil
+import tempfile
 import time
-from collections import OrderedDict
 from copy import deepcopy
 from os import path as osp
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import numpy as np
 import torch
@@ -36,7 +44,7 @@ from basicsr.utils.dist_util import master_only
 from wbsr_arch.supernet import TileAssignment
 from wbsr_arch.tiles import TileGrid
 from wbsr_data.difficulty import DifficultyProjection, gradient_vectors
-from wbsr_data.fileio import torch_load, torch_save
+from wbsr_data.fileio import atomic_path, torch_load, torch_save
 from wbsr_data.hes_dataset import set_train_progress
 from wbsr_data.patch_index import load_or_build_index
 
@@ -76,7 +84,6 @@ class WBSRModel(SRModel):
         super().__init__(opt)
         if self.is_train:
             self.difficulty = load_or_build_index(opt['datasets']['train']).projection
-            set_train_progress(0, int(opt['train']['total_iter']))
         elif self.difficulty is None:
             get_root_logger().warning('the checkpoint holds no difficulty thresholds; routing fits them on each '
                                       "test image's own patches")
@@ -213,23 +220,50 @@ class WBSRModel(SRModel):
             'scale': int(self.opt['scale']),
         }
 
+    @contextlib.contextmanager
+    def _basicsr_writes_into(self, path_key: str, target: str) -> Iterator[str]:
+        """Let BasicSR's save method write into a new hidden folder beside ``target``; yields that folder.
+
+        BasicSR's methods write to ``opt['path'][path_key]``: for the call, the model's ``opt`` is a copy
+        with that one path changed (the option dict itself is not touched). The folder is removed after.
+        """
+        folder = tempfile.mkdtemp(prefix=f'.{osp.basename(target)}.', suffix='.tmp', dir=osp.dirname(target))
+        original = self.opt
+        self.opt = {**original, 'path': {**original['path'], path_key: folder}}
+        try:
+            yield folder
+        finally:
+            self.opt = original
+            shutil.rmtree(folder, ignore_errors=True)
+
+    @staticmethod
+    def _put_in_place(written: str, target: str, extras: Optional[dict[str, Any]]) -> None:
+        """Move what BasicSR wrote to ``target`` atomically, with ``extras`` added to the saved dict."""
+        if not osp.isfile(written):
+            return  # BasicSR gave up after its retries and said so in the log ("Still cannot save ...")
+        if extras:
+            saved = torch_load(written)
+            saved.update(extras)
+            torch_save(saved, target)
+        else:
+            with atomic_path(target) as tmp:
+                os.replace(written, tmp)
+
     @master_only
     def save_network(self, net, net_label, current_iter, param_key='params') -> None:
+        """BasicSR's ``save_network``, plus the ``'wbsr'`` entry; the file appears atomically."""
         label = 'latest' if current_iter == -1 else current_iter
-        nets = net if isinstance(net, list) else [net]
-        keys = param_key if isinstance(param_key, list) else [param_key]
-        if len(nets) != len(keys):
-            raise ValueError('save_network: as many param keys as networks are needed')
-        save_dict: dict[str, Any] = {}
-        for net_, key in zip(nets, keys):
-            state = self.get_bare_model(net_).state_dict()
-            save_dict[key] = OrderedDict((k[7:] if k.startswith('module.') else k, v.cpu()) for k, v in state.items())
-        save_dict['wbsr'] = self.wbsr_state()
-        torch_save(save_dict, osp.join(self.opt['path']['models'], f'{net_label}_{label}.pth'))
+        target = osp.join(self.opt['path']['models'], f'{net_label}_{label}.pth')
+        with self._basicsr_writes_into('models', target) as folder:
+            super().save_network(net, net_label, current_iter, param_key)
+            self._put_in_place(osp.join(folder, osp.basename(target)), target, {'wbsr': self.wbsr_state()})
 
     def load_network(self, net, load_path, strict=True, param_key='params') -> None:
-        logger = get_root_logger()
-        net = self.get_bare_model(net)
+        """BasicSR's ``load_network``, after a safe read of the file that also takes the ``'wbsr'`` entry.
+
+        The file is first read with ``weights_only=True`` (a pickled object or a truncated file is refused
+        by name, before BasicSR unpickles anything) and the difficulty thresholds are taken from it.
+        """
         checkpoint = torch_load(load_path)
         if not isinstance(checkpoint, dict):
             raise ValueError(f'{load_path}: not a BasicSR checkpoint (a dict of state dicts)')
@@ -239,31 +273,23 @@ class WBSRModel(SRModel):
                 self.difficulty = DifficultyProjection.from_dict(extras['difficulty'])
             except ValueError as exc:
                 raise ValueError(f'{load_path}: {exc}') from None
-        if param_key is not None:
-            if param_key not in checkpoint and 'params' in checkpoint:
-                logger.info(f'Loading: {param_key} does not exist, use params.')
-                param_key = 'params'
-            if param_key not in checkpoint:
-                raise ValueError(f'{load_path}: no {param_key!r} entry (keys: {sorted(checkpoint)})')
-            checkpoint = checkpoint[param_key]
-        state = OrderedDict((k[7:] if k.startswith('module.') else k, v) for k, v in checkpoint.items())
-        logger.info(f'Loading {net.__class__.__name__} model from {load_path}, with param key: [{param_key}].')
-        self._print_different_keys_loading(net, state, strict)
-        net.load_state_dict(state, strict=strict)
+        if param_key is not None and param_key not in checkpoint and 'params' not in checkpoint:
+            raise ValueError(f'{load_path}: no {param_key!r} entry (keys: {sorted(checkpoint)})')
+        super().load_network(net, load_path, strict, param_key)
 
     @master_only
     def save_training_state(self, epoch, current_iter) -> None:
+        """BasicSR's ``save_training_state``, plus BDLoss's learnt sigma; the file appears atomically."""
         if current_iter == -1:
             return
-        state: dict[str, Any] = {
-            'epoch': epoch, 'iter': current_iter,
-            'optimizers': [o.state_dict() for o in self.optimizers],
-            'schedulers': [s.state_dict() for s in self.schedulers],
-        }
+        target = osp.join(self.opt['path']['training_states'], f'{current_iter}.state')
+        extras = None
         if self.optimizer_sigma is not None:
-            state['wbsr'] = {'noise_sigma': self.cri_pix.noise_sigma.detach().cpu().clone(),
-                             'optimizer_sigma': self.optimizer_sigma.state_dict()}
-        torch_save(state, osp.join(self.opt['path']['training_states'], f'{current_iter}.state'))
+            extras = {'wbsr': {'noise_sigma': self.cri_pix.noise_sigma.detach().cpu().clone(),
+                               'optimizer_sigma': self.optimizer_sigma.state_dict()}}
+        with self._basicsr_writes_into('training_states', target) as folder:
+            super().save_training_state(epoch, current_iter)
+            self._put_in_place(osp.join(folder, osp.basename(target)), target, extras)
 
     def resume_training(self, resume_state) -> None:
         super().resume_training(resume_state)
@@ -272,7 +298,6 @@ class WBSRModel(SRModel):
             with torch.no_grad():
                 self.cri_pix.noise_sigma.copy_(extras['noise_sigma'])
             self.optimizer_sigma.load_state_dict(extras['optimizer_sigma'])
-        set_train_progress(int(resume_state['iter']), int(self.opt['train']['total_iter']))
 
     # ---- test time -----------------------------------------------------------------------------------
     def feed_data(self, data) -> None:
@@ -368,17 +393,9 @@ class WBSRModel(SRModel):
         return text
 
     def _log_validation_metric_values(self, current_iter, dataset_name, tb_logger) -> None:
-        log_str = f'Validation {dataset_name}\n'
-        for metric, value in self.metric_results.items():
-            log_str += f'\t # {metric}: {value:.4f}'
-            if hasattr(self, 'best_metric_results'):
-                best = self.best_metric_results[dataset_name][metric]
-                log_str += f"\tBest: {best['val']:.4f} @ {best['iter']} iter"
-            log_str += '\n'
+        """BasicSR's metric log and tensorboard scalars, then the routing figures of the same validation."""
+        super()._log_validation_metric_values(current_iter, dataset_name, tb_logger)
         if self._route_log:
-            log_str += self._routing_summary(current_iter, tb_logger, dataset_name)
+            get_root_logger().info(f'Routing {dataset_name}\n' + self._routing_summary(current_iter, tb_logger,
+                                                                                       dataset_name))
             self._val_context['logged'] = True
-        get_root_logger().info(log_str)
-        if tb_logger:
-            for metric, value in self.metric_results.items():
-                tb_logger.add_scalar(f'metrics/{dataset_name}/{metric}', value, current_iter)
