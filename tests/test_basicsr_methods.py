@@ -116,4 +116,4 @@ def test_validation_log_is_basicsr_s_plus_the_routing_figures(tmp_path, data, mo
     assert calls == [(5, 'tinyval')]
     log = basicsr_log.text
     assert 'Validation tinyval\n\t # psnr: ' in log and '\tBest: ' in log  # BasicSR's own lines
-    assert log.index('# psnr:') < log.index('Routing tinyval\n\t # gflops: ') < log.index('# subnet_share (wbsr):')
+    assert log.index('# psnr:') < log.index('Routing tinyval\n\t # gflops: ') < log.index('# subnet_share (wbsr, tiles):')
