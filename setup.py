@@ -61,6 +61,7 @@ INSTALL_REQUIRES = [
     'scikit-image>=0.21',
     'pyyaml>=6.0',
     'matplotlib>=3.7',
+    'pillow>=9.1',  # image headers (size before decoding) and EXIF orientation
     'tqdm>=4.64',
 ]
 TEST_REQUIRES = ['pytest>=7.4', 'hypothesis>=6.80']

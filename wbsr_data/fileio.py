@@ -3,8 +3,9 @@
 Nothing here uses pickle: arrays go to ``.npz`` (loaded with ``allow_pickle=False``) with their metadata
 as a JSON string inside, and checkpoints are loaded with ``torch.load(weights_only=True)``. Every write
 goes to a temporary file in the target directory and is then renamed over the target, so a crash while
-saving never leaves a broken file in place of a good one. A truncated, corrupt or foreign file is refused
-with :class:`CorruptFileError`, which names it.
+saving never leaves a broken file in place of a good one; the file gets the permissions of any new file
+under the process's umask (0644 under umask 022), so a team sharing an experiments folder can read it.
+A truncated, corrupt or foreign file is refused with :class:`CorruptFileError`, which names it.
 """
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ import contextlib
 import json
 import os
 import pickle
-import tempfile
+import secrets
+import warnings
 import zipfile
 from typing import Any, Iterator, Mapping, Optional, Sequence
 
@@ -31,13 +33,36 @@ class CorruptFileError(ValueError):
         self.reason = reason
 
 
+def first_line(exc: BaseException) -> str:
+    """The first non-empty line of an exception's message, or its class name when the message is empty."""
+    for line in str(exc).splitlines():
+        if line.strip():
+            return line.strip()
+    return type(exc).__name__
+
+
+def _new_temp_file(directory: str, name: str) -> str:
+    """Create an empty, uniquely named file in ``directory``, mode 0666 less the umask (like any new file).
+
+    ``tempfile.mkstemp`` would create it 0600 whatever the umask, and the rename would carry that over.
+    """
+    for _ in range(100):
+        tmp = os.path.join(directory, f'.{name}.{secrets.token_hex(4)}.tmp')
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        except FileExistsError:
+            continue
+        os.close(fd)
+        return tmp
+    raise FileExistsError(f'{directory}: no free temporary file name for {name}')
+
+
 @contextlib.contextmanager
 def atomic_path(path: str) -> Iterator[str]:
     """Yield a temporary path next to ``path``; on success rename it over ``path``, else delete it."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f'.{os.path.basename(path)}.', suffix='.tmp', dir=directory)
-    os.close(fd)
+    tmp = _new_temp_file(directory, os.path.basename(path))
     try:
         yield tmp
         with open(tmp, 'rb') as f:
@@ -92,16 +117,50 @@ def torch_save(obj: Any, path: str) -> None:
 
 
 def torch_load(path: str, map_location: Any = 'cpu') -> Any:
-    """``torch.load(weights_only=True)``: tensors and plain containers only, never code."""
+    """``torch.load(weights_only=True)``: tensors and plain containers only, never code.
+
+    Whatever goes wrong while reading the file (a truncated zip, a flipped byte in the pickle, an empty or
+    text file: torch raises anything from ``RuntimeError`` to ``IndexError``, ``UnicodeDecodeError`` or
+    ``struct.error``) is a :class:`CorruptFileError` naming the file. The caller checks the structure.
+    """
     if not os.path.isfile(path):
         raise FileNotFoundError(f'{path}: no such file')
+    if os.path.getsize(path) == 0:
+        raise CorruptFileError(path, 'empty file')
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():  # e.g. "Detected pickle protocol 160" on a damaged pickle header
+            warnings.simplefilter('ignore')
+            return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
         raise CorruptFileError(path, f'refused by the safe loader, it holds objects other than tensors and '
-                               f'plain containers ({str(exc).splitlines()[0]})') from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as exc:
-        raise CorruptFileError(path, f'truncated or corrupt checkpoint ({str(exc).splitlines()[0]})') from None
+                               f'plain containers ({first_line(exc)})') from None
+    except Exception as exc:  # noqa: BLE001  (any parse failure of an untrusted file means a corrupt file)
+        detail = first_line(exc)
+        if not isinstance(exc, (RuntimeError, OSError)) and detail != type(exc).__name__:
+            detail = f'{type(exc).__name__}: {detail}'  # "KeyError: 101" says more than "101"
+        raise CorruptFileError(path, f'truncated or corrupt checkpoint ({detail})') from None
+
+
+def write_bytes(path: str, data: bytes) -> None:
+    """Atomically write ``data`` to ``path``."""
+    with atomic_path(path) as tmp:
+        with open(tmp, 'wb') as f:
+            f.write(data)
+
+
+def ensure_writable_dir(path: str, flag: str) -> None:
+    """Create the folder ``path`` if needed and check that a file can be created in it.
+
+    Raises ``OSError`` with a one-line message naming ``flag`` and the path: an existing file in its place,
+    a read-only or permission-denied folder. Run before any work, so a bad output folder costs nothing.
+    """
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise OSError(f'{flag} {path}: exists and is not a folder')
+    try:
+        os.makedirs(path, exist_ok=True)
+        os.remove(_new_temp_file(path, 'write-check'))
+    except OSError as exc:
+        raise OSError(f'{flag} {path}: cannot write there ({exc.strerror or first_line(exc)})') from None
 
 
 def save_json(path: str, obj: Any) -> None:

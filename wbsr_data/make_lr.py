@@ -5,15 +5,23 @@ scales, so one HR folder serves every scale) and ``DATASET/LR_bicubic/X{s}/`` (M
 downsampling with antialiasing, ``basicsr.utils.matlab_functions.imresize``, rounded to 8 bits): the
 protocol behind every published SR table (spec section 9). Several ``--hr`` folders are merged (T91 and
 BSD200 into one training pool, say). Grayscale and RGBA files become 3-channel images, as BasicSR reads
-them. Files are written atomically; an unreadable input is reported and skipped.
+them, and the EXIF orientation is applied as image viewers apply it (one line per converted image says so).
+
+Nothing is ever written over an input: an output folder that is an ``--hr`` folder, or two inputs that
+would be written under one name (``a.jpg`` and ``a.png``, or ``x.png`` in two ``--hr`` folders), are
+refused before any work. An image that is unreadable, larger than ``--max-pixels`` (checked on its header,
+before decoding) or too small for the scales is reported and skipped; every image written has all its
+files (HR and each LR are computed first, then written atomically together).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import sys
-from typing import Optional, Sequence
+from collections import defaultdict
+from typing import Callable, Optional, Sequence
 
 import cv2
 import numpy as np
@@ -25,10 +33,18 @@ wbsr_hook.prepare_basicsr_import()
 
 from basicsr.utils.matlab_functions import imresize  # noqa: E402
 
-from .fileio import atomic_path  # noqa: E402
-from .pairs import ImageFileError, decode_image  # noqa: E402
+from .fileio import atomic_path, ensure_writable_dir, first_line  # noqa: E402
+from .pairs import ImageFileError, ImageTooLargeError, decode_image  # noqa: E402
 
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff', '.webp')
+# HR pixels. A 4096x4096 image peaked at 1680 MB resident, 713 MB above the bare process (measured); at this
+# limit that is about 2.9 GB above it (extrapolated).
+DEFAULT_MAX_PIXELS = 8192 * 8192
+MIN_LR_SIDE = 2  # BasicSR's imresize fails on a 1-pixel output side
+
+
+class OutputWriteError(OSError):
+    """Writing an output file failed (disk full, folder removed); the run stops, earlier files stay."""
 
 
 def bicubic_lr(hr: np.ndarray, scale: int) -> np.ndarray:
@@ -37,47 +53,138 @@ def bicubic_lr(hr: np.ndarray, scale: int) -> np.ndarray:
     return (np.clip(lr, 0, 1) * 255.).round().astype(np.uint8)
 
 
-def write_png(path: str, img: np.ndarray) -> None:
+def encode_png(path: str, img: np.ndarray) -> bytes:
     ok, buf = cv2.imencode('.png', img)
     if not ok:
         raise OSError(f'{path}: PNG encoding failed')
+    return buf.tobytes()
+
+
+def write_png(path: str, img: np.ndarray) -> None:
+    data = encode_png(path, img)
     with atomic_path(path) as tmp:
         with open(tmp, 'wb') as f:
-            f.write(buf.tobytes())
+            f.write(data)
 
 
-def make_dataset(hr_dirs: Sequence[str], out: str, scales: Sequence[int], quiet: bool = False) -> dict[str, int]:
-    """Fill ``out/HR`` and ``out/LR_bicubic/X{s}``; returns counts of written and skipped images."""
+def write_together(files: dict[str, bytes]) -> None:
+    """Write every ``path: bytes`` atomically; the renames happen only once every file is on disk."""
+    with contextlib.ExitStack() as stack:
+        for path, data in files.items():
+            tmp = stack.enter_context(atomic_path(path))
+            try:
+                with open(tmp, 'wb') as f:
+                    f.write(data)
+            except OSError as exc:
+                raise OutputWriteError(f'cannot write {path} ({exc.strerror or first_line(exc)})') from None
+
+
+def list_images(folder: str) -> list[str]:
+    """Image files (by extension) directly in ``folder``, sorted by name."""
+    return [os.path.join(folder, f) for f in sorted(os.listdir(folder))
+            if f.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(os.path.join(folder, f))]
+
+
+def same_path(a: str, b: str) -> bool:
+    """Whether two paths name the same existing file or folder (links included)."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def output_collisions(inputs: Sequence[str], output_names: Callable[[str], Sequence[str]]) -> list[str]:
+    """Messages for outputs that two inputs would both write (``a.jpg``/``a.png`` -> ``a.png``)."""
+    writers: dict[str, list[str]] = defaultdict(list)
+    for path in inputs:
+        for name in output_names(path):
+            writers[os.path.normcase(name)].append(path)
+    return [f'{" and ".join(paths)} would both be written as {name}' for name, paths in writers.items()
+            if len(paths) > 1]
+
+
+def check_outputs(hr_dirs: Sequence[str], files: Sequence[str], out: str, scales: Sequence[int]) -> None:
+    """Refuse, before any work, a run that would write over an input or write one name twice."""
+    out_dirs = [os.path.join(out, 'HR')] + [os.path.join(out, 'LR_bicubic', f'X{s}') for s in scales]
+    for folder in hr_dirs:
+        for out_dir in out_dirs:
+            if same_path(folder, out_dir):
+                raise ValueError(f'--out {out} would write {out_dir}, which is the --hr folder {folder}: its images '
+                                 'would be overwritten; choose another --out')
+    clashes = output_collisions(files, lambda p: [os.path.splitext(os.path.basename(p))[0] + '.png'])
+    if clashes:
+        more = f' (and {len(clashes) - 3} more)' if len(clashes) > 3 else ''
+        raise ValueError(f'{"; ".join(clashes[:3])}{more}: rename them; nothing was written')
+    inputs = {(st.st_dev, st.st_ino) for st in map(os.stat, files)}
+    for path in files:
+        name = os.path.splitext(os.path.basename(path))[0] + '.png'
+        for out_dir in out_dirs:
+            target = os.path.join(out_dir, name)
+            if os.path.exists(target) and (os.stat(target).st_dev, os.stat(target).st_ino) in inputs:
+                raise ValueError(f'{target} is one of the inputs (a link to it): it would be overwritten; choose '
+                                 'another --out')
+
+
+def skip_reason(path: str, exc: BaseException) -> str:
+    """One line saying why an input was skipped, naming it (and ``--max-pixels`` for an oversized one)."""
+    if isinstance(exc, ImageTooLargeError):
+        return exc.describe('--max-pixels')
+    if isinstance(exc, ImageFileError):
+        return str(exc)
+    if isinstance(exc, MemoryError) or 'alloc' in str(exc).lower():
+        return f'{path}: out of memory ({first_line(exc)}); a lower --max-pixels skips such images up front'
+    return f'{path}: {first_line(exc)}'
+
+
+def make_dataset(hr_dirs: Sequence[str], out: str, scales: Sequence[int], quiet: bool = False,
+                 max_pixels: Optional[int] = DEFAULT_MAX_PIXELS) -> dict[str, int]:
+    """Fill ``out/HR`` and ``out/LR_bicubic/X{s}``; returns counts of written and skipped images.
+
+    Raises ``ValueError`` / ``OSError`` before any work for bad arguments (see the module docstring), and
+    :class:`OutputWriteError` when a write fails midway (the images written before it are complete).
+    """
     scales = sorted({int(s) for s in scales})
     if not scales or scales[0] < 1:
-        raise ValueError(f'scales must be positive integers, got {scales}')
+        raise ValueError(f'--scales must be positive integers, got {scales}')
+    if max_pixels is not None and max_pixels < 1:
+        raise ValueError(f'--max-pixels must be >= 1, got {max_pixels}')
     mod = math.lcm(*scales)
     files = []
     for folder in hr_dirs:
         if not os.path.isdir(folder):
             raise FileNotFoundError(f'--hr {folder}: not a folder')
-        files += [os.path.join(folder, f) for f in sorted(os.listdir(folder)) if f.lower().endswith(IMAGE_EXTENSIONS)]
+        files += list_images(folder)
     if not files:
-        raise ValueError(f'no images in {", ".join(hr_dirs)}')
+        raise ValueError(f'no images ({", ".join(IMAGE_EXTENSIONS)}) in {", ".join(hr_dirs)}')
+    check_outputs(hr_dirs, files, out, scales)
+    ensure_writable_dir(out, '--out')
     written = skipped = 0
+    min_hr = max(mod, MIN_LR_SIDE * scales[-1])
     for path in tqdm(files, desc=f'making LR x{"/".join(map(str, scales))}', unit='img', disable=quiet or None):
         name = os.path.splitext(os.path.basename(path))[0] + '.png'
+        notes: list[str] = []
         try:
             with open(path, 'rb') as f:
-                hr = decode_image(f.read(), path)
-        except (OSError, ImageFileError) as exc:
-            print(f'wbsr-make-lr: skipped {exc}', file=sys.stderr)
+                hr = decode_image(f.read(), path, max_pixels=max_pixels, notes=notes)
+            h, w = hr.shape[0] - hr.shape[0] % mod, hr.shape[1] - hr.shape[1] % mod
+            if min(h, w) < min_hr:
+                raise ImageFileError(f'{path}: {hr.shape[1]}x{hr.shape[0]} is too small for x{scales[-1]} (the '
+                                     f'mod-cropped HR must be at least {min_hr} pixels a side)')
+            hr = hr[:h, :w]
+            files_out = {os.path.join(out, 'HR', name): encode_png(name, (hr * 255.).round().astype(np.uint8))}
+            for s in scales:
+                files_out[os.path.join(out, 'LR_bicubic', f'X{s}', name)] = encode_png(name, bicubic_lr(hr, s))
+        except (OSError, ImageFileError, RuntimeError, MemoryError) as exc:
+            tqdm.write(f'wbsr-make-lr: skipped {skip_reason(path, exc)}', file=sys.stderr)
             skipped += 1
             continue
-        h, w = hr.shape[0] - hr.shape[0] % mod, hr.shape[1] - hr.shape[1] % mod
-        if h == 0 or w == 0:
-            print(f'wbsr-make-lr: skipped {path}: smaller than {mod} pixels', file=sys.stderr)
-            skipped += 1
-            continue
-        hr = hr[:h, :w]
-        write_png(os.path.join(out, 'HR', name), (hr * 255.).round().astype(np.uint8))
-        for s in scales:
-            write_png(os.path.join(out, 'LR_bicubic', f'X{s}', name), bicubic_lr(hr, s))
+        del hr
+        try:
+            write_together(files_out)
+        except OutputWriteError as exc:
+            raise OutputWriteError(f'{exc}; stopped, the {written} images written before are complete') from None
+        for text in notes:
+            tqdm.write(f'wbsr-make-lr: {path}: {text}', file=sys.stderr)
         written += 1
     return {'written': written, 'skipped': skipped}
 
@@ -87,9 +194,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument('--hr', action='append', required=True, help='folder of HR images (repeatable)')
     parser.add_argument('--out', required=True, help='dataset folder to write HR/ and LR_bicubic/X*/ into')
     parser.add_argument('--scales', type=int, nargs='+', default=[2, 4], help='scales (default: 2 4)')
+    parser.add_argument('--max-pixels', type=int, default=DEFAULT_MAX_PIXELS,
+                        help=f'skip HR images larger than this many pixels (default: {DEFAULT_MAX_PIXELS})')
     args = parser.parse_args(argv)
     try:
-        counts = make_dataset(args.hr, args.out, args.scales)
+        counts = make_dataset(args.hr, args.out, args.scales, max_pixels=args.max_pixels)
     except (OSError, ValueError) as exc:
         print(f'wbsr-make-lr: {exc}', file=sys.stderr)
         return 2

@@ -4,15 +4,20 @@ The path listing is BasicSR's own (``paired_paths_from_folder`` / ``_from_lmdb``
 ``_from_meta_info_file``); what this module adds is the checks BasicSR leaves to assertions or to a
 crash deep inside OpenCV: an empty folder, an unreadable file, a missing lmdb key, an LR/GT pair whose
 sizes do not match the scale. Grayscale, RGBA and 16-bit files are converted to 3-channel float32 BGR
-in [0, 1] with a logged note.
+in [0, 1] with a note; the EXIF orientation is applied as image viewers apply it; the size an image
+declares in its header can be checked against a limit before anything is decoded.
 """
 from __future__ import annotations
 
+import io
 import os
+import re
+import warnings
 from typing import Any, Mapping, Optional
 
 import cv2
 import numpy as np
+from PIL import Image, UnidentifiedImageError
 
 from basicsr.data.data_util import (paired_paths_from_folder, paired_paths_from_lmdb,
                                     paired_paths_from_meta_info_file)
@@ -21,6 +26,23 @@ from basicsr.utils import FileClient, get_root_logger
 
 class ImageFileError(ValueError):
     """An image (or lmdb key) of a dataset cannot be used; the message names it."""
+
+
+class ImageTooLargeError(ImageFileError):
+    """An image declares more pixels than allowed; raised before it is decoded."""
+
+    def __init__(self, name: str, pixels: int, max_pixels: int, size: Optional[tuple[int, int]] = None) -> None:
+        self.name, self.pixels, self.max_pixels, self.size = name, pixels, max_pixels, size
+        super().__init__(self.describe('the limit of'))
+
+    def describe(self, limit: str) -> str:
+        """The message with the limit named as ``limit`` (a command-line tool names its flag)."""
+        size = f'{self.size[0]}x{self.size[1]} is {self.pixels} pixels' if self.size else None
+        what = size or f'declares {self.pixels} pixels'
+        return f'{self.name}: {what}, more than {limit} {self.max_pixels}'
+
+
+EXIF_ORIENTATION = 0x0112
 
 
 _noted: set[str] = set()
@@ -68,30 +90,106 @@ def make_file_client(opt: Mapping[str, Any]) -> FileClient:
     return FileClient(kind, **backend)
 
 
-def decode_image(content: Optional[bytes], name: str) -> np.ndarray:
-    """Decode image bytes to float32 BGR HWC in [0, 1], 3 channels; ``name`` is used in errors and notes."""
+def _header(content: bytes, name: str, max_pixels: Optional[int]) -> Optional[tuple[int, int, int]]:
+    """``(width, height, EXIF orientation)`` read from the image header alone, or ``None`` for a format PIL
+    does not know (OpenCV then decodes it, under its own 2^30-pixel limit).
+
+    Raises :class:`ImageTooLargeError` for more than ``max_pixels`` before anything else is read: PIL's
+    ``open`` parses the header only, and the EXIF block is read without decoding pixels (``Image.getexif``
+    of the base class: PNG's own would decode the whole image to look for an eXIf chunk after the data).
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore', Image.DecompressionBombWarning)
+        try:
+            img = Image.open(io.BytesIO(content))
+        except Image.DecompressionBombError as exc:  # over PIL's own limit (about 179 M pixels), size not given
+            found = re.search(r'\((\d+) pixels\)', str(exc))
+            pixels = int(found.group(1)) if found else 2 * (Image.MAX_IMAGE_PIXELS or 0) + 1
+            if max_pixels is not None and pixels > max_pixels:
+                raise ImageTooLargeError(name, pixels, max_pixels) from None
+            return None  # allowed by the caller: OpenCV decodes it (without the orientation)
+        except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
+            return None
+    with img:
+        width, height = img.size
+        if max_pixels is not None and width * height > max_pixels:
+            raise ImageTooLargeError(name, width * height, max_pixels, (width, height))
+        try:
+            orientation = int(Image.Image.getexif(img).get(EXIF_ORIENTATION) or 1)
+        except Exception:  # noqa: BLE001  (a damaged EXIF block: shown as stored, as viewers do)
+            orientation = 1
+    return width, height, orientation if 1 <= orientation <= 8 else 1
+
+
+def apply_orientation(img: np.ndarray, orientation: int) -> np.ndarray:
+    """Turn an image as stored into the image as shown, for an EXIF orientation tag 1..8 (PIL's
+    ``ImageOps.exif_transpose``, on arrays of any dtype and channel count)."""
+    ops = {
+        2: lambda a: a[:, ::-1],  # mirrored
+        3: lambda a: a[::-1, ::-1],  # upside down
+        4: lambda a: a[::-1],  # mirrored and upside down
+        5: lambda a: a.swapaxes(0, 1),  # transposed
+        6: lambda a: a.swapaxes(0, 1)[:, ::-1],  # rotated 90 degrees clockwise to be shown
+        7: lambda a: a[::-1, ::-1].swapaxes(0, 1),  # transverse
+        8: lambda a: a.swapaxes(0, 1)[::-1],  # rotated 90 degrees counter-clockwise to be shown
+    }
+    return np.ascontiguousarray(ops[orientation](img)) if orientation in ops else img
+
+
+def decode_image(content: Optional[bytes], name: str, max_pixels: Optional[int] = None,
+                 notes: Optional[list[str]] = None) -> np.ndarray:
+    """Decode image bytes to float32 BGR HWC in [0, 1], 3 channels, in the orientation viewers show.
+
+    Args:
+        content: The file's bytes.
+        name: Used in errors and notes.
+        max_pixels: If given, an image whose header declares more pixels is refused with
+            :class:`ImageTooLargeError` before it is decoded (a 74-byte PNG can declare 100000x100000).
+        notes: If given, what was converted (grayscale, alpha, 16-bit, EXIF orientation) is appended here,
+            for a command-line tool to print; otherwise grayscale and alpha are logged once per message.
+    """
     if content is None:
         raise ImageFileError(f'{name}: not found')
+    if not content:
+        raise ImageFileError(f'{name}: empty file, not an image')
+    header = _header(content, name, max_pixels)
+    orientation = header[2] if header is not None else 1
     buf = np.frombuffer(content, np.uint8)
-    img = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED) if buf.size else None
+    try:
+        img = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)  # never applies the EXIF orientation: done below
+    except cv2.error as exc:
+        raise ImageFileError(f'{name}: not a readable image ({str(exc).strip().splitlines()[-1]})') from None
     if img is None:
         raise ImageFileError(f'{name}: not a readable image')
+    if max_pixels is not None and header is None and img.shape[0] * img.shape[1] > max_pixels:
+        raise ImageTooLargeError(name, img.shape[0] * img.shape[1], max_pixels, (img.shape[1], img.shape[0]))
+
+    def note(text: str, log: bool = True) -> None:
+        if notes is not None:
+            notes.append(text)
+        elif log:
+            _note_once(f'{name}: {text}')
+
     if img.dtype == np.uint16:
+        note('16-bit, written as 8-bit', log=False)
         img = img.astype(np.float32) / 65535.
     elif img.dtype == np.uint8:
         img = img.astype(np.float32) / 255.
     else:
         raise ImageFileError(f'{name}: unsupported pixel type {img.dtype}')
     if img.ndim == 2:
-        _note_once(f'{name}: grayscale, converted to 3 channels')
+        note('grayscale, converted to 3 channels')
         img = np.repeat(img[..., None], 3, axis=2)
     elif img.shape[2] == 4:
-        _note_once(f'{name}: RGBA, alpha channel dropped')
+        note('RGBA, alpha channel dropped')
         img = img[..., :3]
     elif img.shape[2] == 1:
         img = np.repeat(img, 3, axis=2)
     elif img.shape[2] != 3:
         raise ImageFileError(f'{name}: {img.shape[2]} channels, expected 1, 3 or 4')
+    if orientation != 1:
+        note(f'EXIF orientation {orientation} applied', log=False)
+        img = apply_orientation(img, orientation)
     return np.ascontiguousarray(img)
 
 

@@ -5,7 +5,13 @@
 The network is rebuilt from the checkpoint's own ``'wbsr'`` entry (network options, scale, difficulty
 thresholds); for a plain BasicSR checkpoint pass the option file it was trained with (``-opt``). One line
 per image gives the FLOPs (against the full network on the same patches, and run once on the whole image)
-and the seconds; unreadable files are reported and skipped.
+and the seconds.
+
+Hostile input is refused with one line naming the file or flag, before any work where it can be: an output
+folder that holds an input, two inputs that would be written under one name, a folder that cannot be
+written, a corrupt checkpoint or option file, flags that do not fit the mode, a missing GPU. Inside a
+folder, one bad image (unreadable, larger than ``--max-pixels`` by its header, out of memory) is skipped by
+name and the others are written; the EXIF orientation is applied as image viewers apply it.
 """
 from __future__ import annotations
 
@@ -13,7 +19,8 @@ import argparse
 import os
 import sys
 import time
-from typing import Optional, Sequence
+from collections.abc import Mapping
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
@@ -25,50 +32,280 @@ import wbsr_hook
 wbsr_hook.prepare_basicsr_import()
 
 from basicsr.archs import build_network  # noqa: E402
-from basicsr.utils import imwrite, tensor2img  # noqa: E402
 from basicsr.utils.options import ordered_yaml  # noqa: E402
 
 import wbsr_models  # noqa: E402,F401  (registration)
 from wbsr_data.difficulty import DifficultyProjection  # noqa: E402
-from wbsr_data.fileio import CorruptFileError, torch_load  # noqa: E402
-from wbsr_data.make_lr import IMAGE_EXTENSIONS  # noqa: E402
-from wbsr_data.pairs import ImageFileError, decode_image  # noqa: E402
+from wbsr_data.fileio import CorruptFileError, ensure_writable_dir, first_line, torch_load, write_bytes  # noqa: E402
+from wbsr_data.make_lr import IMAGE_EXTENSIONS, encode_png, list_images, output_collisions  # noqa: E402
+from wbsr_data.pairs import ImageFileError, ImageTooLargeError, decode_image  # noqa: E402
 
 from .router import Router, RoutingOptions  # noqa: E402
 from .visualize import allocation_map, subnet_labels  # noqa: E402
 
+DEFAULT_MAX_PIXELS = 4096 * 4096  # LR pixels; the x4 output alone is then 3.2 GB as float32
+BAND_PIXELS = 1 << 22  # output pixels converted to 8 bits at a time
+
+
+class UsageError(ValueError):
+    """A command-line argument does not fit; the message names the flag."""
+
+
+class OptionFileError(ValueError):
+    """An option file is unreadable or its options do not fit; the message names the file and the key."""
+
+    def __init__(self, path: str, reason: str) -> None:
+        super().__init__(f'{path}: {reason}')
+        self.path, self.reason = path, reason
+
+
+def read_option_file(path: str) -> dict:
+    """A YAML option file as BasicSR reads it, with one-line errors naming it."""
+    if not os.path.isfile(path):
+        raise OptionFileError(path, 'no such option file')
+    try:
+        with open(path, encoding='utf-8') as f:
+            opt = yaml.load(f, Loader=ordered_yaml()[0])
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, 'problem_mark', None)
+        where = f' at line {mark.line + 1}, column {mark.column + 1}' if mark is not None else ''
+        raise OptionFileError(path, f'not valid YAML ({getattr(exc, "problem", None) or first_line(exc)}{where})') \
+            from None
+    except UnicodeDecodeError:
+        raise OptionFileError(path, 'not a text file') from None
+    if not isinstance(opt, Mapping):
+        raise OptionFileError(path, 'not a mapping of options')
+    return dict(opt)
+
+
+def network_option_problem(opt: Mapping[str, Any]) -> Optional[str]:
+    """What is wrong with ``network_g`` and ``scale`` in an option dict (``None`` if nothing is)."""
+    net = opt.get('network_g')
+    if net is None:
+        return "no 'network_g' (the network's options)"
+    if not isinstance(net, Mapping) or 'type' not in net:
+        return "'network_g' must be a mapping with a 'type'"
+    scale = opt.get('scale')
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, int) or scale < 1):
+        return f"'scale' must be a positive integer, got {scale!r}"
+    upscale = net.get('upscale')
+    if scale is not None and upscale is not None and upscale != scale:
+        return f'scale is {scale} but network_g.upscale is {upscale}: they must agree'
+    return None
+
+
+def state_dict_mismatch(exc: RuntimeError) -> str:
+    """The first line of a ``load_state_dict`` error that says what differs, and how many more there are."""
+    details = [line.strip() for line in str(exc).splitlines()[1:] if line.strip()]
+    if not details:
+        return first_line(exc)
+    return details[0] + (f' (and {len(details) - 1} more)' if len(details) > 1 else '')
+
 
 def load_model(checkpoint_path: str, option_file: Optional[str] = None, device: str = 'cpu'):
-    """``(network, scale, difficulty projection or None)`` from a checkpoint (and optionally its option file)."""
+    """``(network, scale, difficulty projection or None)`` from a checkpoint (and optionally its option file).
+
+    Every problem is one exception naming the file it comes from: :class:`CorruptFileError` for the
+    checkpoint (also when its own ``'wbsr'`` entry does not fit its weights), :class:`OptionFileError` for
+    the option file (broken YAML, no ``network_g``, ``scale`` against ``network_g.upscale``, options that do
+    not match the checkpoint's weights), ``FileNotFoundError`` for a missing file.
+    """
     checkpoint = torch_load(checkpoint_path)
     if not isinstance(checkpoint, dict):
-        raise CorruptFileError(checkpoint_path, 'not a BasicSR checkpoint')
+        raise CorruptFileError(checkpoint_path, 'not a BasicSR checkpoint (a dict of state dicts)')
     extras = checkpoint.get('wbsr') or {}
-    network_opt, scale = extras.get('network'), extras.get('scale')
+    if not isinstance(extras, Mapping):
+        raise CorruptFileError(checkpoint_path, "its 'wbsr' entry is not a mapping")
     if option_file:
-        with open(option_file, encoding='utf-8') as f:
-            opt = yaml.load(f, Loader=ordered_yaml()[0])
+        opt = read_option_file(option_file)
+        problem = network_option_problem(opt) or (None if 'scale' in opt else "no 'scale'")
+        if problem:
+            raise OptionFileError(option_file, problem)
         network_opt, scale = dict(opt['network_g']), int(opt['scale'])
-    if not network_opt or not scale:
-        raise ValueError(f'{checkpoint_path}: no network options inside (not written by WBSRModel); pass -opt with '
-                         'the option file it was trained with')
-    net = build_network(dict(network_opt))
+    else:
+        network_opt, scale = extras.get('network'), extras.get('scale')
+        if not network_opt or not scale:
+            raise ValueError(f'{checkpoint_path}: no network options inside (not written by WBSRModel); pass -opt '
+                             'with the option file it was trained with')
+        problem = network_option_problem({'network_g': network_opt, 'scale': scale})
+        if problem:
+            raise CorruptFileError(checkpoint_path, f"its 'wbsr' entry: {problem}")
+
+    def options_error(reason: str) -> ValueError:
+        if option_file:
+            return OptionFileError(option_file, reason)
+        return CorruptFileError(checkpoint_path, f"its 'wbsr' entry: {reason}")
+
+    try:
+        net = build_network(dict(network_opt))
+    except Exception as exc:  # noqa: BLE001  (any failure to build from these options is an options error)
+        raise options_error(f'cannot build network_g ({first_line(exc)})') from None
     key = 'params_ema' if 'params_ema' in checkpoint else 'params'
-    if key not in checkpoint:
-        raise CorruptFileError(checkpoint_path, f"no 'params' entry (keys: {sorted(checkpoint)})")
-    state = {k[7:] if k.startswith('module.') else k: v for k, v in checkpoint[key].items()}
-    net.load_state_dict(state, strict=True)
+    params = checkpoint.get(key)
+    if not isinstance(params, Mapping) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                                  for k, v in params.items()):
+        raise CorruptFileError(checkpoint_path, f"no {key!r} state dict (keys: {sorted(map(str, checkpoint))})")
+    state = {k[7:] if k.startswith('module.') else k: v for k, v in params.items()}
+    try:
+        net.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        if option_file:
+            raise OptionFileError(option_file, f'network_g does not match {checkpoint_path}: '
+                                  f'{state_dict_mismatch(exc)}') from None
+        raise CorruptFileError(checkpoint_path, f'its weights do not match its own network options: '
+                               f'{state_dict_mismatch(exc)}') from None
     difficulty = extras.get('difficulty')
-    projection = DifficultyProjection.from_dict(difficulty) if difficulty else None
-    return net.eval().to(device), int(scale), projection
+    try:
+        projection = DifficultyProjection.from_dict(difficulty) if difficulty else None
+    except Exception as exc:  # noqa: BLE001  (from_dict on a damaged entry can fail in many ways)
+        raise CorruptFileError(checkpoint_path, f'bad difficulty thresholds ({first_line(exc)})') from None
+    net.eval()
+    # The scale the router uses must be the network's own (else: an index_add_ error in the middle of an image).
+    # BasicSR's networks and the supernets keep it as ``upscale``; others are run once on an 8x8 image.
+    upscale = getattr(net, 'upscale', None)
+    if not isinstance(upscale, int) or isinstance(upscale, bool):
+        try:
+            with torch.no_grad():
+                probe = net(torch.zeros(1, int(getattr(net, 'num_in_ch', 3)), 8, 8))
+        except Exception as exc:  # noqa: BLE001
+            raise options_error(f'network_g cannot run on an 8x8 image ({first_line(exc)})') from None
+        if tuple(probe.shape[-2:]) != (8 * scale, 8 * scale):
+            raise options_error(f'scale is {scale} but network_g turns 8x8 into {probe.shape[-1]}x{probe.shape[-2]}')
+    elif upscale != scale:
+        raise options_error(f'scale is {scale} but network_g upscales x{upscale}')
+    return net.to(device), int(scale), projection
 
 
 def list_inputs(path: str) -> list[str]:
     if os.path.isfile(path):
         return [path]
     if os.path.isdir(path):
-        return [os.path.join(path, f) for f in sorted(os.listdir(path)) if f.lower().endswith(IMAGE_EXTENSIONS)]
+        return list_images(path)
     raise FileNotFoundError(f'-i {path}: no such file or folder')
+
+
+def resolve_mode(args: argparse.Namespace) -> str:
+    """The routing mode from ``--mode`` and the mode-specific flags; flags that would be ignored are refused."""
+    implied = {'--budget': 'budget', '--alpha': 'alpha', '--subnet': 'fixed'}
+    given = [flag for flag in implied if getattr(args, flag[2:]) is not None]
+    if args.mode is None:
+        if len(given) > 1:
+            raise UsageError(f'{" and ".join(given)} select different modes '
+                             f'({", ".join(implied[f] for f in given)}); give one of them')
+        return implied[given[0]] if given else 'wbsr'
+    for flag in given:
+        if implied[flag] != args.mode:
+            raise UsageError(f'{flag} applies to --mode {implied[flag]} only, not --mode {args.mode}')
+    if args.mode == 'budget' and args.budget is None:
+        raise UsageError('--mode budget needs --budget (a fraction of the full network, in (0, 1])')
+    if args.mode == 'fixed' and args.subnet is None:
+        raise UsageError('--mode fixed needs --subnet (an index into the network\'s subnets)')
+    return args.mode
+
+
+def check_numbers(args: argparse.Namespace) -> None:
+    if args.budget is not None and not 0. < args.budget <= 1.:
+        raise UsageError(f'--budget must be in (0, 1], got {args.budget}')
+    if args.alpha is not None and not args.alpha > 0:
+        raise UsageError(f'--alpha must be > 0, got {args.alpha}')
+    if args.patch_size < 1 or not 1 <= args.step <= args.patch_size:
+        raise UsageError(f'need --patch-size >= 1 and 1 <= --step <= --patch-size, got {args.patch_size} and '
+                         f'{args.step}')
+    if args.batch_size < 1:
+        raise UsageError(f'--batch-size must be >= 1, got {args.batch_size}')
+    if args.max_pixels < 1:
+        raise UsageError(f'--max-pixels must be >= 1, got {args.max_pixels}')
+    if os.sep in args.suffix or (os.altsep and os.altsep in args.suffix):
+        raise UsageError(f'--suffix {args.suffix}: a path separator would write outside the output folder')
+
+
+def check_network_flags(net: torch.nn.Module, mode: str, args: argparse.Namespace) -> None:
+    """Flags that depend on the network: the subnet index and a budget the cheapest subnet can meet."""
+    num_subnets = int(getattr(net, 'num_subnets', 1))
+    if mode == 'fixed' and not 0 <= args.subnet < num_subnets:
+        raise UsageError(f'--subnet {args.subnet}: this network has subnets 0..{num_subnets - 1}')
+    if mode == 'budget':
+        patch = (args.patch_size, args.patch_size)
+        costs = net.subnet_flops(patch) if hasattr(net, 'subnet_flops') else [1]
+        share = costs[0] / costs[-1]
+        if args.budget < share:
+            raise UsageError(f'--budget {args.budget} is below the cheapest subnet\'s cost, {share:.3f} of the full '
+                             'network\'s')
+
+
+def resolve_device(name: str) -> str:
+    if name == 'auto':
+        return 'cuda' if torch.cuda.is_available() else 'cpu'
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise UsageError(f'--device {name}: not a device (cpu, cuda, cuda:N or auto)') from None
+    if device.type == 'cuda':
+        if not torch.cuda.is_available():
+            raise UsageError(f'--device {name}: there is no CUDA GPU on this machine; run on the CPU with --device cpu')
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UsageError(f'--device {name}: this machine has {torch.cuda.device_count()} CUDA GPU(s)')
+    elif device.type != 'cpu':
+        try:
+            torch.empty(1, device=device)
+        except Exception as exc:  # noqa: BLE001
+            raise UsageError(f'--device {name}: not usable here ({first_line(exc)}); use --device cpu') from None
+    return str(device)
+
+
+def plan_outputs(files: Sequence[str], input_arg: str, out: str, suffix: str,
+                 save_map: bool) -> list[tuple[str, Optional[str]]]:
+    """``(SR path, map path or None)`` per input; refuses, before any work, a plan that loses a file."""
+    if os.path.isdir(out):
+        folders = {os.path.dirname(os.path.abspath(p)) for p in files}
+        for folder in folders:
+            if os.path.samefile(folder, out):
+                raise UsageError(f'-o {out} is the folder the inputs are read from ({input_arg}): outputs would '
+                                 'replace or mix with the inputs; choose another output folder')
+
+    def names(path: str) -> list[str]:
+        stem = os.path.splitext(os.path.basename(path))[0] + suffix
+        return [f'{stem}.png'] + ([f'{stem}_alloc.png'] if save_map else [])
+
+    clashes = output_collisions(files, names)
+    if clashes:
+        more = f' (and {len(clashes) - 3} more)' if len(clashes) > 3 else ''
+        raise UsageError(f'{"; ".join(clashes[:3])}{more} in {out}: rename them or use --suffix; nothing was written')
+    inputs = {(st.st_dev, st.st_ino) for st in map(os.stat, files)}
+    plan = []
+    for path in files:
+        targets = [os.path.join(out, name) for name in names(path)]
+        for target in targets:
+            if os.path.exists(target) and (os.stat(target).st_dev, os.stat(target).st_ino) in inputs:
+                raise UsageError(f'{target} is one of the inputs (a link to it): it would be overwritten; choose '
+                                 'another output folder')
+        plan.append((targets[0], targets[1] if save_map else None))
+    return plan
+
+
+def to_uint8(output: torch.Tensor) -> np.ndarray:
+    """``(1, C, H, W)`` RGB in [0, 1] to uint8 HxWx3 BGR (or HxW), converted in bands of rows.
+
+    The same numbers as BasicSR's ``tensor2img`` (clamp, x255, round half to even), without its float
+    copies of the whole image: besides ``output`` only the uint8 result and one band are held.
+    """
+    _, c, h, w = output.shape
+    result = np.empty((h, w, 3) if c == 3 else (h, w), np.uint8)
+    rows = max(1, BAND_PIXELS // max(1, w))
+    for top in range(0, h, rows):
+        band = output[0, :, top:top + rows].detach().float().clamp(0, 1).mul(255).round().to(torch.uint8).cpu()
+        result[top:top + rows] = (band.flip(0).permute(1, 2, 0) if c == 3 else band[0]).numpy()
+    return result
+
+
+def _skip_reason(exc: BaseException) -> str:
+    if isinstance(exc, ImageTooLargeError):
+        return exc.describe('--max-pixels')
+    if isinstance(exc, ImageFileError):
+        return str(exc)
+    if isinstance(exc, MemoryError) or 'memory' in str(exc).lower() or 'alloc' in str(exc).lower():
+        return f'out of memory ({first_line(exc)}); a lower --max-pixels skips such images up front'
+    return first_line(exc)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -78,54 +315,84 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument('--model', required=True, help='checkpoint (.pth) written by WBSRModel')
     parser.add_argument('-opt', default=None, help='option file, for checkpoints without network options')
     parser.add_argument('--mode', default=None, choices=['wbsr', 'budget', 'alpha', 'full', 'fixed'],
-                        help='routing mode (default: budget if --budget is given, else wbsr)')
+                        help='routing mode (default: budget with --budget, alpha with --alpha, fixed with --subnet, '
+                        'else wbsr)')
     parser.add_argument('--budget', type=float, default=None, help='average cost <= budget x full network')
-    parser.add_argument('--alpha', type=float, default=1.0, help='alpha mode trade-off (default: 1.0)')
+    parser.add_argument('--alpha', type=float, default=None, help='alpha mode trade-off (default: 1.0)')
     parser.add_argument('--subnet', type=int, default=None, help='fixed mode: subnet index')
     parser.add_argument('--patch-size', type=int, default=32)
     parser.add_argument('--step', type=int, default=28)
     parser.add_argument('--batch-size', type=int, default=64)
+    parser.add_argument('--max-pixels', type=int, default=DEFAULT_MAX_PIXELS,
+                        help=f'skip LR images larger than this many pixels, checked before decoding '
+                        f'(default: {DEFAULT_MAX_PIXELS} = 4096x4096)')
     parser.add_argument('--save-map', action='store_true', help='also write the subnet allocation map')
     parser.add_argument('--suffix', default='', help='appended to output file names')
     parser.add_argument('--device', default='auto', help='cpu, cuda or auto (default)')
     args = parser.parse_args(argv)
-    device = ('cuda' if torch.cuda.is_available() else 'cpu') if args.device == 'auto' else args.device
-    mode = args.mode or ('budget' if args.budget is not None else 'wbsr')
+    created = not os.path.exists(args.output)
     try:
-        options = RoutingOptions(mode=mode, patch_size=args.patch_size, step=args.step, batch_size=args.batch_size,
-                                 budget=args.budget, alpha=args.alpha, subnet=args.subnet)
-        options.validate('options')
-        net, scale, projection = load_model(args.model, args.opt, device)
-        router = Router(net, options, scale, projection)
+        mode = resolve_mode(args)
+        check_numbers(args)
+        device = resolve_device(args.device)
         files = list_inputs(args.input)
-    except (OSError, ValueError, KeyError) as exc:
+        if not files:
+            raise UsageError(f'-i {args.input}: no images ({", ".join(IMAGE_EXTENSIONS)}) in this folder')
+        plan = plan_outputs(files, args.input, args.output, args.suffix, args.save_map)
+        ensure_writable_dir(args.output, '-o')
+        net, scale, projection = load_model(args.model, args.opt, device)
+        check_network_flags(net, mode, args)
+        options = RoutingOptions(mode=mode, patch_size=args.patch_size, step=args.step, batch_size=args.batch_size,
+                                 budget=args.budget, alpha=1.0 if args.alpha is None else args.alpha,
+                                 subnet=args.subnet)
+        router = Router(net, options, scale, projection)
+    except (OSError, ValueError) as exc:
         print(f'wbsr-infer: {exc}', file=sys.stderr)
+        if created and os.path.isdir(args.output) and not os.listdir(args.output):
+            os.rmdir(args.output)  # made by the write check of this run: leave nothing behind
         return 2
-    os.makedirs(args.output, exist_ok=True)
-    failed = 0
-    for path in tqdm(files, desc='wbsr-infer', unit='img', disable=None):
-        name = os.path.splitext(os.path.basename(path))[0]
+    failed = written = 0
+    for path, (out_path, map_path) in zip(tqdm(files, desc='wbsr-infer', unit='img', disable=None), plan):
+        name = os.path.basename(path)
+        notes: list[str] = []
         try:
             with open(path, 'rb') as f:
-                img = decode_image(f.read(), path)
-        except (OSError, ImageFileError) as exc:
-            tqdm.write(f'{os.path.basename(path)}: skipped ({exc})')
+                img = decode_image(f.read(), path, max_pixels=args.max_pixels, notes=notes)
+            lq = torch.from_numpy(np.ascontiguousarray(img[..., ::-1].transpose(2, 0, 1))).unsqueeze(0).to(device)
+            start = time.perf_counter()
+            result = router(lq)
+            seconds = time.perf_counter() - start
+            del lq
+            sr = to_uint8(result.output)
+            result.output = None  # the float output is the largest buffer: gone before the PNG is encoded
+            png = encode_png(out_path, sr)
+            del sr
+            map_png = None
+            if map_path:
+                lq_img = (img * 255).round().astype(np.uint8)
+                map_png = encode_png(map_path, allocation_map(lq_img, result, subnet_labels(net)))
+        except (OSError, ImageFileError, RuntimeError, MemoryError) as exc:
+            tqdm.write(f'{name}: skipped ({_skip_reason(exc)})')
             failed += 1
             continue
-        lq = torch.from_numpy(np.ascontiguousarray(img[..., ::-1].transpose(2, 0, 1))).unsqueeze(0).to(device)
-        start = time.perf_counter()
-        result = router(lq)
-        seconds = time.perf_counter() - start
-        imwrite(tensor2img([result.output[0].cpu()]), os.path.join(args.output, f'{name}{args.suffix}.png'))
-        if args.save_map:
-            lq_img = (img * 255).round().astype(np.uint8)
-            imwrite(allocation_map(lq_img, result, subnet_labels(net)),
-                    os.path.join(args.output, f'{name}{args.suffix}_alloc.png'))
-        tqdm.write(f'{name}: {img.shape[1]}x{img.shape[0]} -> {img.shape[1] * scale}x{img.shape[0] * scale}  '
+        for target, data in ((out_path, png), (map_path, map_png)):
+            if data is None:
+                continue
+            try:
+                write_bytes(target, data)
+            except OSError as exc:  # a full disk or a vanished folder: every later image would fail the same way
+                print(f'wbsr-infer: cannot write {target} ({exc.strerror or first_line(exc)}); stopped, {written} of '
+                      f'{len(files)} images written to {args.output}', file=sys.stderr)
+                return 2
+        written += 1
+        for text in notes:
+            tqdm.write(f'{name}: {text}')
+        h, w = img.shape[:2]
+        tqdm.write(f'{os.path.splitext(name)[0]}: {w}x{h} -> {w * scale}x{h * scale}  '
                    f'FLOPs {100 * result.ratio_regions:.1f}% of full on the same {result.scheme}, '
                    f'{100 * result.ratio_whole:.1f}% of full on the image, {result.flops / 1e9:.2f} G  '
                    f'{seconds:.2f} s')
-    print(f'wbsr-infer: {len(files) - failed} of {len(files)} images written to {args.output}')
+    print(f'wbsr-infer: {written} of {len(files)} images written to {args.output}')
     return 1 if failed else 0
 
 

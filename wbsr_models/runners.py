@@ -1,4 +1,4 @@
-"""``wbsr-train`` and ``wbsr-test``: BasicSR's own pipelines, with three upstream problems fixed.
+"""``wbsr-train`` and ``wbsr-test``: BasicSR's own pipelines, with upstream problems fixed and one-line errors.
 
 They take BasicSR's arguments (``-opt``, ``--launcher``, ``--auto_resume``, ``--debug``, ``--force_yml``) and
 run ``basicsr.train.train_pipeline`` / ``basicsr.test.test_pipeline`` with these differences:
@@ -6,16 +6,22 @@ run ``basicsr.train.train_pipeline`` / ``basicsr.test.test_pipeline`` with these
 - experiments/ and results/ go under the current directory (``python -m basicsr.train`` puts them next
   to the installed BasicSR);
 - resuming works without CUDA: BasicSR's ``load_resume_state`` maps the state to
-  ``torch.cuda.current_device()``; here it goes to the model's device, is read with
-  ``weights_only=True``, and a corrupt state file is refused by name;
+  ``torch.cuda.current_device()``; here it goes to the model's device and is read with ``weights_only=True``.
+  A corrupt state is refused by name; with ``--auto_resume`` the newest intact state (and its network
+  checkpoint) is taken instead, with a warning that names the corrupt one;
 - ``--launcher pytorch`` on a machine without CUDA uses the gloo backend (BasicSR's ``init_dist`` assumes
-  NCCL and a GPU per rank), so DDP runs, and is tested, on CPUs.
+  NCCL and a GPU per rank), so DDP runs, and is tested, on CPUs;
+- a bad option file (broken YAML, a missing key, no ``network_g``, ``scale`` against ``network_g.upscale``,
+  ``num_gpu`` > 0 without a GPU, a network that does not match its checkpoint), a corrupt checkpoint or an
+  unreadable image ends the run with one line naming the file and the key, exit status 2, no traceback.
 """
 from __future__ import annotations
 
+import argparse
 import os
 import sys
-from typing import Optional, Sequence
+import traceback
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 
@@ -31,28 +37,128 @@ from basicsr.utils import options as basicsr_options  # noqa: E402
 from basicsr.utils.dist_util import init_dist as basicsr_init_dist  # noqa: E402
 
 import wbsr_models  # noqa: E402,F401  (registration)
-from wbsr_data.fileio import torch_load  # noqa: E402
+from wbsr_data.fileio import CorruptFileError, first_line, torch_load  # noqa: E402
+from wbsr_data.pairs import ImageFileError  # noqa: E402
+
+from .infer import OptionFileError, state_dict_mismatch, network_option_problem, read_option_file  # noqa: E402
+
+_parse_options = basicsr_options.parse_options
+_current: dict[str, Any] = {}  # the option file and dict of this run, for error messages
+
+
+def read_training_state(path: str, map_location: Any = 'cpu') -> dict:
+    """A ``.state`` file as ``WBSRModel.save_training_state`` writes it; anything else is a CorruptFileError."""
+    state = torch_load(path, map_location=map_location)
+    if not isinstance(state, dict):
+        raise CorruptFileError(path, f'not a training state (a {type(state).__name__}, not a dict)')
+    for key in ('iter', 'epoch'):
+        value = state.get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise CorruptFileError(path, f'not a training state ({key!r} is {value!r})')
+    for key in ('optimizers', 'schedulers'):
+        value = state.get(key)
+        if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+            raise CorruptFileError(path, f'not a training state ({key!r} is not a list of state dicts)')
+    for optimizer in state['optimizers']:
+        if not isinstance(optimizer.get('state'), dict) or not isinstance(optimizer.get('param_groups'), list):
+            raise CorruptFileError(path, 'not a training state (an optimizer state without state/param_groups)')
+    if state.get('wbsr') is not None and not isinstance(state['wbsr'], dict):
+        raise CorruptFileError(path, "not a training state (its 'wbsr' entry is not a dict)")
+    return state
+
+
+def _check_networks(opt: dict, resume_iter: int) -> None:
+    """The network checkpoints ``check_resume`` will point at for ``resume_iter`` exist and load."""
+    for key in opt:
+        if key.startswith('network_') and key not in (opt['path'].get('ignore_resume_networks') or ()):
+            path = os.path.join(opt['path']['models'], f"net_{key[len('network_'):]}_{resume_iter}.pth")
+            if not isinstance(torch_load(path), dict):
+                raise CorruptFileError(path, 'not a BasicSR checkpoint (a dict of state dicts)')
+
+
+def _state_iters(state_dir: str) -> list[int]:
+    if not os.path.isdir(state_dir):
+        return []
+    return sorted((int(name[:-len('.state')]) for name in scandir(state_dir, suffix='state', recursive=False)
+                   if name[:-len('.state')].isdigit()), reverse=True)
 
 
 def load_resume_state(opt: dict) -> Optional[dict]:
-    """BasicSR's ``load_resume_state``, device-agnostic and safe (``weights_only``)."""
-    path = None
+    """BasicSR's ``load_resume_state``, device-agnostic, safe (``weights_only``) and tolerant of a corrupt state.
+
+    With ``--auto_resume`` the newest state that loads, and whose network checkpoint loads, is used; skipping
+    a corrupt newer one prints a warning naming it. An explicit ``path.resume_state`` that is corrupt is
+    refused, naming the previous intact state of its folder if there is one.
+    """
+    device = torch.device('cuda', torch.cuda.current_device()) if opt['num_gpu'] != 0 else torch.device('cpu')
     if opt['auto_resume']:
         state_dir = opt['path']['training_states']
-        if os.path.isdir(state_dir):
-            states = [int(name[:-len('.state')]) for name in scandir(state_dir, suffix='state', recursive=False)
-                      if name[:-len('.state')].isdigit()]
-            if states:
-                path = os.path.join(state_dir, f'{max(states)}.state')
-                opt['path']['resume_state'] = path
-    elif opt['path'].get('resume_state'):
-        path = opt['path']['resume_state']
-    if path is None:
+        problems: list[CorruptFileError] = []
+        for it in _state_iters(state_dir):
+            path = os.path.join(state_dir, f'{it}.state')
+            try:
+                state = read_training_state(path, map_location=device)
+                _check_networks(opt, state['iter'])
+            except (CorruptFileError, FileNotFoundError) as exc:
+                problems.append(exc if isinstance(exc, CorruptFileError) else CorruptFileError(path, str(exc)))
+                continue
+            if problems:
+                print(f"{_current.get('prog', 'wbsr-train')}: warning: {'; '.join(map(str, problems))}; resuming "
+                      f'from the previous intact state {path} instead', file=sys.stderr)
+            opt['path']['resume_state'] = path
+            check_resume(opt, state['iter'])
+            return state
+        if problems:
+            raise CorruptFileError(problems[0].path, f'{problems[0].reason}; no earlier training state in {state_dir} '
+                                   'is intact either (move the corrupt ones away to start the run again)')
         return None
-    device = torch.device('cuda', torch.cuda.current_device()) if opt['num_gpu'] != 0 else torch.device('cpu')
-    state = torch_load(path, map_location=device)
+    path = opt['path'].get('resume_state')
+    if not path:
+        return None
+    try:
+        state = read_training_state(path, map_location=device)
+    except CorruptFileError as exc:
+        earlier = [os.path.join(os.path.dirname(path), f'{it}.state') for it in _state_iters(os.path.dirname(path))]
+        earlier = [p for p in earlier if not os.path.samefile(p, path) and _intact(p)]
+        hint = f'; the newest intact state there is {earlier[0]} (set path.resume_state to it)' if earlier else ''
+        raise CorruptFileError(path, exc.reason + hint) from None
     check_resume(opt, state['iter'])
     return state
+
+
+def _intact(path: str) -> bool:
+    try:
+        read_training_state(path)
+    except (CorruptFileError, OSError):
+        return False
+    return True
+
+
+def parse_options(root_path: str, is_train: bool = True) -> tuple[dict, argparse.Namespace]:
+    """BasicSR's ``parse_options`` with one-line errors naming the option file and the key.
+
+    Beyond what BasicSR parses: YAML errors, missing keys, no ``network_g``, ``scale`` different from
+    ``network_g.upscale``, and ``num_gpu`` > 0 on a machine without CUDA are refused before any work.
+    """
+    arg_parser = argparse.ArgumentParser(add_help=False)
+    arg_parser.add_argument('-opt', default=None)
+    opt_file = arg_parser.parse_known_args()[0].opt
+    _current['opt_file'] = opt_file
+    if opt_file:
+        read_option_file(opt_file)  # YAML errors and non-mappings, named
+    try:
+        opt, args = _parse_options(root_path, is_train=is_train)
+    except KeyError as exc:
+        raise OptionFileError(opt_file, f'missing option {exc.args[0]!r}') from None
+    _current['opt'] = opt
+    problem = network_option_problem(opt)
+    if problem:
+        raise OptionFileError(opt_file, problem)
+    num_gpu = opt.get('num_gpu')
+    if isinstance(num_gpu, int) and num_gpu > 0 and not torch.cuda.is_available():
+        raise OptionFileError(opt_file, f'num_gpu is {num_gpu} but there is no CUDA GPU on this machine; to run on '
+                              'the CPU set num_gpu: 0 (or add --force_yml num_gpu=0)')
+    return opt, args
 
 
 def init_dist(launcher: str, backend: str = 'nccl', **kwargs) -> None:
@@ -65,22 +171,52 @@ def init_dist(launcher: str, backend: str = 'nccl', **kwargs) -> None:
 
 def _patch_basicsr() -> None:
     basicsr.train.load_resume_state = load_resume_state
+    basicsr.train.parse_options = parse_options
+    basicsr.test.parse_options = parse_options
     basicsr_options.init_dist = init_dist
 
 
-def _run(pipeline, argv: Optional[Sequence[str]]) -> int:
+def _error_line(exc: BaseException) -> Optional[str]:
+    """One line for an error caused by the option file or a data file, or ``None`` (a real failure)."""
+    opt_file = _current.get('opt_file')
+    if isinstance(exc, (OptionFileError, CorruptFileError, ImageFileError, FileNotFoundError)):
+        return str(exc)
+    if isinstance(exc, KeyError):
+        key = exc.args[0] if exc.args else '?'
+        if isinstance(key, str) and ' ' in key:  # a registry's "No object named 'X' found in 'arch' registry!"
+            return f'{opt_file}: {key}'
+        frame = traceback.extract_tb(exc.__traceback__)[-1]
+        return f'{opt_file}: missing key {key!r} (looked up at {os.path.basename(frame.filename)}:{frame.lineno})'
+    if isinstance(exc, RuntimeError) and str(exc).startswith('Error(s) in loading state_dict'):
+        checkpoint = ((_current.get('opt') or {}).get('path') or {}).get('pretrain_network_g')
+        return f'{opt_file}: network_g does not match the checkpoint {checkpoint}: {state_dict_mismatch(exc)}'
+    if isinstance(exc, ValueError):
+        return f'{opt_file}: {first_line(exc)}'
+    return None
+
+
+def _run(pipeline: Callable[[str], None], argv: Optional[Sequence[str]], prog: str) -> int:
     if argv is not None:
         sys.argv = [sys.argv[0], *argv]
     _patch_basicsr()
-    pipeline(os.getcwd())
+    _current.clear()
+    _current['prog'] = prog
+    try:
+        pipeline(os.getcwd())
+    except (OptionFileError, CorruptFileError, ImageFileError, OSError, KeyError, RuntimeError, ValueError) as exc:
+        line = _error_line(exc)
+        if line is None:
+            raise
+        print(f'{prog}: {line}', file=sys.stderr)
+        return 2
     return 0
 
 
 def train_main(argv: Optional[Sequence[str]] = None) -> int:
     """``wbsr-train -opt options/train_wbsr_srresnet_x4.yml [--auto_resume] [--launcher pytorch]``."""
-    return _run(basicsr.train.train_pipeline, argv)
+    return _run(basicsr.train.train_pipeline, argv, 'wbsr-train')
 
 
 def test_main(argv: Optional[Sequence[str]] = None) -> int:
     """``wbsr-test -opt options/test_wbsr_srresnet_x4.yml``."""
-    return _run(basicsr.test.test_pipeline, argv)
+    return _run(basicsr.test.test_pipeline, argv, 'wbsr-test')

@@ -1,0 +1,585 @@
+"""Hostile inputs and lost files: what wbsr-infer, wbsr-make-lr, wbsr-train and wbsr-test refuse, and how.
+
+Every refusal is one line naming the file or flag (no traceback), and nothing the run read is overwritten.
+"""
+import errno
+import io
+import json
+import os
+import stat
+import struct
+import sys
+import zipfile
+import zlib
+from collections import OrderedDict
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+import yaml
+from hypothesis import HealthCheck, given, settings, strategies as st
+from PIL import Image, ImageOps
+
+from basicsr.archs.rrdbnet_arch import RRDBNet
+from basicsr.models import build_model
+from basicsr.utils import tensor2img
+from wbsr_data import fileio, make_lr
+from wbsr_data.difficulty import DifficultyProjection
+from wbsr_data.fileio import CorruptFileError, save_json, save_npz, torch_save
+from wbsr_data.pairs import ImageTooLargeError, apply_orientation, decode_image
+from wbsr_models import infer, runners
+
+from conftest import model_options, textured_image, write_pair_folder
+from test_arch import randomise, tiny_srresnet
+
+DATA = Path(__file__).resolve().parent / 'data'
+TINY_NET = {'type': 'WBSRSRResNet', 'num_feat': 16, 'num_block': 4, 'widths': [8, 12, 16], 'depths': [1, 2, 4]}
+
+
+# ---- helpers ------------------------------------------------------------------------------------------------
+def tiny_checkpoint(path: Path, net=None, network_opt=None, scale: int = 4) -> Path:
+    """A checkpoint as ``WBSRModel.save_network`` writes it: params plus the 'wbsr' entry."""
+    net = net if net is not None else randomise(tiny_srresnet())
+    vectors = np.random.default_rng(0).random((200, 4))
+    torch_save({'params': OrderedDict((k, v.cpu()) for k, v in net.state_dict().items()),
+                'wbsr': {'format': 1, 'difficulty': DifficultyProjection.fit(vectors, 10).to_dict(),
+                         'subnets': [list(p) for p in getattr(net, 'subnets', [])],
+                         'network': dict(network_opt or TINY_NET), 'scale': scale}}, str(path))
+    return path
+
+
+def tiny_state(path: Path, iteration: int = 5) -> Path:
+    """A training state as ``WBSRModel.save_training_state`` writes it (Adam after one step, a scheduler)."""
+    net = tiny_srresnet()
+    optimizer = torch.optim.Adam(net.parameters(), lr=1e-3)
+    net(torch.rand(1, 3, 8, 8)).mean().backward()
+    optimizer.step()
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=[10])
+    torch_save({'epoch': 0, 'iter': iteration, 'optimizers': [optimizer.state_dict()],
+                'schedulers': [scheduler.state_dict()],
+                'wbsr': {'noise_sigma': torch.tensor(0.05), 'optimizer_sigma': optimizer.state_dict()}}, str(path))
+    return path
+
+
+def write_images(folder: Path, names, size=(20, 24)) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, name in enumerate(names):
+        cv2.imwrite(str(folder / name), textured_image(*size, seed=i))
+    return folder
+
+
+def png_declaring(path: Path, width: int, height: int) -> Path:
+    """A valid, tiny PNG whose header declares ``width`` x ``height`` (its pixel data is empty)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack('>I', len(data)) + kind + data + struct.pack('>I', zlib.crc32(kind + data) & 0xffffffff)
+    header = struct.pack('>IIBBBBB', width, height, 8, 2, 0, 0, 0)
+    path.write_bytes(b'\x89PNG\r\n\x1a\n' + chunk(b'IHDR', header) + chunk(b'IDAT', zlib.compress(b''))
+                     + chunk(b'IEND', b''))
+    return path
+
+
+def digest(folder: Path) -> dict:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def one_line(text: str) -> str:
+    lines = [line for line in text.splitlines() if line.strip()]
+    assert len(lines) == 1 and 'Traceback' not in text, text
+    return lines[0]
+
+
+@pytest.fixture(scope='module')
+def checkpoint(tmp_path_factory) -> Path:
+    return tiny_checkpoint(tmp_path_factory.mktemp('ckpt') / 'net_g_5.pth')
+
+
+# ---- 1. outputs never overwrite inputs or each other ------------------------------------------------------------
+def test_infer_refuses_an_output_folder_that_holds_an_input(tmp_path, checkpoint, capsys):
+    inputs = write_images(tmp_path / 'in', ['a.png', 'b.png'])
+    before = digest(inputs)
+    assert infer.main(['-i', str(inputs), '-o', str(inputs), '--model', str(checkpoint)]) == 2
+    assert one_line(capsys.readouterr().err) == (
+        f'wbsr-infer: -o {inputs} is the folder the inputs are read from ({inputs}): outputs would replace or mix '
+        'with the inputs; choose another output folder')
+    assert infer.main(['-i', str(inputs / 'a.png'), '-o', str(inputs), '--model', str(checkpoint)]) == 2
+    assert 'is the folder the inputs are read from' in one_line(capsys.readouterr().err)
+    assert digest(inputs) == before
+
+
+def test_infer_refuses_two_inputs_with_one_output_name_before_any_work(tmp_path, checkpoint, capsys):
+    inputs = write_images(tmp_path / 'in', ['photo.jpg', 'photo.png'])
+    out = tmp_path / 'out'
+    assert infer.main(['-i', str(inputs), '-o', str(out), '--model', str(checkpoint)]) == 2
+    assert one_line(capsys.readouterr().err) == (
+        f'wbsr-infer: {inputs}/photo.jpg and {inputs}/photo.png would both be written as photo.png in {out}: rename '
+        'them or use --suffix; nothing was written')
+    assert not out.exists()
+    inputs = write_images(tmp_path / 'in2', ['a.png', 'a_alloc.png'])  # an SR output against a map's name
+    assert infer.main(['-i', str(inputs), '-o', str(out), '--model', str(checkpoint), '--save-map']) == 2
+    assert 'would both be written as a_alloc.png' in one_line(capsys.readouterr().err)
+    assert not out.exists()
+
+
+def test_infer_never_writes_through_a_link_to_an_input(tmp_path, checkpoint, capsys):
+    inputs = write_images(tmp_path / 'in', ['a.png'])
+    out = tmp_path / 'out'
+    out.mkdir()
+    os.link(inputs / 'a.png', out / 'a.png')  # a hard link to the input, where the output would go
+    before = (inputs / 'a.png').read_bytes()
+    assert infer.main(['-i', str(inputs), '-o', str(out), '--model', str(checkpoint)]) == 2
+    assert one_line(capsys.readouterr().err) == (f'wbsr-infer: {out}/a.png is one of the inputs (a link to it): it '
+                                                 'would be overwritten; choose another output folder')
+    assert (inputs / 'a.png').read_bytes() == before
+
+
+def test_make_lr_refuses_to_write_over_its_inputs(tmp_path, capsys):
+    hr = write_images(tmp_path / 'ds' / 'HR', ['a.png'], size=(24, 28))
+    deep = (np.random.default_rng(0).random((24, 24, 3)) * 65535).astype(np.uint16)
+    cv2.imwrite(str(hr / 'b16.png'), deep)
+    before = digest(hr)
+    assert make_lr.main(['--hr', str(hr), '--out', str(tmp_path / 'ds')]) == 2
+    assert one_line(capsys.readouterr().err) == (
+        f'wbsr-make-lr: --out {tmp_path}/ds would write {tmp_path}/ds/HR, which is the --hr folder {hr}: its images '
+        'would be overwritten; choose another --out')
+    assert digest(hr) == before
+
+    a = write_images(tmp_path / 'A', ['x.png'], size=(24, 24))
+    b = write_images(tmp_path / 'B', ['x.png', 'y.jpg', 'y.png'], size=(24, 24))
+    assert make_lr.main(['--hr', str(a), '--hr', str(b), '--out', str(tmp_path / 'merged')]) == 2
+    assert one_line(capsys.readouterr().err) == (
+        f'wbsr-make-lr: {a}/x.png and {b}/x.png would both be written as x.png; {b}/y.jpg and {b}/y.png would both '
+        'be written as y.png: rename them; nothing was written')
+    assert not (tmp_path / 'merged').exists()
+
+
+# ---- 2. oversized images are skipped by name, before decoding ---------------------------------------------------
+def test_infer_skips_an_image_that_declares_too_many_pixels_and_writes_the_rest(tmp_path, checkpoint, capsys):
+    inputs = write_images(tmp_path / 'in', [f'ok{i}.png' for i in range(3)])
+    png_declaring(inputs / 'bomb.png', 100000, 100000)  # 74 bytes
+    png_declaring(inputs / 'wide.png', 5000, 4000)  # under PIL's own limit: the size is known
+    out = tmp_path / 'out'
+    assert infer.main(['-i', str(inputs), '-o', str(out), '--model', str(checkpoint)]) == 1
+    printed = capsys.readouterr().out
+    assert (f'bomb.png: skipped ({inputs}/bomb.png: declares 10000000000 pixels, more than --max-pixels '
+            f'{infer.DEFAULT_MAX_PIXELS})') in printed
+    assert (f'wide.png: skipped ({inputs}/wide.png: 5000x4000 is 20000000 pixels, more than --max-pixels '
+            f'{infer.DEFAULT_MAX_PIXELS})') in printed
+    assert sorted(p.name for p in out.iterdir()) == ['ok0.png', 'ok1.png', 'ok2.png']
+    assert f'wbsr-infer: 3 of 5 images written to {out}' in printed
+    assert infer.main(['-i', str(inputs / 'ok0.png'), '-o', str(out), '--model', str(checkpoint),
+                       '--max-pixels', '479']) == 1  # 24x20 = 480 pixels
+    assert 'ok0.png: 24x20 is 480 pixels, more than --max-pixels 479' in capsys.readouterr().out
+
+
+def test_an_image_that_runs_out_of_memory_is_skipped_and_the_rest_written(tmp_path, checkpoint, capsys,
+                                                                          monkeypatch):
+    inputs = write_images(tmp_path / 'in', ['a.png', 'b.png', 'c.png'])
+    call = infer.Router.__call__
+
+    def routed(router, lq, *args):
+        if lq.shape[-1] == 24 and not hasattr(routed, 'failed'):  # the first image only
+            routed.failed = True
+            raise RuntimeError('[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can\'t allocate memory')
+        return call(router, lq, *args)
+
+    monkeypatch.setattr(infer.Router, '__call__', routed)
+    out = tmp_path / 'out'
+    assert infer.main(['-i', str(inputs), '-o', str(out), '--model', str(checkpoint)]) == 1
+    assert ("a.png: skipped (out of memory ([enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate "
+            'memory); a lower --max-pixels skips such images up front)') in capsys.readouterr().out
+    assert sorted(p.name for p in out.iterdir()) == ['b.png', 'c.png']
+
+
+def test_the_size_limit_is_checked_before_decoding(tmp_path, monkeypatch):
+    path = png_declaring(tmp_path / 'big.png', 12000, 12000)  # would be 1.6 GB as float32
+    monkeypatch.setattr(cv2, 'imdecode', lambda *a: pytest.fail('decoded an image over the limit'))
+    with pytest.raises(ImageTooLargeError, match=r'big.png: 12000x12000 is 144000000 pixels, more than the limit '
+                       r'of 16777216$'):
+        decode_image(path.read_bytes(), str(path), max_pixels=16777216)
+
+
+def test_make_lr_skips_oversized_and_too_small_images_and_keeps_pairs_complete(tmp_path, capsys):
+    hr = tmp_path / 'HR'
+    hr.mkdir()
+    for side in (4, 5, 6, 7, 8, 12):
+        cv2.imwrite(str(hr / f't{side}.png'), textured_image(side, side, seed=side))
+    png_declaring(hr / 'bomb.png', 100000, 100000)
+    assert make_lr.main(['--hr', str(hr), '--out', str(tmp_path / 'ds'), '--scales', '4']) == 0
+    captured = capsys.readouterr()
+    for side in (4, 5, 6, 7):
+        assert (f'wbsr-make-lr: skipped {hr}/t{side}.png: {side}x{side} is too small for x4 (the mod-cropped HR '
+                'must be at least 8 pixels a side)') in captured.err
+    assert (f'wbsr-make-lr: skipped {hr}/bomb.png: declares 10000000000 pixels, more than --max-pixels '
+            f'{make_lr.DEFAULT_MAX_PIXELS}') in captured.err
+    assert 'Traceback' not in captured.err
+    written = sorted(p.name for p in (tmp_path / 'ds' / 'HR').iterdir())
+    assert written == ['t12.png', 't8.png'] == sorted(p.name for p in (tmp_path / 'ds/LR_bicubic/X4').iterdir())
+    assert cv2.imread(str(tmp_path / 'ds/LR_bicubic/X4/t8.png')).shape == (2, 2, 3)
+
+
+@pytest.mark.parametrize('channels', [3, 1])
+def test_to_uint8_gives_tensor2img_numbers_band_by_band(monkeypatch, channels):
+    monkeypatch.setattr(infer, 'BAND_PIXELS', 7 * 13)  # 7 rows per band, the last one short
+    output = torch.rand(1, channels, 30, 13) * 1.4 - 0.2  # values outside [0, 1] too
+    output[0, 0, 0, :4] = torch.tensor([0.5 / 255, 1.5 / 255, 2.5 / 255, 254.5 / 255])  # halves: round to even
+    np.testing.assert_array_equal(infer.to_uint8(output), tensor2img([output[0].clone()]))
+
+
+# ---- 3. corrupt files: one line naming the file, never another exception ----------------------------------------
+@pytest.mark.parametrize('content,reason', [
+    (b'', 'empty file'),
+    (b'this is not a checkpoint\n', 'truncated or corrupt checkpoint (IndexError: pop from empty list)'),
+    (b'hello', 'truncated or corrupt checkpoint (KeyError: 101)'),
+])
+def test_junk_checkpoints_are_refused_in_one_line(tmp_path, content, reason, capsys):
+    path = tmp_path / 'junk.pth'
+    path.write_bytes(content)
+    write_images(tmp_path / 'in', ['a.png'])
+    assert infer.main(['-i', str(tmp_path / 'in'), '-o', str(tmp_path / 'out'), '--model', str(path)]) == 2
+    assert one_line(capsys.readouterr().err) == f'wbsr-infer: {path}: {reason}'
+
+
+def damaged(data: bytes, cut: int, flips) -> bytes:
+    damaged = bytearray(data[:cut] if cut < len(data) else data)
+    for position, xor in flips:
+        damaged[position % len(damaged)] ^= xor
+    return bytes(damaged)
+
+
+def pickle_span(data: bytes) -> tuple[int, int]:
+    """Byte range of the pickle inside a torch zip checkpoint: where a flipped byte changes structure."""
+    with zipfile.ZipFile(io.BytesIO(data)) as z:
+        info = next(i for i in z.infolist() if i.filename.endswith('data.pkl'))
+    start = info.header_offset + 30 + len(info.filename.encode()) + len(info.extra)
+    return start, start + info.compress_size
+
+
+def damage_strategy(size: int, span: tuple[int, int]):
+    position = st.integers(0, size - 1) | st.integers(*span)
+    flips = st.lists(st.tuples(position, st.integers(1, 255)), min_size=0, max_size=3)
+    return st.tuples(st.integers(1, size) | st.just(size), flips)
+
+
+def assert_refused_by_name(path: Path, call) -> None:
+    try:
+        call()
+    except ValueError as exc:  # CorruptFileError, or "no network options inside", always naming the file
+        message = str(exc)
+        assert message.startswith(f'{path}: ') and '\n' not in message, message
+
+
+@pytest.fixture(scope='module')
+def pristine(tmp_path_factory):
+    folder = tmp_path_factory.mktemp('pristine')
+    return (tiny_checkpoint(folder / 'net.pth').read_bytes(), tiny_state(folder / '5.state').read_bytes())
+
+
+def test_fuzzed_checkpoints_and_states_load_or_are_refused_by_name(tmp_path, pristine):
+    ckpt, state = pristine
+    ckpt_path, state_path = tmp_path / 'net_g_5.pth', tmp_path / '5.state'
+    opt = {'num_gpu': 0, 'auto_resume': False, 'network_g': dict(TINY_NET),
+           'path': {'resume_state': str(state_path), 'models': str(tmp_path)}}
+
+    @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @given(damage=damage_strategy(len(ckpt), pickle_span(ckpt)))
+    def fuzz_checkpoint(damage):
+        ckpt_path.write_bytes(damaged(ckpt, *damage))
+        assert_refused_by_name(ckpt_path, lambda: infer.load_model(str(ckpt_path)))
+
+    @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @given(damage=damage_strategy(len(state), pickle_span(state)))
+    def fuzz_state(damage):
+        state_path.write_bytes(damaged(state, *damage))
+        assert_refused_by_name(state_path, lambda: runners.load_resume_state(json.loads(json.dumps(opt))))
+
+    fuzz_checkpoint()
+    fuzz_state()
+    ckpt_path.write_bytes(ckpt)  # and the undamaged files do load
+    assert infer.load_model(str(ckpt_path))[1] == 4
+    state_path.write_bytes(state)
+    assert runners.load_resume_state(json.loads(json.dumps(opt)))['iter'] == 5
+
+
+def test_auto_resume_takes_the_previous_intact_state_with_a_warning(tmp_path, capsys):
+    data = write_pair_folder(tmp_path / 'data', n=2)
+    opt = model_options(tmp_path, data)
+    model = build_model(opt)
+    model.save(0, 2)
+    model.save(0, 4)
+    states = Path(opt['path']['training_states'])
+    for corrupt in (b'', None):
+        if corrupt is None:
+            torch.save([1, 2, 3], str(states / '4.state'))  # loads, but is not a training state
+        else:
+            (states / '4.state').write_bytes(corrupt)
+        resume_opt = dict(opt, auto_resume=True, path=dict(opt['path']))
+        state = runners.load_resume_state(resume_opt)
+        assert state['iter'] == 2 and resume_opt['path']['resume_state'] == str(states / '2.state')
+        assert resume_opt['path']['pretrain_network_g'].endswith('net_g_2.pth')
+        reason = 'empty file' if corrupt is not None else 'not a training state (a list, not a dict)'
+        assert (f'wbsr-train: warning: {states}/4.state: {reason}; resuming from the previous intact state '
+                f'{states}/2.state instead') in capsys.readouterr().err
+    explicit = dict(opt, path=dict(opt['path'], resume_state=str(states / '4.state')))
+    with pytest.raises(CorruptFileError) as refused:
+        runners.load_resume_state(explicit)
+    assert str(refused.value) == (f'{states}/4.state: not a training state (a list, not a dict); the newest intact '
+                                  f'state there is {states}/2.state (set path.resume_state to it)')
+    (states / '2.state').write_bytes(b'PK\x03\x04')
+    with pytest.raises(CorruptFileError, match=f'^{states}/4.state: not a training state .*; no earlier training '
+                       f'state in {states} is intact either'):
+        runners.load_resume_state(dict(opt, auto_resume=True, path=dict(opt['path'])))
+
+
+def run_cli(main, argv, monkeypatch, capsys) -> tuple[int, str]:
+    monkeypatch.setattr(sys, 'argv', ['prog'])
+    code = main(argv)
+    return code, capsys.readouterr().err
+
+
+def test_bad_option_files_end_wbsr_train_test_and_infer_in_one_line(tmp_path, checkpoint, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    data = write_pair_folder(tmp_path / 'data', n=2)
+    inputs = write_images(tmp_path / 'in', ['a.png'])
+    base = {'name': 'bad', 'model_type': 'WBSRModel', 'scale': 4, 'num_gpu': 0, 'network_g': dict(TINY_NET),
+            'datasets': {'test_1': {'name': 'tiny', 'type': 'PairedImageDataset', **data,
+                                    'io_backend': {'type': 'disk'}}},
+            'path': {'pretrain_network_g': str(checkpoint), 'strict_load_g': True},
+            'val': {'save_img': False, 'routing': {'mode': 'wbsr'}}}
+    broken = tmp_path / 'broken.yml'
+    broken.write_text('name: x\nnetwork_g: {type: WBSRSRResNet\n')
+    files = {'broken': broken}
+    for name, change in (('nonet', {'network_g': None}), ('scale', {'network_g': dict(TINY_NET, upscale=2)}),
+                         ('feat', {'network_g': dict(TINY_NET, num_feat=32, widths=[8, 16, 32])})):
+        opt = {k: v for k, v in {**base, **change}.items() if v is not None}
+        files[name] = tmp_path / f'{name}.yml'
+        files[name].write_text(yaml.safe_dump(opt))
+    expected = {
+        'broken': f"{broken}: not valid YAML (did not find expected ',' or '}}' at line 3, column 1)",
+        'nonet': f"{files['nonet']}: no 'network_g' (the network's options)",
+        'scale': f"{files['scale']}: scale is 4 but network_g.upscale is 2: they must agree",
+        'feat': (f"{files['feat']}: network_g does not match the checkpoint {checkpoint}: size mismatch for "
+                 'conv_first.weight: copying a param with shape torch.Size([16, 3, 3, 3]) from checkpoint, the shape '
+                 'in current model is torch.Size([32, 3, 3, 3]). (and 24 more)'),
+    }
+    for name, message in expected.items():
+        code, err = run_cli(runners.test_main, ['-opt', str(files[name])], monkeypatch, capsys)
+        assert code == 2 and err.splitlines()[-1] == f'wbsr-test: {message}' and 'Traceback' not in err, err
+        if name != 'feat':  # training never gets as far as loading a checkpoint
+            code, err = run_cli(runners.train_main, ['-opt', str(files[name])], monkeypatch, capsys)
+            assert code == 2 and err.splitlines()[-1] == f'wbsr-train: {message}' and 'Traceback' not in err, err
+        code = infer.main(['-i', str(inputs), '-o', str(tmp_path / 'out'), '--model', str(checkpoint), '-opt',
+                           str(files[name])])
+        # wbsr-infer names the checkpoint of its --model flag
+        assert code == 2 and one_line(capsys.readouterr().err) == f'wbsr-infer: {message}'.replace(
+            'does not match the checkpoint', 'does not match')
+    assert not (tmp_path / 'out').exists()
+
+
+def test_a_network_that_upscales_otherwise_than_scale_is_refused(tmp_path, capsys):
+    """``scale`` must be what the network does: checked by running it on an 8x8 image (no ``upscale`` key here)."""
+    net = RRDBNet(num_in_ch=3, num_out_ch=3, scale=2, num_feat=8, num_block=1, num_grow_ch=4)
+    options = {'type': 'RRDBNet', 'num_in_ch': 3, 'num_out_ch': 3, 'scale': 2, 'num_feat': 8, 'num_block': 1,
+               'num_grow_ch': 4}
+    ckpt = tiny_checkpoint(tmp_path / 'rrdb.pth', net=net, network_opt=options, scale=4)
+    with pytest.raises(CorruptFileError) as refused:
+        infer.load_model(str(ckpt))
+    assert str(refused.value) == f"{ckpt}: its 'wbsr' entry: scale is 4 but network_g turns 8x8 into 16x16"
+
+
+# ---- 4. flags are never silently ignored --------------------------------------------------------------------
+def flops_line(capsys) -> str:
+    return next(line for line in capsys.readouterr().out.splitlines() if 'FLOPs' in line)
+
+
+def test_mode_flags_choose_their_mode_or_are_refused(tmp_path, checkpoint, capsys):
+    inputs = write_images(tmp_path / 'in', ['a.png'], size=(40, 40))
+    net = tiny_srresnet()
+    common = ['-i', str(inputs), '--model', str(checkpoint)]
+    assert infer.main(common + ['-o', str(tmp_path / 'o1'), '--subnet', '0']) == 0
+    costs = net.subnet_flops((40, 40))
+    assert f'FLOPs {100 * costs[0] / costs[-1]:.1f}% of full on patches' in flops_line(capsys)  # fixed, subnet 0
+    assert infer.main(common + ['-o', str(tmp_path / 'o2'), '--alpha', '0.5']) == 0
+    implied = flops_line(capsys)
+    assert infer.main(common + ['-o', str(tmp_path / 'o3'), '--alpha', '0.5', '--mode', 'alpha']) == 0
+    explicit = flops_line(capsys)
+    assert infer.main(common + ['-o', str(tmp_path / 'o4')]) == 0
+    assert implied.split('  ')[1] == explicit.split('  ')[1] != flops_line(capsys).split('  ')[1]
+    refusals = [
+        (['--budget', '0.6', '--mode', 'wbsr'], '--budget applies to --mode budget only, not --mode wbsr'),
+        (['--budget', '0.6', '--mode', 'full'], '--budget applies to --mode budget only, not --mode full'),
+        (['--subnet', '1', '--mode', 'budget', '--budget', '0.5'], '--subnet applies to --mode fixed only, not --mode '
+         'budget'),
+        (['--budget', '0.6', '--subnet', '1'], '--budget and --subnet select different modes (budget, fixed); give one '
+         'of them'),
+        (['--mode', 'fixed'], "--mode fixed needs --subnet (an index into the network's subnets)"),
+        (['--budget', '1.5'], '--budget must be in (0, 1], got 1.5'),
+        (['--subnet', '9'], '--subnet 9: this network has subnets 0..8'),
+        (['--budget', '0.01'], "--budget 0.01 is below the cheapest subnet's cost, 0.235 of the full network's"),
+        (['--step', '0'], 'need --patch-size >= 1 and 1 <= --step <= --patch-size, got 32 and 0'),
+    ]
+    for flags, message in refusals:
+        assert infer.main(common + ['-o', str(tmp_path / 'bad')] + flags) == 2
+        assert one_line(capsys.readouterr().err) == f'wbsr-infer: {message}'
+    assert not (tmp_path / 'bad').exists()
+
+
+# ---- 5. EXIF orientation ----------------------------------------------------------------------------------------
+def test_the_exif_orientation_is_applied_like_viewers_do(tmp_path, checkpoint, capsys):
+    path = DATA / 'exif_orientation6.jpg'  # stored 16 wide x 8 tall, tagged "rotate 90 degrees clockwise"
+    with Image.open(path) as stored:
+        assert stored.size == (16, 8) and stored.getexif()[0x0112] == 6
+    img = decode_image(path.read_bytes(), str(path))
+    assert img.shape == (16, 8, 3)
+    bgr = (img * 255).round()
+    assert np.abs(bgr[:8, :] - [0, 0, 255]).max() < 8  # shown: top half red,
+    assert np.abs(bgr[10:, :3] - [0, 255, 0]).max() < 8  # bottom left green,
+    assert np.abs(bgr[10:, 5:] - [255, 0, 0]).max() < 8  # bottom right blue
+    notes = []
+    decode_image(path.read_bytes(), str(path), notes=notes)
+    assert notes == ['EXIF orientation 6 applied']
+    inputs = tmp_path / 'in'
+    inputs.mkdir()
+    (inputs / 'phone.jpg').write_bytes(path.read_bytes())
+    assert infer.main(['-i', str(inputs), '-o', str(tmp_path / 'out'), '--model', str(checkpoint)]) == 0
+    assert cv2.imread(str(tmp_path / 'out' / 'phone.png')).shape == (64, 32, 3)
+    assert 'phone.jpg: EXIF orientation 6 applied' in capsys.readouterr().out
+    assert make_lr.main(['--hr', str(inputs), '--out', str(tmp_path / 'ds'), '--scales', '2']) == 0
+    hr = cv2.imread(str(tmp_path / 'ds' / 'HR' / 'phone.png')).astype(int)
+    assert hr.shape == (16, 8, 3) and np.abs(hr[10:, :3] - [0, 255, 0]).max() < 8
+    assert f'wbsr-make-lr: {inputs}/phone.jpg: EXIF orientation 6 applied' in capsys.readouterr().err
+
+
+@pytest.mark.parametrize('orientation', range(1, 9))
+def test_apply_orientation_matches_pil_exif_transpose(orientation):
+    stored = (np.arange(5 * 3 * 3) * 5).astype(np.uint8).reshape(5, 3, 3)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    buf = io.BytesIO()
+    Image.fromarray(stored).save(buf, format='PNG', exif=exif)
+    shown = np.asarray(ImageOps.exif_transpose(Image.open(io.BytesIO(buf.getvalue()))))
+    np.testing.assert_array_equal(apply_orientation(stored, orientation), shown)
+    decoded = decode_image(buf.getvalue(), 'exif.png')  # a PNG's eXIf chunk counts too
+    np.testing.assert_array_equal((decoded[..., ::-1] * 255).round().astype(np.uint8), shown)
+
+
+# ---- 6. smaller gaps --------------------------------------------------------------------------------------------
+def test_an_empty_input_folder_is_an_error(tmp_path, checkpoint, capsys):
+    (tmp_path / 'in').mkdir()
+    (tmp_path / 'in' / 'notes.txt').write_text('no images here')
+    assert infer.main(['-i', str(tmp_path / 'in'), '-o', str(tmp_path / 'out'), '--model', str(checkpoint)]) == 2
+    assert one_line(capsys.readouterr().err) == (f'wbsr-infer: -i {tmp_path}/in: no images (.png, .jpg, .jpeg, .bmp, '
+                                                 '.tif, .tiff, .webp) in this folder')
+
+
+def read_only_folder(tmp_path: Path) -> Path:
+    """A folder this process cannot create files in: chmod 555, or for root a folder of a read-only file system."""
+    if os.geteuid() != 0:
+        folder = tmp_path / 'read_only'
+        folder.mkdir()
+        folder.chmod(0o555)
+        return folder
+    try:
+        os.close(os.open('/sys/kernel/.wbsr-write-check', os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    except PermissionError:
+        return Path('/sys/kernel')
+    except OSError:
+        pass
+    pytest.skip('no read-only folder for root here')
+
+
+def test_bad_output_folders_are_refused_before_the_model_is_loaded(tmp_path, checkpoint, capsys, monkeypatch):
+    inputs = write_images(tmp_path / 'in', ['a.png'])
+    read_only = read_only_folder(tmp_path)
+    monkeypatch.setattr(infer, 'load_model', lambda *a: pytest.fail('the model was loaded'))
+    assert infer.main(['-i', str(inputs), '-o', str(read_only), '--model', str(checkpoint)]) == 2
+    assert one_line(capsys.readouterr().err) == f'wbsr-infer: -o {read_only}: cannot write there (Permission denied)'
+    (tmp_path / 'file').write_text('x')
+    assert infer.main(['-i', str(inputs), '-o', str(tmp_path / 'file'), '--model', str(checkpoint)]) == 2
+    assert one_line(capsys.readouterr().err) == f'wbsr-infer: -o {tmp_path}/file: exists and is not a folder'
+    assert make_lr.main(['--hr', str(inputs), '--out', str(read_only)]) == 2
+    assert one_line(capsys.readouterr().err) == (f'wbsr-make-lr: --out {read_only}: cannot write there (Permission '
+                                                 'denied)')
+
+
+def test_a_full_disk_stops_the_run_naming_the_file_and_keeps_what_is_written(tmp_path, checkpoint, capsys,
+                                                                             monkeypatch):
+    inputs = write_images(tmp_path / 'in', ['a.png', 'b.png', 'c.png'])
+    out = tmp_path / 'out'
+    real_write = fileio.write_bytes
+
+    def write(path, data):
+        if os.path.basename(path) == 'b.png':
+            with fileio.atomic_path(path) as tmp:
+                with open(tmp, 'wb') as f:
+                    f.write(data[:10])
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real_write(path, data)
+
+    monkeypatch.setattr(infer, 'write_bytes', write)
+    assert infer.main(['-i', str(inputs), '-o', str(out), '--model', str(checkpoint)]) == 2
+    assert one_line(capsys.readouterr().err) == (f'wbsr-infer: cannot write {out}/b.png (No space left on device); '
+                                                 f'stopped, 1 of 3 images written to {out}')
+    assert [p.name for p in out.iterdir()] == ['a.png'] and cv2.imread(str(out / 'a.png')).shape == (80, 96, 3)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason='needs a machine without a CUDA GPU')
+def test_asking_for_a_gpu_without_one_says_how_to_run_on_the_cpu(tmp_path, checkpoint, monkeypatch, capsys):
+    inputs = write_images(tmp_path / 'in', ['a.png'])
+    assert infer.main(['-i', str(inputs), '-o', str(tmp_path / 'out'), '--model', str(checkpoint), '--device',
+                       'cuda']) == 2
+    assert one_line(capsys.readouterr().err) == ('wbsr-infer: --device cuda: there is no CUDA GPU on this machine; '
+                                                 'run on the CPU with --device cpu')
+    monkeypatch.chdir(tmp_path)
+    data = write_pair_folder(tmp_path / 'data', n=1)
+    opt = {'name': 'gpu', 'model_type': 'WBSRModel', 'scale': 4, 'num_gpu': 1, 'network_g': dict(TINY_NET),
+           'datasets': {'test_1': {'name': 'tiny', 'type': 'PairedImageDataset', **data,
+                                   'io_backend': {'type': 'disk'}}},
+           'path': {'pretrain_network_g': str(checkpoint)}, 'val': {'save_img': False}}
+    (tmp_path / 'gpu.yml').write_text(yaml.safe_dump(opt))
+    code, err = run_cli(runners.test_main, ['-opt', str(tmp_path / 'gpu.yml')], monkeypatch, capsys)
+    assert code == 2 and err.splitlines()[-1] == (
+        f'wbsr-test: {tmp_path}/gpu.yml: num_gpu is 1 but there is no CUDA GPU on this machine; to run on the CPU set '
+        'num_gpu: 0 (or add --force_yml num_gpu=0)')
+
+
+def test_conversions_are_noted_on_the_console_one_line_per_image(tmp_path, checkpoint, capsys):
+    inputs = tmp_path / 'in'
+    inputs.mkdir()
+    cv2.imwrite(str(inputs / 'deep.png'), (np.random.default_rng(0).random((20, 20, 3)) * 65535).astype(np.uint16))
+    cv2.imwrite(str(inputs / 'rgba.png'), np.random.default_rng(1).integers(0, 255, (20, 20, 4), dtype=np.uint8))
+    cv2.imwrite(str(inputs / 'gray.png'), np.random.default_rng(2).integers(0, 255, (20, 20), dtype=np.uint8))
+    assert infer.main(['-i', str(inputs), '-o', str(tmp_path / 'out'), '--model', str(checkpoint)]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert [line for line in printed if 'FLOPs' not in line and 'written to' not in line] == [
+        'deep.png: 16-bit, written as 8-bit', 'gray.png: grayscale, converted to 3 channels',
+        'rgba.png: RGBA, alpha channel dropped']
+    assert make_lr.main(['--hr', str(inputs), '--out', str(tmp_path / 'ds'), '--scales', '2']) == 0
+    assert capsys.readouterr().err.splitlines() == [
+        f'wbsr-make-lr: {inputs}/deep.png: 16-bit, written as 8-bit',
+        f'wbsr-make-lr: {inputs}/gray.png: grayscale, converted to 3 channels',
+        f'wbsr-make-lr: {inputs}/rgba.png: RGBA, alpha channel dropped']
+
+
+# ---- 7. files are shared like any other file: the umask decides ------------------------------------------------
+WRITERS = {
+    'checkpoint': lambda path: torch_save({'params': {'w': torch.ones(2)}}, path),
+    'training state': lambda path: torch_save({'iter': 1}, path),
+    'npz (GMM, ARM table, index cache)': lambda path: save_npz(path, {'w': np.ones(2)}),
+    'json': lambda path: save_json(path, {'a': 1}),
+    'make-lr png': lambda path: make_lr.write_png(path, np.zeros((4, 4, 3), np.uint8)),
+    'infer output': lambda path: fileio.write_bytes(path, b'png'),
+}
+
+
+@pytest.mark.parametrize('writer', sorted(WRITERS))
+@pytest.mark.parametrize('umask,mode', [(0o022, 0o644), (0o027, 0o640)])
+def test_atomic_writes_respect_the_umask(tmp_path, writer, umask, mode):
+    old = os.umask(umask)
+    try:
+        WRITERS[writer](str(tmp_path / 'file'))
+    finally:
+        os.umask(old)
+    assert oct(stat.S_IMODE((tmp_path / 'file').stat().st_mode)) == oct(mode)
+    assert [p.name for p in tmp_path.iterdir()] == ['file']  # no temporary file left
