@@ -89,6 +89,7 @@ setup(
             'wbsr-inspect=wbsr_data.inspect:main',
             'wbsr-make-lr=wbsr_data.make_lr:main',
             'wbsr-fit-gmm=wbsr_losses.fit_gmm:main',
+            'wbsr-calibrate=wbsr_models.calibrate:main',
         ],
     },
     cmdclass={'build_py': BuildPyWithHook},

@@ -399,7 +399,7 @@ def test_mode_flags_choose_their_mode_or_are_refused(tmp_path, checkpoint, capsy
     common = ['-i', str(inputs), '--model', str(checkpoint)]
     assert infer.main(common + ['-o', str(tmp_path / 'o1'), '--subnet', '0']) == 0
     costs = net.subnet_flops((40, 40))
-    assert f'FLOPs {100 * costs[0] / costs[-1]:.1f}% of full on patches' in flops_line(capsys)  # fixed, subnet 0
+    assert f'FLOPs {100 * costs[0] / costs[-1]:.1f}% of full on the image' in flops_line(capsys)  # fixed, subnet 0
     assert infer.main(common + ['-o', str(tmp_path / 'o2'), '--alpha', '0.5']) == 0
     implied = flops_line(capsys)
     assert infer.main(common + ['-o', str(tmp_path / 'o3'), '--alpha', '0.5', '--mode', 'alpha']) == 0

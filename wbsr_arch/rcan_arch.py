@@ -122,9 +122,9 @@ class WBSRRCAN(SupernetMixin, RCAN):
                 conv_tiles(plan, res, mid, conv1, counter, post=lambda y, *_: F.relu(y), groups=active)
                 post = self._attention_post(attention, rcab.res_scale, counter)
                 conv_tiles(plan, mid, res, conv2, counter, post=post, groups=active, accumulate=True)
-            conv_tiles(plan, res, spare, group.conv, counter, post=_plus(group_in))
+            conv_tiles(plan, res, spare, group.conv, counter, post=_plus(plan, group_in))
             res, spare = spare, res
-        conv_tiles(plan, res, spare, self.conv_after_body, counter, post=_plus(first))
+        conv_tiles(plan, res, spare, self.conv_after_body, counter, post=_plus(plan, first))
         return spare
 
     def _attention_post(self, attention: nn.Module, res_scale: float, counter: FlopCount):
@@ -167,6 +167,6 @@ class WBSRRCAN(SupernetMixin, RCAN):
                     res_scale=self.res_scale, img_range=self.img_range, rgb_mean=self.rgb_mean)
 
 
-def _plus(fmap: torch.Tensor):
+def _plus(plan: TilePlan, fmap: torch.Tensor):
     """``post`` that adds the tile's own region of ``fmap`` (a skip connection)."""
-    return lambda y, group, segments: y + gather(fmap, group, segments, 1, y.shape[1], 0)
+    return lambda y, group, segments: y + gather(plan, fmap, group, segments, 1, y.shape[1], 0)

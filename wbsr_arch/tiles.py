@@ -176,6 +176,7 @@ class TilePlan:
         self.grid, self.widths, self.depths = grid, widths, depths
         self.row_runs, self.col_runs = _runs(grid.rows), _runs(grid.cols)
         self._cache: dict[tuple, list[TileGroup]] = {}
+        self.pixel_cache: dict[tuple, torch.Tensor] = {}
 
     @property
     def batch(self) -> int:
@@ -240,42 +241,73 @@ def _split(group: TileGroup, scale: int) -> Iterator[tuple[Segment, ...]]:
         yield tuple(chunk)
 
 
-def gather(fmap: torch.Tensor, group: TileGroup, segments: Sequence[Segment], scale: int, channels: int,
-           halo: int) -> torch.Tensor:
-    """Tiles ``(n, channels, h + 2 halo, w + 2 halo)`` (channels-last) of a padded map, in segment order."""
-    windows = _windows(fmap, group, scale, halo)
-    count = sum(seg.count for seg in segments)
-    th, tw = windows.shape[-2:]
-    out = fmap.new_empty(count, th, tw, channels).permute(0, 3, 1, 2)
-    if len(segments) == 1 and segments[0].count == windows.shape[2] * windows.shape[3]:
-        seg = segments[0]  # the whole run: one copy
-        out.view(windows.shape[2], windows.shape[3], channels, th, tw).copy_(
-            windows[seg.n, :channels].permute(1, 2, 0, 3, 4))
+def _pixels(plan: TilePlan, fmap: torch.Tensor, group: TileGroup, segments: tuple[Segment, ...], scale: int,
+            halo: int) -> torch.Tensor:
+    """Flat pixel index ``(n * (h + 2 halo) * (w + 2 halo),)`` of the segments' tiles in ``fmap`` viewed as
+    ``(N * Hp * Wp, C)`` rows (channels-last), in segment order; cached on the plan for its forward."""
+    key = (id(group), segments, scale, halo, tuple(fmap.shape), fmap.device)
+    if key not in plan.pixel_cache:
+        _, _, hp, wp = fmap.shape
+        rr, cr = group.row_run, group.col_run
+        th, tw = rr.size * scale, cr.size * scale
+        ii, jj = np.meshgrid(np.arange(th + 2 * halo), np.arange(tw + 2 * halo), indexing='ij')
+        offsets = (ii * wp + jj).ravel()
+        starts = []
+        for seg in segments:
+            a, b = np.meshgrid(np.arange(seg.a0, seg.a1), np.arange(seg.b0, seg.b1), indexing='ij')
+            top = rr.start * scale + 1 - halo + a.ravel() * th
+            left = cr.start * scale + 1 - halo + b.ravel() * tw
+            starts.append(seg.n * hp * wp + top * wp + left)
+        index = (np.concatenate(starts)[:, None] + offsets[None, :]).ravel()
+        plan.pixel_cache[key] = torch.as_tensor(index, dtype=torch.long, device=fmap.device)
+    return plan.pixel_cache[key]
+
+
+def _rows(fmap: torch.Tensor) -> torch.Tensor:
+    """A channels-last map ``(N, C, Hp, Wp)`` as its ``(N * Hp * Wp, C)`` pixel rows (a view)."""
+    return fmap.permute(0, 2, 3, 1).reshape(-1, fmap.shape[1])
+
+
+def gather(plan: TilePlan, fmap: torch.Tensor, group: TileGroup, segments: Sequence[Segment], scale: int,
+           channels: int, halo: int) -> torch.Tensor:
+    """Tiles ``(n, channels, h + 2 halo, w + 2 halo)`` (channels-last) of a padded map, in segment order.
+
+    Without autograd, one rectangle of tiles is one strided copy; otherwise the tiles' pixels are taken with one
+    ``index_select`` (whose backward is one ``index_add_``).
+    """
+    rr, cr = group.row_run, group.col_run
+    th, tw = rr.size * scale + 2 * halo, cr.size * scale + 2 * halo
+    if len(segments) == 1 and not (torch.is_grad_enabled() and fmap.requires_grad):
+        seg = segments[0]
+        windows = _windows(fmap, group, scale, halo)[:, :channels]
+        out = fmap.new_empty(seg.count, th, tw, channels).permute(0, 3, 1, 2)
+        out.view(seg.a1 - seg.a0, seg.b1 - seg.b0, channels, th, tw).copy_(
+            windows[seg.n, :, seg.a0:seg.a1, seg.b0:seg.b1].permute(1, 2, 0, 3, 4))
         return out
-    at = 0
-    for seg in segments:
-        rows, cols = seg.a1 - seg.a0, seg.b1 - seg.b0
-        out[at:at + seg.count].view(rows, cols, channels, th, tw).copy_(
-            windows[seg.n, :channels, seg.a0:seg.a1, seg.b0:seg.b1].permute(1, 2, 0, 3, 4))
-        at += seg.count
-    return out
+    rows = _rows(fmap)[:, :channels].index_select(0, _pixels(plan, fmap, group, tuple(segments), scale, halo))
+    return rows.view(-1, th, tw, channels).permute(0, 3, 1, 2)
 
 
-def scatter(fmap: torch.Tensor, group: TileGroup, segments: Sequence[Segment], scale: int, values: torch.Tensor,
-            accumulate: bool = False) -> None:
+def scatter(plan: TilePlan, fmap: torch.Tensor, group: TileGroup, segments: Sequence[Segment], scale: int,
+            values: torch.Tensor, accumulate: bool = False) -> None:
     """Write (or add) tiles ``(n, c, h, w)``, in segment order, into the first ``c`` channels of a padded map."""
-    windows = _windows(fmap, group, scale, 0)
-    channels, th, tw = values.shape[1:]
-    at = 0
-    for seg in segments:
-        rows, cols = seg.a1 - seg.a0, seg.b1 - seg.b0
-        target = windows[seg.n, :channels, seg.a0:seg.a1, seg.b0:seg.b1]
-        source = values[at:at + seg.count].view(rows, cols, channels, th, tw).permute(2, 0, 1, 3, 4)
+    channels = values.shape[1]
+    if len(segments) == 1 and not torch.is_grad_enabled():
+        seg = segments[0]
+        target = _windows(fmap, group, scale, 0)[seg.n, :channels, seg.a0:seg.a1, seg.b0:seg.b1]
+        source = values.view(seg.a1 - seg.a0, seg.b1 - seg.b0, *values.shape[1:]).permute(2, 0, 1, 3, 4)
         if accumulate:
             target.add_(source)
         else:
             target.copy_(source)
-        at += seg.count
+        return
+    index = _pixels(plan, fmap, group, tuple(segments), scale, 0)
+    source = values.permute(0, 2, 3, 1).reshape(-1, channels)
+    target = _rows(fmap)[:, :channels]
+    if accumulate:
+        target.index_add_(0, index, source)
+    else:
+        target.index_copy_(0, index, source)
 
 
 class FlopCount:
@@ -312,11 +344,11 @@ def conv_tiles(plan: TilePlan, src: torch.Tensor, dst: torch.Tensor, conv: nn.Co
         weight = conv.weight[:cout, :cin]
         bias = None if conv.bias is None else conv.bias[:cout]
         for segments in _split(group, scale):
-            y = F.conv2d(gather(src, group, segments, scale, cin, 1), weight, bias)
+            y = F.conv2d(gather(plan, src, group, segments, scale, cin, 1), weight, bias)
             counter.conv(y, weight)
             if post is not None:
                 y = post(y, group, segments)
-            scatter(dst, group, segments, out_scale, y, accumulate)
+            scatter(plan, dst, group, segments, out_scale, y, accumulate)
 
 
 def zero_tiles(plan: TilePlan, fmap: torch.Tensor, groups: list[TileGroup], scale: int = 1) -> None:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
@@ -95,6 +95,10 @@ class DifficultyProjection:
         axis: Projection axis (ones for ``sum``).
         thresholds: ``t_1 .. t_(K-1)`` ascending; class k holds ``t_(k-1) < s <= t_k``.
         score_range: Smallest and largest training score, the ends of :meth:`position`'s scale.
+        class_mse: Optional ``(K, M)`` calibration of a trained supernet: the mean squared error per pixel (Y, [0, 1])
+            of each subnet on the regions of each class, measured on training images (``wbsr-calibrate``); what
+            ``val.routing.mode: calibrated`` allocates by.
+        calibration: How ``class_mse`` was measured (scheme, region size, images).
     """
 
     kind: str
@@ -103,6 +107,8 @@ class DifficultyProjection:
     thresholds: np.ndarray
     score_range: tuple[float, float]
     version: int = field(default=DIFFICULTY_VERSION)
+    class_mse: Optional[np.ndarray] = None
+    calibration: dict[str, Any] = field(default_factory=dict)
 
     @property
     def num_classes(self) -> int:
@@ -158,7 +164,7 @@ class DifficultyProjection:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain lists and numbers: fits a JSON file and a ``weights_only`` checkpoint."""
-        return {
+        data = {
             'kind': self.kind,
             'mean': [float(v) for v in self.mean],
             'axis': [float(v) for v in self.axis],
@@ -166,6 +172,10 @@ class DifficultyProjection:
             'score_range': [float(v) for v in self.score_range],
             'version': int(self.version),
         }
+        if self.class_mse is not None:
+            data['class_mse'] = [[float(v) for v in row] for row in self.class_mse]
+            data['calibration'] = dict(self.calibration)
+        return data
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> 'DifficultyProjection':
@@ -177,6 +187,8 @@ class DifficultyProjection:
             thresholds = np.asarray(data['thresholds'], dtype=np.float64).reshape(-1)
             lo, hi = (float(v) for v in data['score_range'])
             version = int(data['version'])
+            class_mse = None if data.get('class_mse') is None else np.asarray(data['class_mse'], dtype=np.float64)
+            calibration = dict(data.get('calibration') or {})
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f'malformed difficulty projection ({exc!r})') from None
         if version != DIFFICULTY_VERSION:
@@ -186,4 +198,9 @@ class DifficultyProjection:
             raise ValueError(f'malformed difficulty projection (kind={kind!r}, mean {mean.shape}, axis {axis.shape})')
         if not (np.all(np.isfinite(thresholds)) and np.all(np.diff(thresholds) >= 0)):
             raise ValueError('difficulty thresholds must be finite and ascending')
-        return cls(kind=kind, mean=mean, axis=axis, thresholds=thresholds, score_range=(lo, hi), version=version)
+        if class_mse is not None and (class_mse.ndim != 2 or class_mse.shape[0] != len(thresholds) + 1 or
+                                      not np.all(np.isfinite(class_mse)) or np.any(class_mse < 0)):
+            raise ValueError(f'the calibration must be a finite, non-negative (K={len(thresholds) + 1}, M) table, got '
+                             f'shape {class_mse.shape}')
+        return cls(kind=kind, mean=mean, axis=axis, thresholds=thresholds, score_range=(lo, hi), version=version,
+                   class_mse=class_mse, calibration=calibration)

@@ -4,9 +4,11 @@
    protocol of spec section 9 (mod-crop, MATLAB bicubic x4).
 2. Trains a small WBSR supernet (HES sampling, BDLoss, 3 widths x 3 depths) through BasicSR's training
    pipeline (``python -m wbsr_models.train``), on the GPU when there is one.
-3. Tests the checkpoint with gradient-projection dynamic inference and with the full network, and
-   prints the table: PSNR/SSIM (Y channel), FLOPs against the full network (on the same patches, and run
-   once on the whole image), seconds per image.
+3. Tests the checkpoint with gradient-projection dynamic inference (the seamless ``tiles`` scheme, and the
+   papers' ``patches`` for comparison), with the full network and with every fixed subnet, and prints the
+   table: PSNR/SSIM (Y channel), FLOPs against the full network run once on the whole image (and on the
+   same patches), seconds per image measured under the same conditions for every row
+   (:func:`~wbsr_models.evaluation.time_modes`), and a check that two runs of the same network time alike.
 4. Writes the subnet allocation maps, the SR images and a PSNR-vs-FLOPs curve (PNG), and the table as
    Markdown and JSON, under ``--out`` (default ``wbsr_demo``).
 """
@@ -36,7 +38,7 @@ from basicsr.utils import imwrite, tensor2img  # noqa: E402
 
 from wbsr_data.make_lr import make_dataset  # noqa: E402
 
-from .evaluation import bicubic_summary, evaluate, load_test_set  # noqa: E402
+from .evaluation import bicubic_summary, evaluate, load_test_set, time_modes  # noqa: E402
 from .infer import load_model  # noqa: E402
 from .router import Router, RoutingOptions  # noqa: E402
 from .visualize import allocation_map, subnet_labels  # noqa: E402
@@ -83,16 +85,26 @@ def demo_options(data: str, iters: int) -> dict:
     }
 
 
+def progress_bar(**kwargs) -> tqdm:
+    """A tqdm bar that also shows in a log file or CI console (there, refreshed every 20 s instead of live)."""
+    live = sys.stderr.isatty()
+    return tqdm(disable=False, mininterval=0.1 if live else 20, dynamic_ncols=live, **kwargs)
+
+
 def train(option_file: str, cwd: str, iters: int) -> str:
-    """Run BasicSR's training pipeline in a subprocess, with a progress bar fed from its log."""
+    """Run BasicSR's training pipeline in a subprocess, with a progress bar (iteration, loss, eta) fed from its
+    log; the log's path is printed once."""
     cmd = [sys.executable, '-m', 'wbsr_models.train', '-opt', option_file]
     tail: deque[str] = deque(maxlen=40)
+    log_dir = os.path.join(cwd, 'experiments', 'wbsr_demo')
+    print(f'wbsr-demo: training log in {log_dir}/train_wbsr_demo_<time>.log', flush=True)
     with subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc, \
-            tqdm(total=iters, desc='training (BasicSR train pipeline)', unit='it', disable=None) as bar:
+            progress_bar(total=iters, desc='training', unit='it') as bar:
         for line in proc.stdout:
             tail.append(line)
-            found = re.search(r'iter:\s+([\d,]+)', line)
+            found = re.search(r'iter:\s+([\d,]+).*?\[eta: ([^,]+),.*?l_pix: ([-\d.e+]+)', line)
             if found:
+                bar.set_postfix_str(f'loss {float(found.group(3)):.3e}, BasicSR eta {found.group(2)}', refresh=False)
                 bar.update(int(found.group(1).replace(',', '')) - bar.n)
     if proc.returncode != 0:
         raise RuntimeError('training failed:\n' + ''.join(tail))
@@ -100,47 +112,61 @@ def train(option_file: str, cwd: str, iters: int) -> str:
 
 
 def evaluate_demo(checkpoint: str, test_dir: str, out: str, device: str, repeats: int) -> list[dict]:
-    """The table's rows: full network, Eq. 15 routing, a budget sweep and every fixed subnet."""
+    """The table's rows: full network, Eq. 15 and a budget sweep on seamless tiles, Eq. 15 on the papers'
+    patches, and every fixed subnet; quality and FLOPs from one run each, seconds from :func:`time_modes`."""
     net, scale, projection = load_model(checkpoint, device=device)
-    modes = [('full', {'mode': 'full'}), ('wbsr (Eq. 15)', {'mode': 'wbsr'})]
-    modes += [(f'budget {b}', {'mode': 'budget', 'budget': b}) for b in (0.8, 0.65, 0.5)]
-    modes += [(f'fixed {w}/{d}', {'mode': 'fixed', 'subnet': i}) for i, (w, d) in enumerate(net.subnets)]
+    largest = len(net.subnets) - 1
+    modes = [('full', {'mode': 'full'}), ('tiles: wbsr (Eq. 15)', {'mode': 'wbsr'})]
+    modes += [(f'tiles: budget {b}', {'mode': 'budget', 'budget': b}) for b in (0.8, 0.65, 0.5)]
+    modes += [('patches: wbsr (Eq. 15)', {'mode': 'wbsr', 'scheme': 'patches'})]
+    modes += [(f'fixed {w}/{d}' + (' (= full)' if i == largest else ''), {'mode': 'fixed', 'subnet': i})
+              for i, (w, d) in enumerate(net.subnets)]
     images = load_test_set(test_dir, scale, device)
+    routers = {label: Router(net, RoutingOptions(**options), scale, projection) for label, options in modes}
 
-    def save(mode: str):
+    def save(label: str):
         def on_image(image, result, sr):
             stem = os.path.splitext(image.name)[0]
-            imwrite(sr, os.path.join(out, 'sr', f'{stem}_{mode}.png'))
-            if mode == 'wbsr':
+            tag = label.split(':')[0] if ':' in label else label
+            imwrite(sr, os.path.join(out, 'sr', f'{stem}_{tag}.png'))
+            if label.endswith('(Eq. 15)'):
                 imwrite(allocation_map(tensor2img([image.lq[0].cpu()]), result, subnet_labels(net)),
-                        os.path.join(out, 'maps', f'{stem}_alloc.png'))
-        return on_image if mode in ('wbsr', 'full') else None
+                        os.path.join(out, 'maps', f'{stem}_alloc_{tag}.png'))
+        return on_image if label == 'full' or label.endswith('(Eq. 15)') else None
 
-    # One untimed pass of the whole-image and the patch router first, so that the first timed mode does not
-    # pay for thread-pool start-up and first allocations: the table compares times across modes.
-    for options in ({'mode': 'full'}, {'mode': 'wbsr'}):
-        router = Router(net, RoutingOptions(**options), scale, projection)
-        for image in images:
-            router(image.lq)
-    rows = []
-    for label, options in tqdm(modes, desc='testing (dynamic inference)', unit='mode', disable=None):
-        router = Router(net, RoutingOptions(**options), scale, projection)
-        rows.append({'mode': label, **evaluate(router, images, repeats, on_image=save(options['mode']))})
+    with progress_bar(total=len(modes) + len(images), desc='testing', unit='step') as bar:
+        rows = []
+        for label, _ in modes:
+            rows.append({'mode': label, **evaluate(routers[label], images, on_image=save(label))})
+            bar.update()
+        seconds = time_modes({label: (router, None) for label, router in routers.items()}, images, repeats,
+                             progress=bar.update)
     for row in rows:
-        row['time_vs_full'] = row['seconds'] / rows[0]['seconds']
+        row['seconds'] = seconds[row['mode']]
+        row['time_vs_full'] = row['seconds'] / seconds['full']
     return [{'mode': 'bicubic (reference)', **bicubic_summary(images, scale)}] + rows
 
 
+def timing_check(rows: list[dict]) -> str:
+    """The full network and the largest fixed subnet are the same network: their times must agree (10%)."""
+    full = next(r for r in rows if r['mode'] == 'full')
+    same = next(r for r in rows if r['mode'].endswith('(= full)'))
+    gap = abs(same['seconds'] / full['seconds'] - 1)
+    verdict = 'within 10%: the times compare' if gap <= 0.10 else 'MORE than 10% apart: the machine was busy'
+    return (f"timing check: full {full['seconds']:.3f} s, {same['mode']} {same['seconds']:.3f} s per image, "
+            f'{100 * gap:.1f}% apart ({verdict})')
+
+
 def table(rows: list[dict]) -> str:
-    lines = ['| mode | PSNR-Y | SSIM-Y | GFLOPs | FLOPs % (vs full on patches) | FLOPs % (vs full on image) | '
+    lines = ['| mode | PSNR-Y | SSIM-Y | GFLOPs | FLOPs % vs full on image | FLOPs % vs full on the same patches | '
              's / image | time vs full |', '|---|---|---|---|---|---|---|---|']
     for r in rows:
         if 'gflops' not in r:  # the bicubic reference row
             lines.append(f"| {r['mode']} | {r['psnr']:.2f} | {r['ssim']:.4f} | - | - | - | - | - |")
             continue
+        patches = f"{100 * r['ratio_regions']:.1f}" if r['mode'].startswith('patches') else '-'
         lines.append(f"| {r['mode']} | {r['psnr']:.2f} | {r['ssim']:.4f} | {r['gflops']:.2f} | "
-                     f"{100 * r['ratio_patches']:.1f} | {100 * r['ratio_whole']:.1f} | {r['seconds']:.3f} | "
-                     f"{r['time_vs_full']:.2f} |")
+                     f"{100 * r['ratio_whole']:.1f} | {patches} | {r['seconds']:.3f} | {r['time_vs_full']:.2f} |")
     return '\n'.join(lines)
 
 
@@ -152,15 +178,14 @@ def plot_curve(rows: list[dict], path: str, title: str) -> None:
     ax.axhline(rows[0]['psnr'], color='#bbbbbb', lw=1, ls=':', label='bicubic')
     rows = rows[1:]
     fixed = [r for r in rows if r['mode'].startswith('fixed')]
-    budget = sorted([r for r in rows if r['mode'].startswith('budget')], key=lambda r: r['ratio_whole'])
+    budget = sorted([r for r in rows if r['mode'].startswith('tiles: budget')], key=lambda r: r['ratio_whole'])
     ax.plot([100 * r['ratio_whole'] for r in fixed], [r['psnr'] for r in fixed], 'o', color='#888888',
             label='fixed subnets (whole image)')
     ax.plot([100 * r['ratio_whole'] for r in budget], [r['psnr'] for r in budget], '-s', color='#4c72b0',
-            label='WBSR budget sweep')
+            label='WBSR budget sweep (tiles)')
     for r in rows:
-        if r['mode'] in ('full', 'wbsr (Eq. 15)'):
-            ax.plot(100 * r['ratio_whole'], r['psnr'], '*' if r['mode'] != 'full' else 'D', ms=11,
-                    label=r['mode'])
+        if r['mode'] == 'full' or r['mode'].endswith('(Eq. 15)'):
+            ax.plot(100 * r['ratio_whole'], r['psnr'], 'D' if r['mode'] == 'full' else '*', ms=11, label=r['mode'])
     ax.set_xlabel('FLOPs, % of the full network run once on the whole image')
     ax.set_ylabel('PSNR-Y (dB)')
     ax.set_title(title)
@@ -195,7 +220,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f'wbsr-demo: {exc}', file=sys.stderr)
         return 1
     rows = evaluate_demo(checkpoint, os.path.join(data, 'test'), out, device, args.repeats)
-    text = table(rows)
+    text = table(rows) + '\n\n' + timing_check(rows[1:])
     minutes = (time.perf_counter() - start) / 60
     header = (f'WBSR demo: {len(TRAIN_IMAGES)} training photographs, {args.iters} iterations, x{SCALE}, '
               f'{len(TEST_IMAGES)} test photographs ({", ".join(TEST_IMAGES)}), {device}, {minutes:.1f} min')

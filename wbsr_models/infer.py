@@ -208,6 +208,8 @@ def check_numbers(args: argparse.Namespace) -> None:
         raise UsageError(f'--budget must be in (0, 1], got {args.budget}')
     if args.alpha is not None and not args.alpha > 0:
         raise UsageError(f'--alpha must be > 0, got {args.alpha}')
+    if args.tile_size < 1:
+        raise UsageError(f'--tile-size must be >= 1, got {args.tile_size}')
     if args.patch_size < 1 or not 1 <= args.step <= args.patch_size:
         raise UsageError(f'need --patch-size >= 1 and 1 <= --step <= --patch-size, got {args.patch_size} and '
                          f'{args.step}')
@@ -225,8 +227,8 @@ def check_network_flags(net: torch.nn.Module, mode: str, args: argparse.Namespac
     if mode == 'fixed' and not 0 <= args.subnet < num_subnets:
         raise UsageError(f'--subnet {args.subnet}: this network has subnets 0..{num_subnets - 1}')
     if mode == 'budget':
-        patch = (args.patch_size, args.patch_size)
-        costs = net.subnet_flops(patch) if hasattr(net, 'subnet_flops') else [1]
+        side = args.tile_size if args.scheme == 'tiles' else args.patch_size
+        costs = net.subnet_flops((side, side)) if hasattr(net, 'subnet_flops') else [1]
         share = costs[0] / costs[-1]
         if args.budget < share:
             raise UsageError(f'--budget {args.budget} is below the cheapest subnet\'s cost, {share:.3f} of the full '
@@ -320,9 +322,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument('--budget', type=float, default=None, help='average cost <= budget x full network')
     parser.add_argument('--alpha', type=float, default=None, help='alpha mode trade-off (default: 1.0)')
     parser.add_argument('--subnet', type=int, default=None, help='fixed mode: subnet index')
-    parser.add_argument('--patch-size', type=int, default=32)
-    parser.add_argument('--step', type=int, default=28)
-    parser.add_argument('--batch-size', type=int, default=64)
+    parser.add_argument('--scheme', default='tiles', choices=['tiles', 'patches'],
+                        help='tiles: one seamless pass over the image (default); patches: the papers\' overlapping '
+                        'patches, run separately and averaged')
+    parser.add_argument('--tile-size', type=int, default=32, help='tiles scheme: tile side, LR pixels (default: 32)')
+    parser.add_argument('--patch-size', type=int, default=32, help='patches scheme: patch side (default: 32)')
+    parser.add_argument('--step', type=int, default=28, help='patches scheme: step between patches (default: 28)')
+    parser.add_argument('--batch-size', type=int, default=64, help='patches scheme: patches run at once')
     parser.add_argument('--max-pixels', type=int, default=DEFAULT_MAX_PIXELS,
                         help=f'skip LR images larger than this many pixels, checked before decoding '
                         f'(default: {DEFAULT_MAX_PIXELS} = 4096x4096)')
@@ -342,9 +348,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         ensure_writable_dir(args.output, '-o')
         net, scale, projection = load_model(args.model, args.opt, device)
         check_network_flags(net, mode, args)
-        options = RoutingOptions(mode=mode, patch_size=args.patch_size, step=args.step, batch_size=args.batch_size,
-                                 budget=args.budget, alpha=1.0 if args.alpha is None else args.alpha,
-                                 subnet=args.subnet)
+        options = RoutingOptions(mode=mode, scheme=args.scheme, tile_size=args.tile_size, patch_size=args.patch_size,
+                                 step=args.step, batch_size=args.batch_size, budget=args.budget,
+                                 alpha=1.0 if args.alpha is None else args.alpha, subnet=args.subnet)
         router = Router(net, options, scale, projection)
     except (OSError, ValueError) as exc:
         print(f'wbsr-infer: {exc}', file=sys.stderr)
@@ -388,8 +394,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         for text in notes:
             tqdm.write(f'{name}: {text}')
         h, w = img.shape[:2]
-        tqdm.write(f'{os.path.splitext(name)[0]}: {w}x{h} -> {w * scale}x{h * scale}  '
-                   f'FLOPs {100 * result.ratio_regions:.1f}% of full on the same {result.scheme}, '
+        same = f'{100 * result.ratio_regions:.1f}% of full on patches, ' if result.scheme == 'patches' else ''
+        tqdm.write(f'{os.path.splitext(name)[0]}: {w}x{h} -> {w * scale}x{h * scale}  FLOPs {same}'
                    f'{100 * result.ratio_whole:.1f}% of full on the image, {result.flops / 1e9:.2f} G  '
                    f'{seconds:.2f} s')
     print(f'wbsr-infer: {written} of {len(files)} images written to {args.output}')

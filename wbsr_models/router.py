@@ -5,7 +5,9 @@ Routing is two independent choices:
 - *which subnet each region gets*, the mode: ``wbsr`` (Eq. 15, ``m = ceil(k * M / K)``), ``budget`` (the
   image's average cost stays at or below ``budget`` x the full network's and the allocation stays
   monotone in difficulty: each region's continuous difficulty position ``u`` in [0, 1] is shifted by one
-  image-wide ``lam`` and ``m = ceil((u + lam) * M)``, ``lam`` the largest shift that fits), ``alpha`` (per
+  image-wide ``lam`` and ``m = ceil((u + lam) * M)``, ``lam`` the largest shift that fits), ``calibrated``
+  (the same budget, spent where it buys the most PSNR per FLOP according to each class's measured error,
+  :func:`calibrated_subnets`), ``alpha`` (per
   region, the subnet whose cost is nearest ``alpha * (k / K) * C_full``), ``arm`` (ARM's edge lookup
   table, :mod:`wbsr_models.baselines`), or any ``assign`` callback (the benchmark's oracle);
 - *how the image is cut and run*, the scheme (:mod:`wbsr_models.regions`): ``tiles`` (default:
@@ -36,10 +38,10 @@ from wbsr_data.difficulty import DifficultyProjection, gradient_vectors
 
 from .regions import SCHEMES, Regions, cut
 
-MODES = ('wbsr', 'budget', 'alpha', 'arm', 'full', 'fixed')
+MODES = ('wbsr', 'budget', 'calibrated', 'alpha', 'arm', 'full', 'fixed')
 #: Rows of the strips a large image runs in when one subnet covers it (the bands of bounded memory are whole strips).
 BAND_STEP = 8
-REGION_MODES = ('wbsr', 'budget', 'alpha', 'arm')
+REGION_MODES = ('wbsr', 'budget', 'calibrated', 'alpha', 'arm')
 
 
 @dataclass(frozen=True)
@@ -100,8 +102,8 @@ class RoutingOptions:
                              f'{self.patch_size}, step={self.step}')
         if self.batch_size < 1:
             raise ValueError(f'{where}.batch_size must be >= 1, got {self.batch_size}')
-        if self.mode == 'budget' and (self.budget is None or not 0. < float(self.budget) <= 1.):
-            raise ValueError(f'{where}.budget must be in (0, 1] for budget mode, got {self.budget}')
+        if self.mode in ('budget', 'calibrated') and (self.budget is None or not 0. < float(self.budget) <= 1.):
+            raise ValueError(f'{where}.budget must be in (0, 1] for {self.mode} mode, got {self.budget}')
         if self.mode == 'alpha' and not self.alpha > 0:
             raise ValueError(f'{where}.alpha must be > 0, got {self.alpha}')
         if self.mode == 'fixed' and self.subnet is None:
@@ -177,6 +179,53 @@ def budget_subnets(position: np.ndarray, costs: np.ndarray, budget: float) -> np
     return shifted_subnets(position, lo, m)
 
 
+def calibrated_subnets(classes: np.ndarray, position: np.ndarray, costs: np.ndarray, class_mse: np.ndarray,
+                       area: np.ndarray, budget: float) -> np.ndarray:
+    """Spend a FLOPs budget where it buys the most PSNR: greedy upgrades by marginal error removed per FLOP.
+
+    An image's PSNR falls with its total squared error, so region ``i`` of class ``k`` is worth
+    ``area_i * (class_mse[k - 1, 0] - class_mse[k - 1, m])`` (the squared error subnet ``m`` removes there,
+    by the class's measured mean squared error per pixel) for ``costs[i, m]`` FLOPs. Every region starts on
+    its cheapest subnet; then the upgrade with the largest gain per extra FLOP over all regions is taken, on the
+    upper concave hull of each region's (cost, gain) points (so a subnet that buys less per FLOP than a larger
+    one is skipped), until the next upgrade would exceed ``budget`` x the full network's total cost. Ties go to
+    the harder region (larger ``position``), then to the earlier one. The allocation is deterministic, never
+    exceeds the budget (unless all-cheapest already does) and grows with the budget: a larger budget takes a
+    longer prefix of the same sequence of upgrades.
+    """
+    costs = np.asarray(costs, dtype=np.float64)
+    n, m = costs.shape
+    mse = np.asarray(class_mse, dtype=np.float64)[np.asarray(classes) - 1]
+    value = np.asarray(area, dtype=np.float64)[:, None] * (mse[:, :1] - mse)
+    steps = []  # (-ratio, -position, region, target subnet, extra cost)
+    for i in range(n):
+        hull, at = [], 0
+        order = np.argsort(costs[i], kind='stable')
+        at = order[0]
+        while True:
+            ahead = [j for j in order if costs[i, j] > costs[i, at]]
+            if not ahead:
+                break
+            ratios = [(value[i, j] - value[i, at]) / (costs[i, j] - costs[i, at]) for j in ahead]
+            best = int(np.argmax(ratios))
+            if ratios[best] <= 0:
+                break
+            hull.append((ratios[best], ahead[best], costs[i, ahead[best]] - costs[i, at]))
+            at = ahead[best]
+        for ratio, target, extra in hull:
+            steps.append((-ratio, -float(position[i]), i, int(target), float(extra)))
+    chosen = np.array([int(np.argsort(costs[i], kind='stable')[0]) for i in range(n)], dtype=np.int64)
+    spent = costs[np.arange(n), chosen].sum()
+    limit = budget * costs[:, -1].sum() * (1 + 1e-12)
+    # Each region's hull steps have falling ratios, so sorting all steps keeps every region's steps in order.
+    for _, _, i, target, extra in sorted(steps):
+        if spent + extra > limit:
+            break
+        chosen[i] = target
+        spent += extra
+    return chosen
+
+
 def alpha_subnets(classes: np.ndarray, num_classes: int, costs: np.ndarray, alpha: float) -> np.ndarray:
     """Per region, the subnet whose cost is nearest ``alpha * (k / K) * C_full`` (``costs`` ``(M,)`` or ``(n, M)``)."""
     costs = np.broadcast_to(np.asarray(costs, dtype=np.float64), (len(classes), np.shape(costs)[-1]))
@@ -208,7 +257,15 @@ class Router:
             raise ValueError(f'val.routing.subnet={options.subnet} out of range 0..{self.num_subnets - 1}')
         if options.mode == 'arm' and arm_table is None:
             raise ValueError('val.routing: arm mode needs an ARM lookup table')
-        if options.mode == 'budget':
+        if options.mode == 'calibrated':
+            class_mse = None if projection is None else projection.class_mse
+            if class_mse is None:
+                raise ValueError('val.routing.mode calibrated needs the measured error of every subnet on every '
+                                 'difficulty class in the checkpoint (run wbsr-calibrate on it)')
+            if class_mse.shape[1] != self.num_subnets:
+                raise ValueError(f'the calibration has {class_mse.shape[1]} subnets, the network has '
+                                 f'{self.num_subnets}')
+        if options.mode in ('budget', 'calibrated'):
             side = options.tile_size if options.scheme == 'tiles' else options.patch_size
             cheapest = self.costs((side, side))
             share = cheapest[0] / cheapest[-1]
@@ -313,6 +370,10 @@ class Router:
             if costs[np.arange(len(subnets)), subnets].sum() > opts.budget * costs[:, -1].sum() * (1 + 1e-9):
                 self._warn_once(f'budget {opts.budget} is below the cheapest subnet for this image\'s regions; every '
                                 'region uses the cheapest subnet')
+        elif opts.mode == 'calibrated':
+            area = regions.boxes[:, 2] * regions.boxes[:, 3]
+            subnets = calibrated_subnets(classes, position, costs, self.projection.class_mse, area,
+                                         float(opts.budget))
         elif opts.mode == 'alpha':
             subnets = alpha_subnets(classes, num_classes, costs, opts.alpha)
         else:  # arm

@@ -1,0 +1,102 @@
+"""Calibrated allocation: per-class measured errors, spent by marginal error removed per FLOP."""
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from wbsr_data.difficulty import DifficultyProjection
+from wbsr_models import calibrate
+from wbsr_models.router import Router, RoutingOptions, calibrated_subnets
+
+from test_arch import randomise, tiny_srresnet
+from test_hostile import tiny_checkpoint
+
+COSTS = np.array([1.08, 1.28, 1.66, 2.24, 2.64, 3.38, 3.44, 3.99, 5.19])
+
+
+def class_mse(num_classes=10):
+    """Harder classes have more error, and larger subnets remove more of it (with diminishing returns)."""
+    k = np.arange(1, num_classes + 1)[:, None]
+    m = np.arange(9)[None, :]
+    return 1e-3 * k * (1 + 1 / (1 + m))
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(1, 10), min_size=1, max_size=120), st.floats(0.21, 1.0), st.integers(0, 3))
+def test_budget_respected_monotone_in_the_budget_and_deterministic(classes, budget, seed):
+    classes = np.asarray(classes)
+    position = np.random.default_rng(seed).random(len(classes))
+    costs = np.tile(COSTS, (len(classes), 1))
+    area = np.full(len(classes), 1024.)
+    chosen = calibrated_subnets(classes, position, costs, class_mse(), area, budget)
+    assert costs[np.arange(len(chosen)), chosen].sum() <= budget * costs[:, -1].sum() * (1 + 1e-9)
+    more = calibrated_subnets(classes, position, costs, class_mse(), area, min(1.0, budget + 0.1))
+    assert np.all(more >= chosen)  # a larger budget never downgrades a region
+    assert np.array_equal(chosen, calibrated_subnets(classes, position, costs, class_mse(), area, budget))
+
+
+def test_the_budget_goes_where_it_removes_the_most_error():
+    mse = np.tile([[4e-3, 1e-3, 1e-3]], (2, 1))  # class 1: the middle subnet removes most of the error
+    mse[1] = [2e-3, 1.9e-3, 1e-3]  # class 2: only the largest helps, and less per FLOP
+    costs = np.tile([1., 2., 4.], (4, 1))
+    classes, position = np.array([1, 2, 1, 2]), np.array([0.1, 0.9, 0.2, 0.8])
+    # class 1: 3e-3 removed for 1 extra FLOP (the largest removes no more: skipped); class 2: 1e-3 for 3 extra
+    # FLOPs via the largest (the middle one's 1e-4 for 1 FLOP is below that line: skipped)
+    for budget, expected in ((0.5, [1, 0, 1, 0]), (0.7, [1, 2, 1, 0]), (0.75, [1, 2, 1, 2]), (0.3, [0, 0, 0, 0])):
+        chosen = calibrated_subnets(classes, position, costs, mse, np.ones(4), budget)
+        assert chosen.tolist() == expected, budget  # within a class, the harder region (larger position) first
+
+
+def test_region_area_weighs_the_error():
+    mse = np.array([[2e-3, 1e-3]])
+    costs = np.array([[1., 2.], [4., 8.]])  # a full tile and one four times larger, same class
+    chosen = calibrated_subnets(np.array([1, 1]), np.array([0.9, 0.1]), costs, mse, np.array([1., 4.]), 0.6)
+    assert chosen.tolist() == [1, 0]  # 6 of 10 FLOPs: only the small one fits; same ratio, harder first
+    chosen = calibrated_subnets(np.array([1, 1]), np.array([0.9, 0.1]), costs, mse, np.array([1., 4.]), 1.0)
+    assert chosen.tolist() == [1, 1]
+
+
+def test_projection_round_trip_with_a_calibration():
+    proj = DifficultyProjection.fit(np.random.default_rng(0).random((200, 4)), 10)
+    proj.class_mse, proj.calibration = class_mse(), {'scheme': 'tiles', 'images': 3}
+    again = DifficultyProjection.from_dict(proj.to_dict())
+    assert np.array_equal(again.class_mse, proj.class_mse) and again.calibration == {'scheme': 'tiles', 'images': 3}
+    bad = dict(proj.to_dict(), class_mse=[[1.0, 2.0]] * 9)
+    with pytest.raises(ValueError, match=r'non-negative \(K=10, M\) table, got shape \(9, 2\)'):
+        DifficultyProjection.from_dict(bad)
+
+
+def test_router_calibrated_mode_needs_a_calibration():
+    net = randomise(tiny_srresnet(), seed=1)
+    proj = DifficultyProjection.fit(np.random.default_rng(0).random((200, 4)) * 0.05, 10)
+    with pytest.raises(ValueError, match='needs the measured error of every subnet'):
+        Router(net, RoutingOptions(mode='calibrated', budget=0.5), 4, proj)
+    with pytest.raises(ValueError, match=r'budget must be in \(0, 1\] for calibrated mode'):
+        RoutingOptions.from_opt({'mode': 'calibrated'})
+    proj.class_mse = class_mse()
+    x = torch.rand(1, 3, 40, 56)
+    for scheme in ('tiles', 'patches'):
+        result = Router(net, RoutingOptions(mode='calibrated', budget=0.5, scheme=scheme, tile_size=8), 4, proj)(x)
+        assert result.ratio_regions <= 0.5 + 1e-9 and result.output.shape == (1, 3, 160, 224)
+
+
+def test_wbsr_calibrate_writes_the_class_errors_into_a_new_checkpoint(tmp_path, capsys):
+    from wbsr_data.make_lr import make_dataset
+    from conftest import textured_image
+    import cv2
+    hr = tmp_path / 'photos'
+    hr.mkdir()
+    for i in range(2):
+        cv2.imwrite(str(hr / f'p{i}.png'), textured_image(96, 128, seed=i))
+    make_dataset([str(hr)], str(tmp_path / 'train'), [4], quiet=True)
+    ckpt = tiny_checkpoint(tmp_path / 'net.pth')
+    out = tmp_path / 'calibrated.pth'
+    assert calibrate.main(['--model', str(ckpt), '--data', str(tmp_path / 'train'), '--out', str(out),
+                           '--tile-size', '8']) == 0
+    text = capsys.readouterr().out
+    assert 'wbsr-calibrate: 2 images, 24 regions' in text  # 2 images of 24x32 LR in 8x8 tiles: 3 x 4 each
+    from wbsr_models.infer import load_model
+    _, _, projection = load_model(str(out))
+    assert projection.class_mse.shape == (10, 9) and projection.calibration['regions'] == 24
+    assert calibrate.main(['--model', str(out), '--data', str(tmp_path / 'train'), '--out', str(out)]) == 2
+    assert 'is --model: write the calibrated checkpoint to another file' in capsys.readouterr().err
