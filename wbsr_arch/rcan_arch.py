@@ -10,7 +10,7 @@ from torch.nn import functional as F
 from basicsr.archs.rcan_arch import RCAN
 
 from .supernet import SupernetMixin, check_choices, sliced_conv
-from .tiles import FlopCount, TileGroup, TilePlan, conv_tiles, gather, new_map, zero_tiles
+from .tiles import Epilogue, FlopCount, TileGroup, TilePlan, conv_tiles, gather, new_map, zero_tiles
 
 SUPPORTED_SCALES = (2, 3, 4, 8)
 
@@ -119,9 +119,10 @@ class WBSRRCAN(SupernetMixin, RCAN):
                     zero_tiles(plan, mid, stopped)
                 active = plan.groups(min_depth=b)
                 conv1, _, conv2, attention = rcab.rcab
-                conv_tiles(plan, res, mid, conv1, counter, post=lambda y, *_: F.relu(y), groups=active)
+                conv_tiles(plan, res, mid, conv1, counter, epilogue=Epilogue(act='relu'), groups=active)
                 post = self._attention_post(attention, rcab.res_scale, counter)
-                conv_tiles(plan, mid, res, conv2, counter, post=post, groups=active, accumulate=True)
+                conv_tiles(plan, mid, res, conv2, counter, post=post, groups=active,
+                           epilogue=Epilogue(accumulate=True))
             conv_tiles(plan, res, spare, group.conv, counter, post=_plus(plan, group_in))
             res, spare = spare, res
         conv_tiles(plan, res, spare, self.conv_after_body, counter, post=_plus(plan, first))
@@ -148,8 +149,8 @@ class WBSRRCAN(SupernetMixin, RCAN):
         for conv, shuffle in zip(layers[::2], layers[1::2]):
             r = shuffle.upscale_factor
             nxt = new_map(plan, self.num_feat, at * r, feat)
-            conv_tiles(plan, cur, nxt, conv, counter, scale=at, out_scale=at * r, out_channels=lambda w, r=r: r * r * w,
-                       post=lambda y, *_, r=r: F.pixel_shuffle(y, r))
+            conv_tiles(plan, cur, nxt, conv, counter, scale=at, out_channels=lambda w, r=r: r * r * w,
+                       epilogue=Epilogue(shuffle=r))
             cur, at = nxt, at * r
         out = new_map(plan, self.num_out_ch, at, feat)
         conv_tiles(plan, cur, out, self.conv_last, counter, scale=at, out_channels=lambda w: self.num_out_ch)

@@ -10,7 +10,7 @@ from torch.nn import functional as F
 from basicsr.archs.srresnet_arch import MSRResNet
 
 from .supernet import SupernetMixin, check_choices, sliced_conv
-from .tiles import FlopCount, TilePlan, conv_tiles, new_map, zero_tiles
+from .tiles import Epilogue, FlopCount, TilePlan, conv_tiles, new_map, zero_tiles
 
 SUPPORTED_SCALES = (2, 3, 4)
 
@@ -71,16 +71,16 @@ class WBSRSRResNet(SupernetMixin, MSRResNet):
 
     def _trunk_tiles(self, plan: TilePlan, xmap: torch.Tensor, counter: FlopCount) -> torch.Tensor:
         feat = new_map(plan, self.num_feat, 1, xmap)
-        conv_tiles(plan, xmap, feat, self.conv_first, counter, in_channels=lambda w: xmap.shape[1], post=_lrelu)
+        conv_tiles(plan, xmap, feat, self.conv_first, counter, in_channels=lambda w: xmap.shape[1], epilogue=LRELU)
         mid = new_map(plan, self.num_feat, 1, xmap)
         for b, block in enumerate(self.body[:int(plan.depths.max())]):
             stopped = plan.groups(exact_depth=b)
             if stopped:  # their inner activation is zero from here on (halo rule, wbsr_arch.tiles)
                 zero_tiles(plan, mid, stopped)
             active = plan.groups(min_depth=b)
-            conv_tiles(plan, feat, mid, block.conv1, counter, post=_relu, groups=active)
-            conv_tiles(plan, mid, feat, block.conv2, counter, post=_scaled(block.res_scale), groups=active,
-                       accumulate=True)
+            conv_tiles(plan, feat, mid, block.conv1, counter, epilogue=RELU, groups=active)
+            conv_tiles(plan, mid, feat, block.conv2, counter, groups=active,
+                       epilogue=Epilogue(scale=block.res_scale, accumulate=True))
         return feat
 
     def _head_tiles(self, plan: TilePlan, feat: torch.Tensor, counter: FlopCount) -> torch.Tensor:
@@ -89,11 +89,11 @@ class WBSRSRResNet(SupernetMixin, MSRResNet):
         cur, at = feat, 1
         for conv, r in steps:
             nxt = new_map(plan, self.num_feat, at * r, feat)
-            conv_tiles(plan, cur, nxt, conv, counter, scale=at, out_scale=at * r, out_channels=lambda w, r=r: r * r * w,
-                       post=_shuffle_lrelu(r))
+            conv_tiles(plan, cur, nxt, conv, counter, scale=at, out_channels=lambda w, r=r: r * r * w,
+                       epilogue=Epilogue(act='lrelu', shuffle=r))
             cur, at = nxt, at * r
         hr = new_map(plan, self.num_feat, s, feat)
-        conv_tiles(plan, cur, hr, self.conv_hr, counter, scale=s, post=_lrelu)
+        conv_tiles(plan, cur, hr, self.conv_hr, counter, scale=s, epilogue=LRELU)
         del cur
         out = new_map(plan, self.num_out_ch, s, feat)
         conv_tiles(plan, hr, out, self.conv_last, counter, scale=s, out_channels=lambda w: self.num_out_ch)
@@ -107,17 +107,4 @@ class WBSRSRResNet(SupernetMixin, MSRResNet):
                          upscale=self.upscale)
 
 
-def _lrelu(y: torch.Tensor, *_) -> torch.Tensor:
-    return F.leaky_relu(y, 0.1)
-
-
-def _relu(y: torch.Tensor, *_) -> torch.Tensor:
-    return F.relu(y)
-
-
-def _scaled(res_scale: float):
-    return (lambda y, *_: y) if res_scale == 1 else (lambda y, *_: y * res_scale)
-
-
-def _shuffle_lrelu(r: int):
-    return lambda y, *_: F.leaky_relu(F.pixel_shuffle(y, r), 0.1)
+RELU, LRELU = Epilogue(act='relu'), Epilogue(act='lrelu')

@@ -200,10 +200,22 @@ class TilePlan:
 
 
 def new_map(plan: TilePlan, channels: int, scale: int, like: torch.Tensor) -> torch.Tensor:
-    """A zero feature map ``(N, channels, H*scale + 2, W*scale + 2)`` (the image at ``scale`` with a zero border),
-    channels-last: tiles are gathered and written as runs of whole pixels, and CPU convolutions run faster."""
+    """A feature map ``(N, channels, H*scale + 2, W*scale + 2)`` (the image at ``scale`` with a border), channels-last:
+    tiles are gathered and written as runs of whole pixels, and CPU convolutions run faster.
+
+    What no tile writes is zero: the one-pixel border, and each tile's channels beyond its width. The rest is left
+    uninitialised, for the layer that fills it (every tile writes its own width's channels at every layer).
+    """
     h, w = plan.grid.size
-    return like.new_zeros(plan.batch, h * scale + 2, w * scale + 2, channels).permute(0, 3, 1, 2)
+    fmap = like.new_empty(plan.batch, h * scale + 2, w * scale + 2, channels).permute(0, 3, 1, 2)
+    for border in (fmap[:, :, 0], fmap[:, :, -1], fmap[:, :, :, 0], fmap[:, :, :, -1]):
+        border.zero_()
+    for group in plan.groups():
+        if group.width < channels:
+            windows = _windows(fmap, group, scale, 0)
+            for seg in group.segments:
+                windows[seg.n, group.width:, seg.a0:seg.a1, seg.b0:seg.b1].zero_()
+    return fmap
 
 
 def pad_input(x: torch.Tensor) -> torch.Tensor:
@@ -221,14 +233,19 @@ def _windows(fmap: torch.Tensor, group: TileGroup, scale: int, halo: int) -> tor
 
 
 def _split(group: TileGroup, scale: int) -> Iterator[tuple[Segment, ...]]:
-    """The group's segments in chunks of at most :data:`MAX_CALL_PIXELS` output pixels (segments cut where needed)."""
+    """The group's segments in chunks of at most :data:`MAX_CALL_PIXELS` output pixels; a segment too large for one
+    chunk is cut into rectangles of whole rows (or of one row's columns), each a chunk of its own."""
     per_tile = group.row_run.size * group.col_run.size * scale * scale
     step = max(1, MAX_CALL_PIXELS // per_tile)
     chunk: list[Segment] = []
     size = 0
     for seg in group.segments:
         pieces = [seg]
-        if seg.count > step:  # cut into rows, and rows into column pieces
+        cols = seg.b1 - seg.b0
+        if seg.count > step and cols <= step:  # bands of whole rows
+            rows = step // cols
+            pieces = [Segment(seg.n, a, min(a + rows, seg.a1), seg.b0, seg.b1) for a in range(seg.a0, seg.a1, rows)]
+        elif seg.count > step:  # rows, cut into column pieces
             pieces = [Segment(seg.n, a, a + 1, b, min(b + step, seg.b1)) for a in range(seg.a0, seg.a1)
                       for b in range(seg.b0, seg.b1, step)]
         for piece in pieces:
@@ -288,26 +305,83 @@ def gather(plan: TilePlan, fmap: torch.Tensor, group: TileGroup, segments: Seque
     return rows.view(-1, th, tw, channels).permute(0, 3, 1, 2)
 
 
-def scatter(plan: TilePlan, fmap: torch.Tensor, group: TileGroup, segments: Sequence[Segment], scale: int,
-            values: torch.Tensor, accumulate: bool = False) -> None:
-    """Write (or add) tiles ``(n, c, h, w)``, in segment order, into the first ``c`` channels of a padded map."""
-    channels = values.shape[1]
-    if len(segments) == 1 and not torch.is_grad_enabled():
-        seg = segments[0]
-        target = _windows(fmap, group, scale, 0)[seg.n, :channels, seg.a0:seg.a1, seg.b0:seg.b1]
-        source = values.view(seg.a1 - seg.a0, seg.b1 - seg.b0, *values.shape[1:]).permute(2, 0, 1, 3, 4)
-        if accumulate:
-            target.add_(source)
+@dataclass(frozen=True)
+class Epilogue:
+    """What a convolution's output goes through on its way into the destination map.
+
+    Attributes:
+        act: ``'relu'``, ``'lrelu'`` (slope 0.1) or None.
+        shuffle: Pixel-shuffle factor (1: none).
+        scale: Multiplier (residual scaling).
+        accumulate: Add into the map (a residual connection) instead of writing.
+    """
+
+    act: Optional[str] = None
+    shuffle: int = 1
+    scale: float = 1.0
+    accumulate: bool = False
+
+    def apply(self, y: torch.Tensor) -> torch.Tensor:
+        """The epilogue as tensor operations, everything but the write (or add)."""
+        if self.act == 'relu':
+            y = F.relu(y)
+        elif self.act == 'lrelu':
+            y = F.leaky_relu(y, 0.1)
+        if self.shuffle > 1:
+            y = F.pixel_shuffle(y, self.shuffle)
+        return y if self.scale == 1 else y * self.scale
+
+    def write(self, source: torch.Tensor, target: torch.Tensor) -> None:
+        """``target = epilogue(source)`` (or ``+=``) in one pass; ``source`` is laid out like ``target``."""
+        if self.accumulate:
+            target.add_(source, alpha=self.scale)
+        elif self.act == 'relu':
+            torch.clamp_min(source if self.scale == 1 else source * self.scale, 0, out=target)
+        elif self.act == 'lrelu':
+            torch._C._nn.leaky_relu(source if self.scale == 1 else source * self.scale, 0.1, out=target)
+        elif self.scale != 1:
+            torch.mul(source, self.scale, out=target)
         else:
             target.copy_(source)
+
+
+PLAIN = Epilogue()
+#: Beyond this many segments, a group is written with one indexed copy instead of one fused write per segment.
+SEGMENT_LOOP_LIMIT = 32
+
+
+def scatter(plan: TilePlan, fmap: torch.Tensor, group: TileGroup, segments: Sequence[Segment], scale: int,
+            values: torch.Tensor, epilogue: Epilogue = PLAIN) -> None:
+    """Write tiles ``(n, c * r * r, h, w)`` (a convolution's output), in segment order, through ``epilogue`` into the
+    first ``c`` channels of a padded map at ``scale`` (the output's resolution, after the pixel shuffle ``r``).
+
+    Without autograd and with few segments, the pixel shuffle is PyTorch's kernel and each segment's activation and
+    write (or residual add) are one fused pass into the map; otherwise the epilogue runs on the batch and one
+    indexed copy writes it.
+    """
+    if not torch.is_grad_enabled() and len(segments) <= SEGMENT_LOOP_LIMIT:
+        if epilogue.shuffle > 1:  # PyTorch's pixel-shuffle kernel, then one fused pass (faster than a 7-D view)
+            values = F.pixel_shuffle(values, epilogue.shuffle)
+        _, channels, h, w = values.shape
+        windows = _windows(fmap, group, scale, 0)
+        at = 0
+        for seg in segments:
+            target = windows[seg.n, :channels, seg.a0:seg.a1, seg.b0:seg.b1]
+            source = values[at:at + seg.count].view(seg.a1 - seg.a0, seg.b1 - seg.b0, channels, h, w)
+            epilogue.write(source.permute(2, 0, 1, 3, 4), target)
+            at += seg.count
         return
+    values = epilogue.apply(values)  # (the residual add is the indexed write below)
+    channels = values.shape[1]
     index = _pixels(plan, fmap, group, tuple(segments), scale, 0)
     source = values.permute(0, 2, 3, 1).reshape(-1, channels)
     target = _rows(fmap)[:, :channels]
-    if accumulate:
-        target.index_add_(0, index, source)
-    else:
+    if not epilogue.accumulate:
         target.index_copy_(0, index, source)
+    elif torch.is_grad_enabled():
+        target.index_add_(0, index, source)
+    else:  # index_add_ into strided rows is slow: read, add, write back
+        target.index_copy_(0, index, target.index_select(0, index).add_(source))
 
 
 class FlopCount:
@@ -324,21 +398,22 @@ PostFn = Callable[[torch.Tensor, TileGroup, Sequence[Segment]], torch.Tensor]
 
 
 def conv_tiles(plan: TilePlan, src: torch.Tensor, dst: torch.Tensor, conv: nn.Conv2d, counter: FlopCount, *,
-               scale: int = 1, out_scale: Optional[int] = None, in_channels: Optional[Callable[[int], int]] = None,
+               scale: int = 1, in_channels: Optional[Callable[[int], int]] = None,
                out_channels: Optional[Callable[[int], int]] = None, post: Optional[PostFn] = None,
-               groups: Optional[list[TileGroup]] = None, accumulate: bool = False) -> None:
+               epilogue: Epilogue = PLAIN, groups: Optional[list[TileGroup]] = None) -> None:
     """One 3x3 convolution (stride 1, padding 1) of ``conv`` over the tiles of ``groups``, from ``src`` into ``dst``.
 
     Each tile reads its own region of ``src`` plus a one-pixel halo of its neighbours (the map's zero border
     at the image border) and runs with the filters of its width: ``weight[:out_channels(w), :in_channels(w)]``.
-    ``post(y, group, segments)`` transforms the result (activation, pixel shuffle, residual) before it is written
-    to ``dst`` at ``out_scale`` (added, with ``accumulate``).
+    ``post(y, group, segments)`` may transform the result (channel attention, a skip connection); the
+    ``epilogue`` (activation, pixel shuffle, scaling, residual add) is fused with the write into ``dst``, at
+    ``scale * epilogue.shuffle``.
     """
     if conv.kernel_size != (3, 3) or conv.stride != (1, 1) or conv.padding != (1, 1) or conv.groups != 1:
         raise ValueError(f'conv_tiles runs 3x3 convolutions with stride 1 and padding 1, got {conv}')
     in_channels = in_channels or (lambda w: w)
     out_channels = out_channels or (lambda w: w)
-    out_scale = out_scale or scale
+    out_scale = scale * epilogue.shuffle
     for group in plan.groups() if groups is None else groups:
         cin, cout = in_channels(group.width), out_channels(group.width)
         weight = conv.weight[:cout, :cin]
@@ -348,7 +423,7 @@ def conv_tiles(plan: TilePlan, src: torch.Tensor, dst: torch.Tensor, conv: nn.Co
             counter.conv(y, weight)
             if post is not None:
                 y = post(y, group, segments)
-            scatter(plan, dst, group, segments, out_scale, y, accumulate)
+            scatter(plan, dst, group, segments, out_scale, y, epilogue)
 
 
 def zero_tiles(plan: TilePlan, fmap: torch.Tensor, groups: list[TileGroup], scale: int = 1) -> None:

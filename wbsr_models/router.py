@@ -288,7 +288,13 @@ class Router:
 
     # ---- running -------------------------------------------------------------------------------------
     def run_subnet(self, x: torch.Tensor, subnet: int) -> torch.Tensor:
-        """``x`` through one subnet (or through a plain network)."""
+        """``x`` through one subnet (or through a plain network).
+
+        On the CPU the input is made channels-last, so that every convolution runs in that layout (about a quarter
+        faster than the default layout here, and the layout the tile scheme uses: every mode is timed alike).
+        """
+        if x.device.type == 'cpu':
+            x = x.contiguous(memory_format=torch.channels_last)
         if not hasattr(self.net, 'subnets'):
             return self.net(x)
         return self.net(x, subnet=int(subnet))

@@ -1,0 +1,251 @@
+"""Where the oracle gap goes: how well the difficulty signal predicts what a larger subnet buys, on training images.
+
+    python bench/oracle_gap.py --model checkpoints/wbsr_srresnet_x4_train291.pth [--data datasets] [--out DIR]
+
+Everything here is measured on the 291-image training pool (``datasets/train291``), never on the test sets:
+
+1. Every subnet runs on every pool image (the seamless tile scheme: each subnet on the whole image) and every
+   32x32 tile's squared error is recorded with its difficulty score and class (:mod:`wbsr_models.calibrate`).
+2. Diagnosis: Spearman's rho between the score and the PSNR gain of the largest subnet over the smallest; the
+   mean gain per class and subnet; a plot of gain vs score.
+3. Allocation at equal FLOPs, from the tiles' measured errors (the image's squared error is the sum of its tiles'
+   errors under the subnets they get: seams between tiles of different subnets are left out here, the routing
+   benchmark measures them): Eq. 15; the budget rule (positions); the class-calibrated greedy
+   (``mode: calibrated``); signals from LR pixels (multi-scale gradient statistics, variance, Laplacian energy)
+   as parameter-free scores and through a small learned predictor of each subnet's error (ridge regression on the
+   features, fitted on the pool minus its validation split, evaluated on the validation split); and the per-tile
+   oracle. Each at the same budgets: mean PSNR over the images and the share of the gap between the budget rule
+   and the oracle that it closes.
+
+Writes ``oracle_gap.md``, ``oracle_gap.json`` and ``gain_vs_score.png`` under ``--out``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+from wbsr_data.difficulty import gradient_vectors, luminance
+from wbsr_models.calibrate import RegionRecords, gains_db, measure_regions
+from wbsr_models.evaluation import load_test_set
+from wbsr_models.infer import load_model
+from wbsr_models.router import Router, RoutingOptions, budget_subnets, calibrated_subnets, eq15_subnets
+
+BUDGETS = tuple(round(b, 2) for b in np.arange(0.25, 1.001, 0.05))
+SHOWN = (0.4, 0.5, 0.6, 0.7, 0.8)
+WITHIN_DB = 0.05
+
+
+def tile_features(router: Router, images) -> np.ndarray:
+    """Cheap LR features per tile, in the order of :func:`measure_regions`: the paper's gradient vector, the same
+    at half resolution, the luminance variance and the mean absolute Laplacian (ARM's edge score)."""
+    from wbsr_models.baselines import edge_scores
+    rows = []
+    for image in images:
+        regions = router.regions(router.prepare(image.lq))
+
+        def features(crops: torch.Tensor) -> np.ndarray:
+            g1 = gradient_vectors(crops)
+            g2 = gradient_vectors(F.avg_pool2d(crops, 2)) if min(crops.shape[2:]) >= 6 else torch.zeros_like(g1)
+            y = luminance(crops)
+            var = y.flatten(1).var(dim=1, unbiased=False)[:, None]
+            lap = torch.as_tensor(edge_scores(crops), dtype=g1.dtype)[:, None]
+            return torch.cat([g1, g2, var, lap], 1).cpu().numpy()
+        rows.append(regions.per_region(features))
+    return np.concatenate(rows)
+
+
+def image_psnr(records: RegionRecords, chosen: np.ndarray) -> float:
+    """Mean over images of the PSNR of the tiles' summed squared error under the chosen subnets."""
+    err = records.area * records.mse[np.arange(len(chosen)), chosen]
+    values = []
+    for n in np.unique(records.image):
+        rows = records.image == n
+        values.append(10 * np.log10(records.area[rows].sum() / err[rows].sum()))
+    return float(np.mean(values))
+
+
+def per_image(records: RegionRecords, costs: np.ndarray, rule: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+    """Apply an allocation ``rule(rows)`` image by image (budgets are per image)."""
+    chosen = np.zeros(len(records.image), dtype=np.int64)
+    for n in np.unique(records.image):
+        rows = np.flatnonzero(records.image == n)
+        chosen[rows] = rule(rows)
+    return chosen
+
+
+def oracle_for_budget(records: RegionRecords, costs: np.ndarray, budget: float) -> np.ndarray:
+    """Per image, the allocation that removes the most squared error for the budget, knowing every tile's error
+    (the greedy of :func:`calibrated_subnets` with each tile's own errors as its 'class')."""
+    def rule(rows):
+        mse = records.mse[rows]
+        return calibrated_subnets(np.arange(1, len(rows) + 1), np.zeros(len(rows)), costs[rows], mse,
+                                  records.area[rows], budget)
+    return per_image(records, costs, rule)
+
+
+def ridge_fit(x: np.ndarray, y: np.ndarray, alpha: float = 1e-3) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Ridge regression with standardised inputs; returns (mean, scale, weights incl. bias)."""
+    from sklearn.linear_model import Ridge
+    mean, scale = x.mean(0), x.std(0) + 1e-12
+    model = Ridge(alpha=alpha).fit((x - mean) / scale, y)
+    return mean, scale, np.vstack([model.coef_.T, model.intercept_[None]])
+
+
+def ridge_predict(params, x: np.ndarray) -> np.ndarray:
+    mean, scale, weights = params
+    return np.hstack([(x - mean) / scale, np.ones((len(x), 1))]) @ weights
+
+
+def main(argv: Optional[list] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument('--model', required=True)
+    parser.add_argument('--data', default='datasets')
+    parser.add_argument('--out', default='bench_out/oracle_gap')
+    parser.add_argument('--images', type=int, default=None, help='first N pool images only (a quick look)')
+    parser.add_argument('--tile-size', type=int, default=32)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(int(os.environ.get('OMP_NUM_THREADS', 2)))
+    os.makedirs(args.out, exist_ok=True)
+    net, scale, projection = load_model(args.model)
+    images = load_test_set(os.path.join(args.data, 'train291'), scale, limit=args.images)
+    router = Router(net, RoutingOptions(scheme='tiles', tile_size=args.tile_size), scale, projection)
+    records = measure_regions(router, images)
+    feats = tile_features(router, images)
+    m = net.num_subnets
+    costs = np.zeros((len(records.image), m))
+    for n, image in enumerate(images):
+        regions = router.regions(router.prepare(image.lq))
+        costs[records.image == n] = regions.costs(router.costs)
+    gain = 10 * np.log10(records.mse[:, :1] / np.maximum(records.mse, 1e-12))  # dB over the smallest, per tile
+    from scipy.stats import spearmanr
+    report: dict = {'images': len(images), 'tiles': int(len(gain)), 'tile_size': args.tile_size}
+    rho = spearmanr(records.scores, gain[:, -1])
+    report['spearman_score_vs_gain_largest'] = float(rho.statistic)
+    report['spearman_features'] = {name: float(spearmanr(feats[:, i], gain[:, -1]).statistic) for i, name in enumerate(
+        ['mean|gx|', 'std|gx|', 'mean|gy|', 'std|gy|', 'mean|gx| /2', 'std|gx| /2', 'mean|gy| /2', 'std|gy| /2',
+         'variance', 'laplacian'])}
+    k = projection.num_classes
+    class_mse = records.class_mse(k)
+    report['class_gain_db'] = gains_db(class_mse).tolist()
+    report['class_tiles'] = [int((records.classes == c).sum()) for c in range(1, k + 1)]
+
+    # allocations at equal budgets
+    val = np.isin(records.image, np.arange(len(images))[::10])  # the validation split's images
+    train = ~val
+    position = projection.position(records.scores)
+    rules: dict[str, Callable[[float], np.ndarray]] = {
+        'budget rule (positions)': lambda b: per_image(
+            records, costs, lambda r: budget_subnets(position[r], costs[r], b)),
+        'calibrated (class errors)': lambda b: per_image(records, costs, lambda r: calibrated_subnets(
+            records.classes[r], position[r], costs[r], class_mse, records.area[r], b)),
+        'oracle (every tile\'s error)': lambda b: oracle_for_budget(records, costs, b),
+    }
+    # signals: parameter-free scores (rank tiles; budget rule on their within-pool quantile position) ...
+    for i, name in ((9, 'laplacian'), (8, 'variance')):
+        ranks = np.searchsorted(np.sort(feats[train, i]), feats[:, i]) / max(1, train.sum())
+        rules[f'budget rule on {name}'] = (lambda b, ranks=ranks: per_image(
+            records, costs, lambda r: budget_subnets(ranks[r], costs[r], b)))
+    # ... and a learned predictor of each subnet's log error from all features, fitted on the training part
+    logx = np.log(np.maximum(feats, 1e-8))
+    params = ridge_fit(logx[train], np.log(np.maximum(records.mse[train], 1e-12)))
+    predicted = np.exp(ridge_predict(params, logx))
+    rules['learned (ridge on 10 features)'] = lambda b: per_image(records, costs, lambda r: calibrated_subnets(
+        np.arange(1, len(r) + 1), position[r], costs[r], predicted[r], records.area[r], b))
+    eq15 = eq15_subnets(records.classes, k, m)
+    table = {'Eq. 15': {'flops': float(costs[np.arange(len(eq15)), eq15].sum() / costs[:, -1].sum()),
+                        'psnr_val': image_psnr(_subset(records, val), eq15[val]),
+                        'psnr_all': image_psnr(records, eq15)}}
+    for name, rule in rules.items():
+        table[name] = {}
+        for b in BUDGETS:
+            chosen = rule(b)
+            table[name][b] = {'flops': float(costs[np.arange(len(chosen)), chosen].sum() / costs[:, -1].sum()),
+                              'psnr_val': image_psnr(_subset(records, val), chosen[val]),
+                              'psnr_all': image_psnr(records, chosen)}
+        print(name, {b: round(v['psnr_val'], 3) for b, v in table[name].items()}, flush=True)
+    report['allocations'] = table
+    full = np.full(len(eq15), m - 1)
+    report['full_psnr'] = {'val': image_psnr(_subset(records, val), full[val]), 'all': image_psnr(records, full)}
+    lines = [f"# Where the oracle gap goes\n\nModel `{args.model}`, {len(images)} pool images, {len(gain)} tiles of "
+             f"{args.tile_size}x{args.tile_size} LR. Spearman's rho between the difficulty score and the PSNR gain "
+             f"of the largest subnet over the smallest: {report['spearman_score_vs_gain_largest']:.3f}.\n",
+             '| feature | rho with the gain |', '|---|---|']
+    lines += [f'| {n} | {v:.3f} |' for n, v in report['spearman_features'].items()]
+    lines += ['', '| class | tiles | ' + ' | '.join(f'{w}/{d}' for w, d in net.subnets) + ' |',
+              '|---|---|' + '---|' * m]
+    for c in range(k):
+        lines.append(f"| {c + 1} | {report['class_tiles'][c]} | " + ' | '.join(
+            f'{g:.2f}' for g in report['class_gain_db'][c]) + ' |')
+    target = report['full_psnr']['val'] - WITHIN_DB
+    point = {name: flops_at(table[name], target) for name in rules}
+    report[f'flops_within_{WITHIN_DB}dB_val'] = point
+    base, best = point['budget rule (positions)'], point["oracle (every tile's error)"]
+    lines += ['', f"Validation split (every 10th pool image; the learned predictor is fitted on the others): PSNR "
+              f"(dB, tile errors summed per image; full network {report['full_psnr']['val']:.3f}) at each budget "
+              f"(FLOPs share of the full network), and the FLOPs needed to come within {WITHIN_DB} dB of the full "
+              'network (interpolated along each curve):', '',
+              '| allocation | ' + ' | '.join(f'budget {b}' for b in SHOWN) + f' | FLOPs at -{WITHIN_DB} dB | '
+              'share of the gap to the oracle closed |', '|---|' + '---|' * (len(SHOWN) + 2)]
+    for name in rules:
+        closed = (base - point[name]) / max(1e-9, base - best)
+        cells = ' | '.join(f"{table[name][b]['psnr_val']:.3f} ({100 * table[name][b]['flops']:.0f}%)" for b in SHOWN)
+        lines.append(f'| {name} | {cells} | {100 * point[name]:.1f}% | {100 * closed:.0f}% |')
+    lines.append(f"| Eq. 15 | {table['Eq. 15']['psnr_val']:.3f} ({100 * table['Eq. 15']['flops']:.0f}%) |")
+    with open(os.path.join(args.out, 'oracle_gap.md'), 'w') as f:
+        f.write('\n'.join(lines) + '\n')
+    with open(os.path.join(args.out, 'oracle_gap.json'), 'w') as f:
+        json.dump(report, f, indent=1)
+    plot(records.scores, gain, os.path.join(args.out, 'gain_vs_score.png'), net.subnets)
+    print('\n'.join(lines))
+    return 0
+
+
+def flops_at(curve: dict, target: float) -> float:
+    """FLOPs share at which a (budget -> flops, psnr) curve first reaches ``target`` PSNR (interpolated; 1 if never)."""
+    points = sorted((v['flops'], v['psnr_val']) for v in curve.values())
+    for (f0, p0), (f1, p1) in zip(points, points[1:]):
+        if p0 >= target:
+            return f0
+        if p1 >= target:
+            return f0 + (f1 - f0) * (target - p0) / max(1e-12, p1 - p0)
+    return points[-1][0] if points[-1][1] >= target else 1.0
+
+
+def _subset(records: RegionRecords, rows: np.ndarray) -> RegionRecords:
+    return RegionRecords(image=records.image[rows], area=records.area[rows], vectors=records.vectors[rows],
+                         scores=records.scores[rows], classes=records.classes[rows], mse=records.mse[rows])
+
+
+def plot(scores: np.ndarray, gain: np.ndarray, path: str, subnets) -> None:
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7.5, 4.8), dpi=120)
+    ax.scatter(scores, gain[:, -1], s=2, alpha=0.25, color='#4c72b0', label='largest subnet, per tile')
+    order = np.argsort(scores)
+    bins = np.array_split(order, 20)
+    ax.plot([scores[b].mean() for b in bins], [gain[b, -1].mean() for b in bins], '-o', color='#c44e52', ms=4,
+            label='mean in 20 equal-count bins')
+    w, d = subnets[len(subnets) // 2]
+    ax.plot([scores[b].mean() for b in bins], [gain[b, len(subnets) // 2].mean() for b in bins], '-s',
+            color='#55a868', ms=4, label=f'middle subnet (w{w} d{d}), bin means')
+    ax.set_xlabel('difficulty score (gradient projection)')
+    ax.set_ylabel('PSNR gain over the smallest subnet (dB)')
+    ax.set_ylim(-0.5, max(3.0, float(np.percentile(gain[:, -1], 99))))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title('What a larger subnet buys, per 32x32 LR tile of the training pool')
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+if __name__ == '__main__':
+    sys.exit(main())
