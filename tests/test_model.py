@@ -96,11 +96,48 @@ def test_tiles_plan_gives_each_tile_its_eq15_subnet_and_trains(tmp_path, data):
     assert fixed.training_plan(batch['lq'], 1)[1].subnets.shape == (4, 1, 1)  # one tile per crop: like routed
 
 
+def test_distillation_adds_a_detached_target_of_the_largest_subnet(tmp_path, data):
+    opt = model_options(tmp_path, data, wbsr={'subnet_sampling': 'routed', 'distill': 0.5})
+    model = build_model(opt)
+    batch = batch_of(opt)
+    model.feed_data(batch)
+    with torch.no_grad():
+        teacher = model.net_g(batch['lq'], subnet=model.num_subnets - 1)
+    seen = {}
+    original = model.cri_pix.forward
+
+    def spy(output, gt):
+        seen['output'] = output
+        return original(output, gt)
+
+    model.cri_pix.forward = spy
+    model.optimize_parameters(1)
+    log = model.get_current_log()
+    assert model.cri_pix.forward is spy  # the model's own loss is back in place after the step
+    expected = torch.nn.functional.l1_loss(seen['output'].detach(), teacher).item()
+    assert log['l_distill'] == pytest.approx(expected, rel=1e-5) and expected > 0
+
+    # gradients: only the trained subnets' parameters, through the student; the teacher is a constant
+    from wbsr_models.wbsr_model import DistilledLoss
+    net = model.net_g
+    net.zero_grad(set_to_none=True)
+    x = batch['lq'][:2]
+    student = net(x, subnet=0)
+    teacher = net(x, subnet=net.num_subnets - 1)
+    DistilledLoss(torch.nn.L1Loss(), teacher, 1.0)(student, torch.zeros_like(student)).backward()
+    grads = {n: p.grad for n, p in net.named_parameters()}
+    assert grads['body.3.conv1.weight'] is None  # subnet 0 has depth 1: the teacher's deeper blocks get nothing
+    assert grads['conv_first.weight'][8:].abs().sum() == 0  # nor do its wider channels (subnet 0 has width 8)
+    assert grads['conv_first.weight'][:8].abs().sum() > 0
+
+
 def test_bad_wbsr_training_options(tmp_path, data):
     with pytest.raises(ValueError, match='subnet_sampling must be one of'):
         build_model(model_options(tmp_path, data, wbsr={'subnet_sampling': 'random'}))
     with pytest.raises(ValueError, match=r"train.wbsr: unknown option\(s\) \['sandwich'\]"):
         build_model(model_options(tmp_path, data, wbsr={'sandwich': 2}))
+    with pytest.raises(ValueError, match='train.wbsr.distill must be >= 0'):
+        build_model(model_options(tmp_path, data, wbsr={'distill': -1}))
 
 
 def test_checkpoint_carries_thresholds_and_loads_into_plain_basicsr(tmp_path, data):

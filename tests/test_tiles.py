@@ -160,3 +160,16 @@ def test_grid_bands_and_rectangles():
         assert not covered[n, a0:a1, b0:b1].any()
         covered[n, a0:a1, b0:b1] = True
     assert (covered == mask).all() and len(rects) == 2
+
+
+def test_indexed_and_per_segment_writes_agree(monkeypatch):
+    """Groups of many segments are written with one indexed copy, few with fused per-segment writes: same image."""
+    import wbsr_arch.tiles as tiles
+    net = randomise(tiny_srresnet(), seed=6)
+    x = torch.rand(1, 3, 37, 45)
+    assign = np.random.default_rng(2).integers(0, 9, grid_shape(37, 45, 4))
+    with torch.no_grad():
+        looped = net.forward_tiles(x, assign, tile_size=4).output
+        monkeypatch.setattr(tiles, 'SEGMENT_LOOP_LIMIT', 0)
+        indexed = net.forward_tiles(x, assign, tile_size=4).output
+    assert (looped - indexed).abs().max().item() < 2e-6 * looped.abs().max().item()

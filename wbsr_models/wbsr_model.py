@@ -4,7 +4,9 @@ Only what differs from ``SRModel`` is overridden:
 
 - Training: each iteration chooses which subnets to train (``train: wbsr: subnet_sampling``), sets that
   plan on the network, and runs ``SRModel.optimize_parameters`` unchanged. The choice comes from a
-  generator seeded by ``manual_seed`` and the iteration, so every DDP rank trains the same subnets.
+  generator seeded by ``manual_seed`` and the iteration (``flops_squared``, ``sandwich``) or from each
+  sample's (``routed``) or tile's (``tiles``) difficulty. With ``train: wbsr: distill``, the largest
+  subnet's detached output on the same batch is an extra L1 target (in-place distillation).
   HES datasets learn the iteration from BasicSR's ``BaseModel`` itself (:mod:`wbsr_data.hes_dataset`),
   as under any BasicSR model; the model also reports it after each step, for loops that call
   ``optimize_parameters`` without ``update_learning_rate``.
@@ -56,6 +58,21 @@ SUBNET_SAMPLING = ('flops_squared', 'sandwich', 'routed', 'tiles', 'full')
 CHECKPOINT_FORMAT = 1
 
 
+class DistilledLoss(torch.nn.Module):
+    """``pixel_loss(output, gt) + weight * L1(output, teacher)``: in-place distillation (universally slimmable
+    networks, BigNAS) on top of the model's pixel loss; the teacher is a detached output of the largest subnet."""
+
+    def __init__(self, pixel_loss: torch.nn.Module, teacher: torch.Tensor, weight: float) -> None:
+        super().__init__()
+        self.pixel_loss, self.teacher, self.weight = pixel_loss, teacher.detach(), float(weight)
+        self.last_distill = float('nan')
+
+    def forward(self, output: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
+        distill = torch.nn.functional.l1_loss(output, self.teacher)
+        self.last_distill = float(distill.detach())
+        return self.pixel_loss(output, gt) + self.weight * distill
+
+
 class WBSRModel(SRModel):
     """SR model for WBSR training and dynamic inference (see the module docstring and the README)."""
 
@@ -64,9 +81,12 @@ class WBSRModel(SRModel):
         self.subnet_sampling = str(wbsr_opt.pop('subnet_sampling', 'routed'))  # the README's sampling sweep
         self.sandwich_random = int(wbsr_opt.pop('sandwich_random', 2))
         tile_size = wbsr_opt.pop('tile_size', None)
+        self.distill = float(wbsr_opt.pop('distill', 0.0))
         if wbsr_opt:
             raise ValueError(f'train.wbsr: unknown option(s) {sorted(wbsr_opt)}; known: subnet_sampling, '
-                             'sandwich_random, tile_size')
+                             'sandwich_random, tile_size, distill')
+        if self.distill < 0:
+            raise ValueError(f'train.wbsr.distill must be >= 0, got {self.distill}')
         if self.subnet_sampling not in SUBNET_SAMPLING:
             raise ValueError(f'train.wbsr.subnet_sampling must be one of {SUBNET_SAMPLING}, '
                              f'got {self.subnet_sampling!r}')
@@ -143,7 +163,7 @@ class WBSRModel(SRModel):
             self.optimizer_g.register_step_post_hook(lambda *_: self._step_sigma())
 
     def _step_sigma(self) -> None:
-        sigma = self.cri_pix.noise_sigma
+        sigma = self.optimizer_sigma.param_groups[0]['params'][0]
         if sigma.grad is None:
             return
         if self.opt['dist']:
@@ -195,6 +215,13 @@ class WBSRModel(SRModel):
         lq, gt = self.lq, self.gt
         if repeats > 1:
             self.lq, self.gt = lq.repeat(repeats, 1, 1, 1), gt.repeat(repeats, 1, 1, 1)
+        pixel_loss = self.cri_pix
+        if self.distill > 0 and subnets is not None:
+            # in-place distillation: the largest subnet's output on the same batch, without gradient, is an extra
+            # target of the subnets being trained (its own samples, if any, gain nothing from it)
+            with torch.no_grad():
+                teacher = self.bare_net(self.lq, subnet=self.num_subnets - 1)
+            self.cri_pix = DistilledLoss(pixel_loss, teacher, self.distill)
         if subnets is not None:
             self.bare_net.set_subnet(subnets)
         try:
@@ -203,6 +230,9 @@ class WBSRModel(SRModel):
             if subnets is not None:
                 self.bare_net.set_subnet(None)
             self.lq, self.gt = lq, gt
+            if self.cri_pix is not pixel_loss:
+                self.log_dict['l_distill'] = self.cri_pix.last_distill
+                self.cri_pix = pixel_loss
         if self.optimizer_sigma is not None:
             self.log_dict['noise_sigma'] = float(self.cri_pix.noise_sigma.detach())
         if self.hes_phase is not None:  # share of the batch drawn class-level (0 before the switch, 1 after)
