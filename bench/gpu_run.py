@@ -15,10 +15,10 @@ seconds per iteration (from the timestamps of BasicSR's log lines, after a warm-
 run then gets the iteration count that fits, so that its cosine schedule runs to the end. A hard time limit stops
 it if the estimate was wrong; then the newest saved checkpoint is used and the summary says so.
 
-``bench`` evaluates the new checkpoint and the reference one on the same images: PSNR-Y / SSIM-Y (computed in
-worker processes while the GPU routes the next images), FLOPs, and wall time with CUDA synchronisation
-(:func:`wbsr_models.evaluation.time_modes`: warmed, interleaved, medians), for the full network, every fixed
-subnet, tiles Eq. 15 and budgets, and patches Eq. 15.
+``bench`` evaluates the new checkpoint and the reference one on the same images (PSNR-Y / SSIM-Y, computed in
+worker processes while the GPU routes the next images, and FLOPs) and times the new one (wall time with CUDA
+synchronisation, :func:`wbsr_models.evaluation.time_modes`: warmed, interleaved, medians; images/s), for the
+full network, every fixed subnet, tiles Eq. 15 and budgets, and patches Eq. 15.
 """
 from __future__ import annotations
 
@@ -526,7 +526,7 @@ def summary(out: str) -> str:
     bench_md = os.path.join(out, 'bench', 'gpu_benchmark.md')
     if os.path.isfile(bench_md):
         with open(bench_md, encoding='utf-8') as f:
-            lines.append('\n' + f.read().replace('\n# ', '\n## ', 1).replace('# GPU routing', '## GPU routing', 1))
+            lines.append('\n' + re.sub(r'^(#+) ', r'#\1 ', f.read(), flags=re.M))  # one level down
     text = '\n'.join(lines) + '\n'
     with open(os.path.join(out, 'README.md'), 'w', encoding='utf-8') as f:
         f.write(text)
