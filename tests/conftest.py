@@ -14,10 +14,38 @@ import torch
 
 import wbsr_arch  # noqa: F401  (registers every WBSR type in BasicSR)
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+torch.set_num_threads(int(os.environ.get('OMP_NUM_THREADS') or 0) or max(1, min(2, os.cpu_count() or 1)))
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get('WBSR_SHARED_DATA', REPO.parent / 'shared' / 'data'))
+#: ``WBSR_GPU_TESTS_ON_CPU=1`` runs the ``gpu`` tests with the CPU standing in for the CUDA device (the GPU run's
+#: dry run does, so that everything in them but CUDA itself is exercised where there is no GPU).
+GPU_TESTS_ON_CPU = os.environ.get('WBSR_GPU_TESTS_ON_CPU') == '1'
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``gpu`` are skipped where there is no CUDA device (unless WBSR_GPU_TESTS_ON_CPU=1)."""
+    if torch.cuda.is_available() or GPU_TESTS_ON_CPU:
+        return
+    skip = pytest.mark.skip(reason='needs a CUDA device (WBSR_GPU_TESTS_ON_CPU=1 runs it on the CPU instead)')
+    for item in items:
+        if 'gpu' in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def gpu_device() -> torch.device:
+    """The device of the ``gpu`` tests: CUDA, or the CPU under WBSR_GPU_TESTS_ON_CPU=1 where there is no GPU."""
+    return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+
+
+@pytest.fixture
+def exact_float32():
+    """TF32 off for the test (cuDNN convolutions and matrix products), so CUDA results compare with the CPU's."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 def textured_image(h: int, w: int, seed: int, channels: int = 3) -> np.ndarray:

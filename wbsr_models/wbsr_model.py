@@ -32,6 +32,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections import OrderedDict
 from copy import deepcopy
 from os import path as osp
 from typing import Any, Iterator, Optional
@@ -82,11 +83,15 @@ class WBSRModel(SRModel):
         self.sandwich_random = int(wbsr_opt.pop('sandwich_random', 2))
         tile_size = wbsr_opt.pop('tile_size', None)
         self.distill = float(wbsr_opt.pop('distill', 0.0))
+        self.amp = wbsr_opt.pop('amp', False)
         if wbsr_opt:
-            raise ValueError(f'train.wbsr: unknown option(s) {sorted(wbsr_opt)}; known: subnet_sampling, '
+            raise ValueError(f'train.wbsr: unknown option(s) {sorted(wbsr_opt)}; known: amp, subnet_sampling, '
                              'sandwich_random, tile_size, distill')
         if self.distill < 0:
             raise ValueError(f'train.wbsr.distill must be >= 0, got {self.distill}')
+        if not isinstance(self.amp, bool):
+            raise ValueError(f'train.wbsr.amp must be true or false, got {self.amp!r}')
+        self.grad_scaler: Optional[torch.amp.GradScaler] = None
         if self.subnet_sampling not in SUBNET_SAMPLING:
             raise ValueError(f'train.wbsr.subnet_sampling must be one of {SUBNET_SAMPLING}, '
                              f'got {self.subnet_sampling!r}')
@@ -225,7 +230,10 @@ class WBSRModel(SRModel):
         if subnets is not None:
             self.bare_net.set_subnet(subnets)
         try:
-            super().optimize_parameters(current_iter)
+            if self.amp:
+                self._optimize_amp()
+            else:
+                super().optimize_parameters(current_iter)
         finally:
             if subnets is not None:
                 self.bare_net.set_subnet(None)
@@ -238,6 +246,48 @@ class WBSRModel(SRModel):
         if self.hes_phase is not None:  # share of the batch drawn class-level (0 before the switch, 1 after)
             self.log_dict['hes_phase'] = float(torch.as_tensor(self.hes_phase, dtype=torch.float32).mean())
         set_train_progress(current_iter, int(self.opt['train']['total_iter']))
+
+    def _optimize_amp(self) -> None:
+        """``SRModel.optimize_parameters`` under mixed precision (``train.wbsr.amp``).
+
+        The network runs under ``torch.autocast`` (float16 on CUDA, bfloat16 on the CPU); the losses are computed
+        in float32 on its output, and a gradient scaler scales the loss and unscales the gradients before the
+        steps, BDLoss's sigma included (its optimizer steps from the network optimizer's post-hook, so it is
+        skipped with the network's step when the scaler finds inf/NaN gradients). The scaler's state is not
+        saved in training states: a resumed run starts again from the default scale.
+        """
+        if self.grad_scaler is None:
+            self.grad_scaler = torch.amp.GradScaler(self.device.type)
+            get_root_logger().info(f'train.wbsr.amp: autocast to {self._amp_dtype} on {self.device.type}, '
+                                   'losses in float32, gradient scaling')
+        self.optimizer_g.zero_grad()
+        if self.optimizer_sigma is not None:
+            self.optimizer_sigma.zero_grad(set_to_none=True)  # a skipped step leaves no stale gradient behind
+        with torch.autocast(self.device.type, dtype=self._amp_dtype):
+            output = self.net_g(self.lq)
+        self.output = output.float()
+        l_total, loss_dict = 0, OrderedDict()
+        if self.cri_pix:
+            loss_dict['l_pix'] = self.cri_pix(self.output, self.gt)
+            l_total += loss_dict['l_pix']
+        if self.cri_perceptual:
+            l_percep, l_style = self.cri_perceptual(self.output, self.gt)
+            for key, value in (('l_percep', l_percep), ('l_style', l_style)):
+                if value is not None:
+                    loss_dict[key] = value
+                    l_total += value
+        self.grad_scaler.scale(l_total).backward()
+        if self.optimizer_sigma is not None:
+            self.grad_scaler.unscale_(self.optimizer_sigma)
+        self.grad_scaler.step(self.optimizer_g)
+        self.grad_scaler.update()
+        self.log_dict = self.reduce_loss_dict(loss_dict)
+        if self.ema_decay > 0:
+            self.model_ema(decay=self.ema_decay)
+
+    @property
+    def _amp_dtype(self) -> torch.dtype:
+        return torch.float16 if self.device.type == 'cuda' else torch.bfloat16
 
     # ---- checkpoints ---------------------------------------------------------------------------------
     def wbsr_state(self) -> dict[str, Any]:
