@@ -42,7 +42,7 @@ import torch
 from tqdm import tqdm
 
 from wbsr_models.baselines import build_arm_table, oracle_subnets, region_outputs, region_psnr_table
-from wbsr_models.evaluation import TestImage, bicubic_summary, evaluate, load_test_set, time_modes
+from wbsr_models.evaluation import TestImage, bicubic_summary, evaluate, keep_freed_memory, load_test_set, time_modes
 from wbsr_models.infer import load_model
 from wbsr_models.router import Router, RoutingOptions
 
@@ -364,6 +364,7 @@ def main(argv: Optional[list] = None) -> int:
                         help='run the tile-size sweep on --sets instead (e.g. --tile-sizes 64 32 16 8)')
     args = parser.parse_args(argv)
     torch.set_num_threads(int(os.environ.get('OMP_NUM_THREADS', 2)))
+    keep_freed_memory()  # every mode alike: no page faults of fresh memory on every image
     os.makedirs(args.out, exist_ok=True)
     net, scale, projection = load_model(args.model)
     machine = (f'{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, '

@@ -38,7 +38,7 @@ from basicsr.utils import imwrite, tensor2img  # noqa: E402
 
 from wbsr_data.make_lr import make_dataset  # noqa: E402
 
-from .evaluation import bicubic_summary, evaluate, load_test_set, time_modes  # noqa: E402
+from .evaluation import bicubic_summary, evaluate, keep_freed_memory, load_test_set, time_modes  # noqa: E402
 from .infer import load_model  # noqa: E402
 from .router import Router, RoutingOptions  # noqa: E402
 from .visualize import allocation_map, subnet_labels  # noqa: E402
@@ -114,6 +114,7 @@ def train(option_file: str, cwd: str, iters: int) -> str:
 def evaluate_demo(checkpoint: str, test_dir: str, out: str, device: str, repeats: int) -> list[dict]:
     """The table's rows: full network, Eq. 15 and a budget sweep on seamless tiles, Eq. 15 on the papers'
     patches, and every fixed subnet; quality and FLOPs from one run each, seconds from :func:`time_modes`."""
+    keep_freed_memory()
     net, scale, projection = load_model(checkpoint, device=device)
     largest = len(net.subnets) - 1
     modes = [('full', {'mode': 'full'}), ('tiles: wbsr (Eq. 15)', {'mode': 'wbsr'})]

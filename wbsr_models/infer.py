@@ -40,6 +40,7 @@ from wbsr_data.fileio import CorruptFileError, ensure_writable_dir, first_line, 
 from wbsr_data.make_lr import IMAGE_EXTENSIONS, encode_png, list_images, output_collisions  # noqa: E402
 from wbsr_data.pairs import ImageFileError, ImageTooLargeError, decode_image  # noqa: E402
 
+from .evaluation import keep_freed_memory  # noqa: E402
 from .router import Router, RoutingOptions  # noqa: E402
 from .visualize import allocation_map, subnet_labels  # noqa: E402
 
@@ -347,6 +348,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         plan = plan_outputs(files, args.input, args.output, args.suffix, args.save_map)
         ensure_writable_dir(args.output, '-o')
         net, scale, projection = load_model(args.model, args.opt, device)
+        keep_freed_memory()  # one image after another: reuse memory instead of new page faults
         check_network_flags(net, mode, args)
         options = RoutingOptions(mode=mode, scheme=args.scheme, tile_size=args.tile_size, patch_size=args.patch_size,
                                  step=args.step, batch_size=args.batch_size, budget=args.budget,
