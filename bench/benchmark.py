@@ -326,8 +326,10 @@ def costs(data: str, repeats: int) -> dict:
     return result
 
 
-def tile_size_sweep(net, scale: int, projection, data: str, sets: list[str], sizes: list[int]) -> list[str]:
-    """Eq. 15 and the budget sweep of the tiles scheme for every tile size, on ``sets``."""
+def tile_size_sweep(net, scale: int, projection, data: str, sets: list[str], sizes: list[int],
+                    time_images: int, repeats: int) -> list[str]:
+    """Eq. 15 and the budget sweep of the tiles scheme for every tile size, on ``sets``; then the wall time of the
+    full network and of budget 0.6 at every tile size on the first ``time_images`` images of the first set."""
     lines = ['| set | tile | ' + ' | '.join(['Eq. 15'] + [f'budget {b}' for b in TILE_BUDGETS]) + ' |',
              '|---|---|' + '---|' * (1 + len(TILE_BUDGETS))]
     report = {}
@@ -345,6 +347,19 @@ def tile_size_sweep(net, scale: int, projection, data: str, sets: list[str], siz
                 cells.append(f"{r['psnr']:.3f} ({100 * r['ratio_whole']:.1f}%)")
             lines.append(f'| {name} | {size} | ' + ' | '.join(cells) + ' |')
             print(lines[-1], flush=True)
+    if time_images > 0:
+        images = load_test_set(os.path.join(data, sets[0]), scale, limit=time_images)
+        modes = {'full': (Router(net, RoutingOptions(mode='full'), scale, projection), None)}
+        for size in sizes:
+            options = RoutingOptions(mode='budget', budget=0.6, tile_size=size)
+            modes[f'tiles {size}, budget 0.6'] = (Router(net, options, scale, projection), None)
+        seconds = time_modes(modes, images, repeats)
+        lines += ['', f'Wall time, {sets[0]} first {len(images)} images, median of {repeats} interleaved runs:', '',
+                  '| mode | s / image | time vs full | FLOPs % vs full |', '|---|---|---|---|']
+        for label, (router, _) in modes.items():
+            ratio = evaluate(router, images)['ratio_whole']
+            lines.append(f'| {label} | {seconds[label]:.3f} | {seconds[label] / seconds["full"]:.2f} | '
+                         f'{100 * ratio:.1f} |')
     return lines
 
 
@@ -370,7 +385,8 @@ def main(argv: Optional[list] = None) -> int:
     machine = (f'{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, '
                f'torch {torch.__version__}')
     if args.tile_sizes:
-        lines = tile_size_sweep(net, scale, projection, args.data, args.sets, args.tile_sizes)
+        lines = tile_size_sweep(net, scale, projection, args.data, args.sets, args.tile_sizes, args.time_images,
+                                args.repeats)
         text = f'# Tile-size sweep\n\nModel: `{args.model}`; machine: {machine}.\n\n' + '\n'.join(lines) + '\n'
         with open(os.path.join(args.out, 'tile_sizes.md'), 'w') as f:
             f.write(text)

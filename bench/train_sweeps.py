@@ -23,6 +23,7 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import torch
 import yaml
 
@@ -47,12 +48,22 @@ SWEEPS = {
     'sampling': [(s, {'train.wbsr.subnet_sampling': s}) for s in ('flops_squared', 'sandwich', 'routed')],
     # Trained on the pool without its validation split (every 10th image), which decides the default; evaluated
     # under both schemes and on the test sets too.
-    'tiles': [('routed', {'train.wbsr.subnet_sampling': 'routed', 'split': True}),
-              ('tiles', {'train.wbsr.subnet_sampling': 'tiles', 'split': True})],
+    'tiles_sampling': [('routed', {'train.wbsr.subnet_sampling': 'routed', 'split': True}),
+                       ('tiles', {'train.wbsr.subnet_sampling': 'tiles', 'split': True})],
     'ablation': [('uniform + L1', {'datasets.train.delta': 1.0, 'train.pixel_opt': L1}),
                  ('HES + L1', {'train.pixel_opt': L1}),
                  ('uniform + BDLoss', {'datasets.train.delta': 1.0}),
                  ('HES + BDLoss (WBSR)', {})],
+    # in-place distillation at the same iterations and at about the same training time (it adds one forward of
+    # the largest subnet per iteration), on the pool without its validation split
+    'distill': [('routed', {'split': True}),
+                ('routed + distill 1.0', {'split': True, 'train.wbsr.distill': 1.0}),
+                ('routed + distill 1.0, 2/3 of the iterations', {'split': True, 'train.wbsr.distill': 1.0,
+                                                                 'iters_share': 2 / 3})],
+    # the ablation's two extreme rows, three times longer
+    'ablation_long': [('uniform + L1, 3x iterations', {'datasets.train.delta': 1.0, 'train.pixel_opt': L1,
+                                                       'iters_share': 3}),
+                      ('HES + BDLoss (WBSR), 3x iterations', {'iters_share': 3})],
 }
 
 
@@ -92,6 +103,12 @@ def split_pool(data: str) -> None:
 def with_overrides(opt: dict, overrides: dict) -> dict:
     opt = copy.deepcopy(opt)
     overrides = dict(overrides)
+    share = overrides.pop('iters_share', None)
+    if share is not None:  # a multiple of the base iterations, with the schedule and the last checkpoint to match
+        iters = int(round(opt['train']['total_iter'] * share))
+        opt['train']['total_iter'] = iters
+        opt['train']['scheduler']['periods'] = [iters]
+        opt['logger']['save_checkpoint_freq'] = iters
     if overrides.pop('split', False):
         for key in ('dataroot_gt', 'dataroot_lq'):
             opt['datasets']['train'][key] = opt['datasets']['train'][key].replace('train291', 'train291_fit')
@@ -131,7 +148,11 @@ def train(opt: dict, run_dir: str) -> tuple[str, float]:
 
 
 # What each sweep's checkpoints are evaluated on: (set, key, routing options). The earlier sweeps used the patch
-# scheme (the only one then); 'tiles' compares sampling modes under both schemes, on the validation split first.
+# scheme (the only one then); 'tiles_sampling' compares sampling modes under both schemes, on the validation split
+# first.
+ABLATION_EVAL = (('wbsr patches', {'mode': 'wbsr', 'scheme': 'patches'}), ('full', {'mode': 'full'}),
+                 ('wbsr tiles', {'mode': 'wbsr', 'scheme': 'tiles'}), ('classes', {'mode': 'wbsr', 'scheme': 'tiles'}))
+FIXED_EVAL = tuple((f'fixed {i}', {'mode': 'fixed', 'subnet': i}) for i in range(9))
 TILES_EVAL = (('full', {'mode': 'full'}), ('wbsr patches', {'mode': 'wbsr', 'scheme': 'patches'}),
               ('wbsr tiles', {'mode': 'wbsr', 'scheme': 'tiles'}),
               ('budget 0.5 tiles', {'mode': 'budget', 'budget': 0.5, 'scheme': 'tiles'}),
@@ -139,20 +160,59 @@ TILES_EVAL = (('full', {'mode': 'full'}), ('wbsr patches', {'mode': 'wbsr', 'sch
 EVALUATIONS = {
     'default': [(name, mode, {'mode': mode, 'scheme': 'patches'}) for name in ('B100', 'Urban100')
                 for mode in ('wbsr', 'full')],
-    'tiles': [(name, key, options) for name in ('val291', 'B100', 'Urban100') for key, options in TILES_EVAL],
+    'tiles_sampling': [(name, key, options) for name in ('val291', 'B100', 'Urban100') for key, options in TILES_EVAL],
+    'distill': [(name, key, options) for name in ('val291', 'B100', 'Urban100')
+                for key, options in TILES_EVAL + FIXED_EVAL],
+    # per difficulty class: PSNR over the pixels of each class's tiles, Eq. 15 on tiles (see class_psnr)
+    'ablation_long': [(name, key, options) for name in ('B100', 'Urban100') for key, options in ABLATION_EVAL],
+    'ablation': [(name, key, options) for name in ('B100', 'Urban100') for key, options in ABLATION_EVAL],
 }
 
 
+def class_psnr(router: Router, images) -> dict:
+    """PSNR-Y of the routed output over the pixels of each difficulty class's regions (pooled over the set, the
+    scale-pixel border left out as in the tables), and the image-level mean PSNR-Y."""
+    from wbsr_data.difficulty import luminance
+    k = router.projection.num_classes
+    se, count, psnr = np.zeros(k), np.zeros(k), []
+    s = router.scale
+    for image in images:
+        result = router(image.lq)
+        gt = torch.from_numpy(np.ascontiguousarray(image.gt[..., ::-1].transpose(2, 0, 1))).float()[None] / 255.
+        err = (luminance(result.output.clamp(0, 1)) - luminance(gt)).pow(2)[0, 0]
+        mask = torch.zeros_like(err, dtype=torch.bool)
+        mask[s:-s, s:-s] = True
+        for (top, left, h, w), c in zip(result.boxes.tolist(), result.classes.tolist()):
+            region = (slice(top * s, (top + h) * s), slice(left * s, (left + w) * s))
+            inside = mask[region]
+            se[c - 1] += float(err[region][inside].sum())
+            count[c - 1] += float(inside.sum())
+        psnr.append(float(10 * torch.log10(1 / err[mask].mean())))
+    per_class = [float(10 * np.log10(n / e)) if n else float('nan') for e, n in zip(se, count)]
+    return {'psnr': float(np.mean(psnr)), 'class_psnr': per_class, 'class_pixels': count.tolist()}
+
+
 def scheme_table(sweep: str, entries: list[dict], iters: int) -> list[str]:
-    """PSNR-Y (FLOPs % of the whole-image full network) of every evaluation of every row."""
-    keys = [key for key, _ in TILES_EVAL]
-    lines = [f'{sweep}: {iters} iterations, batch 16, GT 64, seed 0, x4, 291-image pool without its validation '
-             'split; PSNR-Y (FLOPs % of the full network on the whole image)', '',
+    """PSNR-Y (FLOPs % of the whole-image full network) of every evaluation of every row, and, where measured, the
+    PSNR-Y of each difficulty class's pixels (Eq. 15 on tiles)."""
+    sets = list(dict.fromkeys(name for name, _, _ in EVALUATIONS[sweep]))
+    keys = [key for key in dict.fromkeys(key for _, key, _ in EVALUATIONS[sweep]) if key != 'classes']
+    lines = [f'{sweep}: {iters} iterations (unless the row says otherwise), batch 16, GT 64, seed 0, x4; PSNR-Y '
+             '(FLOPs % of the full network on the whole image)', '',
              '| row | set | ' + ' | '.join(keys) + ' | train min |', '|---|---|' + '---|' * len(keys) + '---|']
     for e in entries:
-        for name in ('val291', 'B100', 'Urban100'):
+        for name in sets:
             cells = [f"{e[f'{name}/{k}']['psnr']:.3f} ({100 * e[f'{name}/{k}']['ratio_whole']:.0f}%)" for k in keys]
             lines.append(f"| {e['row']} | {name} | " + ' | '.join(cells) + f" | {e['train_minutes']:.1f} |")
+    if any(key == 'classes' for _, key, _ in EVALUATIONS[sweep]):
+        num = len(entries[0][f'{sets[0]}/classes']['class_psnr'])
+        lines += ['', 'PSNR-Y of the pixels of each difficulty class (1 = flattest), Eq. 15 on tiles, same thresholds '
+                  'for every row:', '', '| row | set | ' + ' | '.join(f'class {c}' for c in range(1, num + 1)) + ' |',
+                  '|---|---|' + '---|' * num]
+        for e in entries:
+            for name in sets:
+                lines.append(f"| {e['row']} | {name} | " + ' | '.join(
+                    f'{v:.3f}' for v in e[f'{name}/classes']['class_psnr']) + ' |')
     return lines
 
 
@@ -187,7 +247,11 @@ def main() -> int:
             for name, key, options in EVALUATIONS.get(sweep, EVALUATIONS["default"]):
                 if name not in sets:
                     sets[name] = load_test_set(os.path.join(data, name), 4)
-                summary = evaluate(Router(net, RoutingOptions(**options), scale, projection), sets[name])
+                router = Router(net, RoutingOptions(**options), scale, projection)
+                if key == 'classes':
+                    scores[f'{name}/{key}'] = class_psnr(router, sets[name])
+                    continue
+                summary = evaluate(router, sets[name])
                 scores[f'{name}/{key}'] = {k: summary[k] for k in ('psnr', 'ssim', 'ratio_regions', 'ratio_whole')}
             with open(cache, 'w') as f:
                 json.dump(scores, f, indent=2)
