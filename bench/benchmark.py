@@ -44,7 +44,7 @@ from tqdm import tqdm
 from wbsr_models.baselines import build_arm_table, oracle_subnets, region_outputs, region_psnr_table
 from wbsr_models.evaluation import TestImage, bicubic_summary, evaluate, keep_freed_memory, load_test_set, time_modes
 from wbsr_models.infer import load_model
-from wbsr_models.router import Router, RoutingOptions
+from wbsr_models.router import Router, RoutingOptions, budget_subnets, calibrated_subnets
 
 SETS = ('Set5', 'Set14', 'B100', 'Urban100')
 PATCH_BUDGETS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
@@ -53,6 +53,8 @@ PATCH_ETAS = (0.05, 0.1, 0.2, 0.4, 0.8, 1.6, 3.2)
 TILE_ETAS = (0.4, 1.0, 3.2)
 PATCH_TOLERANCES = (0.0, 0.02, 0.05, 0.1, 0.2, 0.4)
 TILE_TOLERANCES = (0.02, 0.05, 0.2)
+LEARNED_BUDGETS = (0.4, 0.5, 0.6, 0.7)
+SIGNAL_BUDGETS = (0.5, 0.6, 0.7)
 WITHIN_DB = 0.05
 
 
@@ -86,10 +88,37 @@ def fixed_assign(subnet: int) -> Callable:
     return lambda image: (lambda regions, classes, costs: np.full(len(regions), subnet))
 
 
-def set_modes(net, scale: int, projection, arm_table, store: dict,
-              alternative=None) -> dict[str, tuple[str, Router, Optional[Callable]]]:
+class PoolSignals:
+    """Signals fitted on the training pool's tiles (``bench/oracle_gap.py``'s records): the luminance variance as a
+    parameter-free difficulty score (its pool quantile is the position of the budget rule), and gradient-boosted
+    trees predicting every subnet's error from ten LR features (an upper bound of LR-only routing: not shippable,
+    a tree ensemble cannot be stored without pickle)."""
+
+    def __init__(self, path: str) -> None:
+        from oracle_gap import boosted_errors
+        with np.load(path) as data:
+            feats, mse = data['features'], data['mse']
+        self.variance = np.sort(feats[:, 8])
+        logx = np.log(np.maximum(feats, 1e-8))
+        self.models = boosted_errors(logx, mse, np.ones(len(mse), bool), return_models=True)
+
+    def features(self, router: Router, lq: torch.Tensor) -> np.ndarray:
+        from oracle_gap import tile_features
+        return tile_features(router, [TestImage(name='', lq=lq, gt=None)])
+
+    def variance_position(self, feats: np.ndarray) -> np.ndarray:
+        return np.searchsorted(self.variance, feats[:, 8]) / len(self.variance)
+
+    def errors(self, feats: np.ndarray) -> np.ndarray:
+        from oracle_gap import boosted_predict
+        return boosted_predict(self.models, np.log(np.maximum(feats, 1e-8)))
+
+
+def set_modes(net, scale: int, projection, arm_table, store: dict, alternative=None,
+              signals: Optional[PoolSignals] = None) -> dict[str, tuple[str, Router, Optional[Callable]]]:
     """``key -> (scheme, router, assign_for or None)`` of every row and curve point of a set (``alternative``: the
-    other difficulty projection, ``(kind, projection)``, for one more Eq. 15 row)."""
+    other difficulty projection, ``(kind, projection)``, for one more Eq. 15 row; ``signals``: the curves of the
+    variance signal and of the learned error predictor)."""
     def cached(**options) -> Router:
         return CachedRouter(net, RoutingOptions(**options), scale, projection, arm_table, store=store)
 
@@ -121,14 +150,28 @@ def set_modes(net, scale: int, projection, arm_table, store: dict,
     modes.update({f'tiles: ARM eta {e}': ('tiles', real(mode='arm', arm_eta=e, scheme='tiles'), None)
                   for e in TILE_ETAS})
     modes.update({f'tiles: oracle {t}': ('tiles', tiles, oracle('tile_table', t)) for t in TILE_TOLERANCES})
+    if projection is not None and projection.class_mse is not None:
+        modes.update({f'tiles: calibrated {b}': ('tiles', real(mode='calibrated', budget=b, scheme='tiles'), None)
+                      for b in TILE_BUDGETS})
+    if signals is not None:
+        def variance(b):
+            return lambda image: (lambda regions, classes, costs: budget_subnets(
+                signals.variance_position(store['features']), costs, b))
+
+        def learned(b):
+            return lambda image: (lambda regions, classes, costs: calibrated_subnets(
+                np.arange(1, len(regions) + 1), np.zeros(len(regions)), costs, signals.errors(store['features']),
+                regions.boxes[:, 2] * regions.boxes[:, 3], b))
+        modes.update({f'tiles: variance signal {b}': ('tiles', tiles, variance(b)) for b in SIGNAL_BUDGETS})
+        modes.update({f'tiles: learned {b}': ('tiles', tiles, learned(b)) for b in LEARNED_BUDGETS})
     return modes
 
 
-def evaluate_set(net, scale: int, projection, arm_table, images: list[TestImage],
-                 alternative=None) -> tuple[dict, float]:
+def evaluate_set(net, scale: int, projection, arm_table, images: list[TestImage], alternative=None,
+                 signals: Optional[PoolSignals] = None) -> tuple[dict, float]:
     """Summary of every mode over a set, and the cache self-check (max |cached - real| of patches: Eq. 15)."""
     store: dict = {}
-    modes = set_modes(net, scale, projection, arm_table, store, alternative)
+    modes = set_modes(net, scale, projection, arm_table, store, alternative, signals)
     probe_patches = Router(net, RoutingOptions(mode='wbsr', scheme='patches'), scale, projection)
     probe_tiles = Router(net, RoutingOptions(mode='wbsr', scheme='tiles'), scale, projection)
     per_mode: dict[str, list[dict]] = {key: [] for key in modes}
@@ -141,6 +184,8 @@ def evaluate_set(net, scale: int, projection, arm_table, images: list[TestImage]
         cut = region_outputs(probe_tiles, image.lq)  # every subnet on the whole image
         store['whole'] = cut[1]
         store['tile_table'] = region_psnr_table(probe_tiles, image.lq, gt, cut=cut)[0]
+        if signals is not None:
+            store['features'] = signals.features(probe_tiles, image.lq)
         for key, (_, router, assign_for) in modes.items():
             per_mode[key].append(evaluate(router, [image], assign_for=assign_for))
         if n == 0:  # the cached merge must be the router's own output
@@ -154,10 +199,12 @@ def evaluate_set(net, scale: int, projection, arm_table, images: list[TestImage]
     return summary, check
 
 
-def lowest_budget_within(summary: dict, scheme: str, budgets, reference: float) -> Optional[tuple[float, dict]]:
-    """The lowest budget of ``scheme`` whose PSNR is within :data:`WITHIN_DB` of ``reference``."""
+def lowest_budget_within(summary: dict, prefix: str, budgets, reference: float) -> Optional[tuple[float, dict]]:
+    """The lowest budget of the curve ``prefix`` (``'patches'`` or ``'tiles'``: their budget rule; or a full prefix
+    such as ``'tiles: calibrated'``) whose PSNR is within :data:`WITHIN_DB` of ``reference``."""
+    prefix = prefix if ':' in prefix else f'{prefix}: budget'
     for b in budgets:
-        row = summary[f'{scheme}: budget {b}']
+        row = summary[f'{prefix} {b}']
         if row['psnr'] >= reference - WITHIN_DB:
             return b, row
     return None
@@ -173,9 +220,14 @@ def plot_curve(name: str, summary: dict, path: str) -> None:
     ax.axhspan(full - WITHIN_DB, full, color='#dddddd', alpha=0.5, lw=0, label=f'within {WITHIN_DB} dB of it')
     series = [('patches: budget', PATCH_BUDGETS, '-o', '#dd8452', 'patches (32/28), budget sweep'),
               ('tiles: budget', TILE_BUDGETS, '-o', '#c44e52', 'tiles (seamless), budget sweep'),
+              ('tiles: calibrated', TILE_BUDGETS, '-v', '#1f77b4', 'tiles, calibrated (class errors), budget sweep'),
+              ('tiles: variance signal', SIGNAL_BUDGETS, ':x', '#937860', 'tiles, variance as the signal'),
+              ('tiles: learned', LEARNED_BUDGETS, '-.P', '#17becf', 'tiles, learned error predictor (upper bound)'),
               ('tiles: ARM eta', TILE_ETAS, '-s', '#55a868', 'tiles, ARM eta sweep'),
               ('tiles: oracle', TILE_TOLERANCES, '--^', '#8172b2', 'tiles, oracle tolerance sweep')]
     for prefix, values, fmt, color, label in series:
+        if f'{prefix} {values[0]}' not in summary:
+            continue
         pts = sorted((summary[f'{prefix} {v}'] for v in values), key=lambda r: r['ratio_whole'])
         ax.plot([100 * r['ratio_whole'] for r in pts], [r['psnr'] for r in pts], fmt, color=color, ms=4, label=label)
     fixed = [r for k, r in summary.items() if k.startswith('fixed')]
@@ -375,6 +427,8 @@ def main(argv: Optional[list] = None) -> int:
                         help='budgets timed (default: each scheme\'s lowest budget within 0.05 dB on Urban100)')
     parser.add_argument('--time-fixed', action='store_true', help='also time every subnet on the whole image')
     parser.add_argument('--skip-costs', action='store_true')
+    parser.add_argument('--signals', default=None, help="bench/oracle_gap.py's records.npz: adds the curves of the "
+                        'variance signal and of the learned error predictor')
     parser.add_argument('--tile-sizes', type=int, nargs='*', default=None,
                         help='run the tile-size sweep on --sets instead (e.g. --tile-sizes 64 32 16 8)')
     args = parser.parse_args(argv)
@@ -399,6 +453,7 @@ def main(argv: Optional[list] = None) -> int:
     arm_table = build_arm_table(probe, ((im.lq, gt_tensor(im)) for im in lut_images), source='Set5+Set14')
     arm_table.save(os.path.join(args.out, 'arm_table.npz'))
     alternative = alternative_projection(args.data, projection)
+    signals = PoolSignals(args.signals) if args.signals else None
     md = [f"# Routing benchmark\n\nModel: `{args.model}`; machine: {report['machine']}.\n",
           'FLOPs % vs full on image: against the full network run once on the whole image; vs full on the same '
           'regions: against the full network on the same patches (the papers\' convention; for tiles and the '
@@ -406,12 +461,14 @@ def main(argv: Optional[list] = None) -> int:
     for name in args.sets:
         print(f'{name}:', flush=True)
         images = load_test_set(os.path.join(args.data, name), scale)
-        summary, check = evaluate_set(net, scale, projection, arm_table, images, alternative)
+        summary, check = evaluate_set(net, scale, projection, arm_table, images, alternative, signals)
         plot_curve(name, summary, os.path.join(args.out, f'curve_{name}.png'))
         bicubic = bicubic_summary(images, scale)
         full = summary['full']['psnr']
         lowest = {scheme: lowest_budget_within(summary, scheme, budgets, full)
                   for scheme, budgets in (('patches', PATCH_BUDGETS), ('tiles', TILE_BUDGETS))}
+        if 'tiles: calibrated 0.4' in summary:
+            lowest['tiles calibrated'] = lowest_budget_within(summary, 'tiles: calibrated', TILE_BUDGETS, full)
         report['sets'][name] = {'summary': summary, 'bicubic': bicubic, 'cache_check_max_abs': check,
                                 'lowest_budget_within_0.05dB': {k: v and {'budget': v[0], **v[1]}
                                                                 for k, v in lowest.items()}}

@@ -347,7 +347,7 @@ class Router:
         classes, position, num_classes = self.classify(regions)
         subnets = self.choose(regions, classes, position, num_classes, costs, assign)
         if self.options.scheme == 'tiles':
-            return self._run_tiles(lq, regions, subnets, classes)
+            return self._run_tiles(lq, regions, subnets, classes, costs)
         return self._run_patches(lq, regions, subnets, classes, costs)
 
     def classify(self, regions: Regions) -> tuple[np.ndarray, np.ndarray, int]:
@@ -433,15 +433,20 @@ class Router:
         return out, flops
 
     # ---- tiles: one seamless pass ----------------------------------------------------------------------
-    def _run_tiles(self, lq: torch.Tensor, regions: Regions, subnets: np.ndarray,
-                   classes: np.ndarray) -> RoutingResult:
+    def _run_tiles(self, lq: torch.Tensor, regions: Regions, subnets: np.ndarray, classes: np.ndarray,
+                   costs: np.ndarray) -> RoutingResult:
         grid, limit = regions.grid, self.options.max_pixels
         run = self.net.forward_tiles(lq, subnets.reshape(grid.shape), grid=grid, max_pixels=limit)
-        key = (grid, limit)
-        if key not in self._full_tile_flops:
-            full = np.full(grid.shape, self.num_subnets - 1)
-            self._full_tile_flops[key] = self.net.tile_flops(regions.image_hw, full, grid=grid, max_pixels=limit)
-        return self._result(run.output, regions, subnets, classes, run.flops, self._full_tile_flops[key])
+        h, w = regions.image_hw
+        if h * w <= limit:  # one band: the full network on every tile, nothing more (tests/test_tiles.py)
+            full = int(costs[:, -1].sum())
+        else:  # bands add margins: count the full network's run the same way
+            key = (grid, limit)
+            if key not in self._full_tile_flops:
+                assign = np.full(grid.shape, self.num_subnets - 1)
+                self._full_tile_flops[key] = self.net.tile_flops((h, w), assign, grid=grid, max_pixels=limit)
+            full = self._full_tile_flops[key]
+        return self._result(run.output, regions, subnets, classes, run.flops, full)
 
     # ---- patches: the papers' protocol ---------------------------------------------------------------
     def _run_patches(self, lq: torch.Tensor, regions: Regions, subnets: np.ndarray, classes: np.ndarray,
