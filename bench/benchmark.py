@@ -91,7 +91,7 @@ def fixed_assign(subnet: int) -> Callable:
 class PoolSignals:
     """Signals fitted on the training pool's tiles (``bench/oracle_gap.py``'s records): the luminance variance as a
     parameter-free difficulty score (its pool quantile is the position of the budget rule), and gradient-boosted
-    trees predicting every subnet's error from ten LR features (an upper bound of LR-only routing: not shippable,
+    trees predicting every subnet's error from ten LR features (meant as an upper bound of LR-only routing; not shippable,
     a tree ensemble cannot be stored without pickle)."""
 
     def __init__(self, path: str) -> None:
@@ -222,7 +222,7 @@ def plot_curve(name: str, summary: dict, path: str) -> None:
               ('tiles: budget', TILE_BUDGETS, '-o', '#c44e52', 'tiles (seamless), budget sweep'),
               ('tiles: calibrated', TILE_BUDGETS, '-v', '#1f77b4', 'tiles, calibrated (class errors), budget sweep'),
               ('tiles: variance signal', SIGNAL_BUDGETS, ':x', '#937860', 'tiles, variance as the signal'),
-              ('tiles: learned', LEARNED_BUDGETS, '-.P', '#17becf', 'tiles, learned error predictor (upper bound)'),
+              ('tiles: learned', LEARNED_BUDGETS, '-.P', '#17becf', 'tiles, learned error predictor (boosted trees)'),
               ('tiles: ARM eta', TILE_ETAS, '-s', '#55a868', 'tiles, ARM eta sweep'),
               ('tiles: oracle', TILE_TOLERANCES, '--^', '#8172b2', 'tiles, oracle tolerance sweep')]
     for prefix, values, fmt, color, label in series:
