@@ -206,7 +206,7 @@ def test_make_lr_skips_oversized_and_too_small_images_and_keeps_pairs_complete(t
     for side in (4, 5, 6, 7, 8, 12):
         cv2.imwrite(str(hr / f't{side}.png'), textured_image(side, side, seed=side))
     png_declaring(hr / 'bomb.png', 100000, 100000)
-    assert make_lr.main(['--hr', str(hr), '--out', str(tmp_path / 'ds'), '--scales', '4']) == 0
+    assert make_lr.main(['--hr', str(hr), '--out', str(tmp_path / 'ds'), '--scales', '4']) == 1
     captured = capsys.readouterr()
     for side in (4, 5, 6, 7):
         assert (f'wbsr-make-lr: skipped {hr}/t{side}.png: {side}x{side} is too small for x4 (the mod-cropped HR '

@@ -202,8 +202,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (OSError, ValueError) as exc:
         print(f'wbsr-make-lr: {exc}', file=sys.stderr)
         return 2
-    print(f"wbsr-make-lr: {counts['written']} images written to {args.out}, {counts['skipped']} skipped")
-    return 0 if counts['written'] else 2
+    n = counts['written']
+    print(f"wbsr-make-lr: {n} image{'' if n == 1 else 's'} written to {args.out}, {counts['skipped']} skipped")
+    return 2 if not n else 1 if counts['skipped'] else 0  # as wbsr-infer: 1 when an image was skipped
 
 
 if __name__ == '__main__':
