@@ -53,9 +53,13 @@ PATCH_ETAS = (0.05, 0.1, 0.2, 0.4, 0.8, 1.6, 3.2)
 TILE_ETAS = (0.4, 1.0, 3.2)
 PATCH_TOLERANCES = (0.0, 0.02, 0.05, 0.1, 0.2, 0.4)
 TILE_TOLERANCES = (0.02, 0.05, 0.2)
-LEARNED_BUDGETS = (0.4, 0.5, 0.6, 0.7)
+LEARNED_BUDGETS = (0.5, 0.6, 0.7)
 SIGNAL_BUDGETS = (0.5, 0.6, 0.7)
+CALIBRATED_BUDGETS = (0.4, 0.5, 0.6, 0.7, 0.8)
 WITHIN_DB = 0.05
+HEADER = ('FLOPs % vs full on image: against the full network run once on the whole image; vs full on the same '
+          "regions: against the full network on the same patches (the papers' convention; for tiles and the whole "
+          'image this is the whole image). Wall times are in the last tables.\n')
 
 
 class CachedRouter(Router):
@@ -152,7 +156,7 @@ def set_modes(net, scale: int, projection, arm_table, store: dict, alternative=N
     modes.update({f'tiles: oracle {t}': ('tiles', tiles, oracle('tile_table', t)) for t in TILE_TOLERANCES})
     if projection is not None and projection.class_mse is not None:
         modes.update({f'tiles: calibrated {b}': ('tiles', real(mode='calibrated', budget=b, scheme='tiles'), None)
-                      for b in TILE_BUDGETS})
+                      for b in CALIBRATED_BUDGETS})
     if signals is not None:
         def variance(b):
             return lambda image: (lambda regions, classes, costs: budget_subnets(
@@ -210,6 +214,69 @@ def lowest_budget_within(summary: dict, prefix: str, budgets, reference: float) 
     return None
 
 
+def set_section(name: str, entry: dict, out: str) -> list[str]:
+    """A set's markdown section and plot from its ``entry`` (summary, bicubic, cache check, images); adds the lowest
+    budgets within :data:`WITHIN_DB` to ``entry``."""
+    summary, bicubic, check = entry['summary'], entry['bicubic'], entry['cache_check_max_abs']
+    plot_curve(name, summary, os.path.join(out, f'curve_{name}.png'))
+    full = summary['full']['psnr']
+    lowest = {scheme: lowest_budget_within(summary, scheme, budgets, full)
+              for scheme, budgets in (('patches', PATCH_BUDGETS), ('tiles', TILE_BUDGETS))}
+    if f'tiles: calibrated {CALIBRATED_BUDGETS[0]}' in summary:
+        lowest['tiles calibrated'] = lowest_budget_within(summary, 'tiles: calibrated', CALIBRATED_BUDGETS, full)
+    entry['lowest_budget_within_0.05dB'] = {k: v and {'budget': v[0], **v[1]} for k, v in lowest.items()}
+    note = ' (ARM table in-sample)' if name in ('Set5', 'Set14') else ''
+    md = [f"## {name} x4, {entry['images']} images{note}\n",
+          f"Bicubic (OpenCV): {bicubic['psnr']:.3f} dB / {bicubic['ssim']:.4f}. Reused patch outputs vs a real "
+          f"routed run: max abs difference {check:.1e}.\n"]
+    for scheme, found in lowest.items():
+        md.append(f'- {scheme}: lowest budget within {WITHIN_DB} dB of the whole-image full network '
+                  f'({full:.3f} dB): ' + (f"{found[0]} ({found[1]['psnr']:.3f} dB at "
+                                          f"{100 * found[1]['ratio_whole']:.1f}% of its FLOPs)"
+                                          if found else 'none of the budgets'))
+    return md + [''] + table_rows(summary) + ['', f'![{name}](curve_{name}.png)', '']
+
+
+def merge_parts(folders: list[str], out: str) -> int:
+    """Combine the ``benchmark.json`` of ``--part`` runs (means weighted by their numbers of images)."""
+    parts = []
+    for folder in folders:
+        with open(os.path.join(folder, 'benchmark.json')) as f:
+            parts.append(json.load(f))
+    if sorted(tuple(p['part']) for p in parts) != [(k, len(parts)) for k in range(len(parts))]:
+        raise SystemExit(f'--merge needs the parts 0/N .. N-1/N of one run, got {[p["part"] for p in parts]}')
+    os.makedirs(out, exist_ok=True)
+    report = {'model': parts[0]['model'], 'machine': parts[0]['machine'], 'parts': len(parts), 'sets': {}}
+    md = [f"# Routing benchmark\n\nModel: `{report['model']}`; machine: {report['machine']} (one process per part "
+          f"of every set's images, {len(parts)} parts).\n", HEADER]
+    for name in parts[0]['sets']:
+        entries = [p['sets'][name] for p in parts]
+        weights = np.array([e['images'] for e in entries], dtype=np.float64)
+
+        def mean(rows: list[dict]) -> dict:
+            merged = {}
+            for k, v in rows[0].items():
+                if isinstance(v, (int, float)) and k != 'images':
+                    merged[k] = float(np.dot(weights, [r[k] for r in rows]) / weights.sum())
+                elif isinstance(v, list):
+                    merged[k] = (weights @ np.array([r[k] for r in rows]) / weights.sum()).tolist()
+                else:
+                    merged[k] = v
+            merged['images'] = int(weights.sum())
+            return merged
+        entry = {'summary': {key: mean([e['summary'][key] for e in entries]) for key in entries[0]['summary']},
+                 'bicubic': mean([e['bicubic'] for e in entries]),
+                 'cache_check_max_abs': max(e['cache_check_max_abs'] for e in entries), 'images': int(weights.sum())}
+        md += set_section(name, entry, out)
+        report['sets'][name] = entry
+    with open(os.path.join(out, 'benchmark.json'), 'w') as f:
+        json.dump(report, f, indent=1, default=float)
+    with open(os.path.join(out, 'benchmark.md'), 'w') as f:
+        f.write('\n'.join(md) + '\n')
+    print('\n'.join(md))
+    return 0
+
+
 def plot_curve(name: str, summary: dict, path: str) -> None:
     import matplotlib
     matplotlib.use('Agg')
@@ -220,7 +287,7 @@ def plot_curve(name: str, summary: dict, path: str) -> None:
     ax.axhspan(full - WITHIN_DB, full, color='#dddddd', alpha=0.5, lw=0, label=f'within {WITHIN_DB} dB of it')
     series = [('patches: budget', PATCH_BUDGETS, '-o', '#dd8452', 'patches (32/28), budget sweep'),
               ('tiles: budget', TILE_BUDGETS, '-o', '#c44e52', 'tiles (seamless), budget sweep'),
-              ('tiles: calibrated', TILE_BUDGETS, '-v', '#1f77b4', 'tiles, calibrated (class errors), budget sweep'),
+              ('tiles: calibrated', CALIBRATED_BUDGETS, '-v', '#1f77b4', 'tiles, calibrated (class errors), budget sweep'),
               ('tiles: variance signal', SIGNAL_BUDGETS, ':x', '#937860', 'tiles, variance as the signal'),
               ('tiles: learned', LEARNED_BUDGETS, '-.P', '#17becf', 'tiles, learned error predictor (boosted trees)'),
               ('tiles: ARM eta', TILE_ETAS, '-s', '#55a868', 'tiles, ARM eta sweep'),
@@ -442,6 +509,12 @@ def main(argv: Optional[list] = None) -> int:
     parser.add_argument('--skip-costs', action='store_true')
     parser.add_argument('--signals', default=None, help="bench/oracle_gap.py's records.npz: adds the curves of the "
                         'variance signal and of the learned error predictor')
+    parser.add_argument('--other-projection', action='store_true',
+                        help='also route Eq. 15 with the other difficulty projection (pca / sum), fitted on train291')
+    parser.add_argument('--part', default=None, help='K/N: evaluate only images K, K+N, K+2N, ... of each set '
+                        '(run N processes, one thread each, then --merge their --out folders)')
+    parser.add_argument('--merge', nargs='+', default=None, help='--out folders of --part runs: write their '
+                        'combined tables and plots under --out (no evaluation)')
     parser.add_argument('--tile-sizes', type=int, nargs='*', default=None,
                         help='run the tile-size sweep on --sets instead (e.g. --tile-sizes 64 32 16 8)')
     args = parser.parse_args(argv)
@@ -459,42 +532,27 @@ def main(argv: Optional[list] = None) -> int:
             f.write(text)
         print(text)
         return 0
-    report: dict = {'model': args.model, 'machine': machine, 'sets': {}}
+    if args.merge:
+        return merge_parts(args.merge, args.out)
+    part = tuple(int(v) for v in args.part.split('/')) if args.part else (0, 1)
+    report: dict = {'model': args.model, 'machine': machine, 'sets': {}, 'part': list(part)}
     probe = Router(net, RoutingOptions(mode='wbsr', scheme='patches'), scale, projection)
     lut_images = load_test_set(os.path.join(args.data, 'Set5'), scale) + load_test_set(
         os.path.join(args.data, 'Set14'), scale)
     arm_table = build_arm_table(probe, ((im.lq, gt_tensor(im)) for im in lut_images), source='Set5+Set14')
     arm_table.save(os.path.join(args.out, 'arm_table.npz'))
-    alternative = alternative_projection(args.data, projection)
+    alternative = alternative_projection(args.data, projection) if args.other_projection else None
     signals = PoolSignals(args.signals) if args.signals else None
     md = [f"# Routing benchmark\n\nModel: `{args.model}`; machine: {report['machine']}.\n",
-          'FLOPs % vs full on image: against the full network run once on the whole image; vs full on the same '
-          'regions: against the full network on the same patches (the papers\' convention; for tiles and the '
-          'whole image this is the whole image). Wall times are in the last tables.\n']
+          HEADER]
     for name in args.sets:
         print(f'{name}:', flush=True)
-        images = load_test_set(os.path.join(args.data, name), scale)
+        images = load_test_set(os.path.join(args.data, name), scale)[part[0]::part[1]]
         summary, check = evaluate_set(net, scale, projection, arm_table, images, alternative, signals)
-        plot_curve(name, summary, os.path.join(args.out, f'curve_{name}.png'))
         bicubic = bicubic_summary(images, scale)
-        full = summary['full']['psnr']
-        lowest = {scheme: lowest_budget_within(summary, scheme, budgets, full)
-                  for scheme, budgets in (('patches', PATCH_BUDGETS), ('tiles', TILE_BUDGETS))}
-        if 'tiles: calibrated 0.4' in summary:
-            lowest['tiles calibrated'] = lowest_budget_within(summary, 'tiles: calibrated', TILE_BUDGETS, full)
         report['sets'][name] = {'summary': summary, 'bicubic': bicubic, 'cache_check_max_abs': check,
-                                'lowest_budget_within_0.05dB': {k: v and {'budget': v[0], **v[1]}
-                                                                for k, v in lowest.items()}}
-        note = ' (ARM table in-sample)' if name in ('Set5', 'Set14') else ''
-        md += [f'## {name} x4, {len(images)} images{note}\n',
-               f"Bicubic (OpenCV): {bicubic['psnr']:.3f} dB / {bicubic['ssim']:.4f}. Reused patch outputs vs a real "
-               f"routed run: max abs difference {check:.1e}.\n"]
-        for scheme, found in lowest.items():
-            md.append(f'- {scheme}: lowest budget within {WITHIN_DB} dB of the whole-image full network '
-                      f'({full:.3f} dB): ' + (f"{found[0]} ({found[1]['psnr']:.3f} dB at "
-                                              f"{100 * found[1]['ratio_whole']:.1f}% of its FLOPs)"
-                                              if found else 'none of the budgets'))
-        md += [''] + table_rows(summary) + ['', f'![{name}](curve_{name}.png)', '']
+                                'images': len(images)}
+        md += set_section(name, report['sets'][name], args.out)
         with open(os.path.join(args.out, 'benchmark.json'), 'w') as f:
             json.dump(report, f, indent=1, default=float)
     if args.time_images > 0:

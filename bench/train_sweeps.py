@@ -238,13 +238,14 @@ def main() -> int:
     results: dict[str, list] = {}
     for (sweep, label, opt), (checkpoint, minutes) in zip(rows, trained):
         cache = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(checkpoint))), 'eval.json')
-        if os.path.isfile(cache):
+        scores = {}
+        if os.path.isfile(cache):  # evaluations of this checkpoint made by any sweep
             with open(cache) as f:
                 scores = json.load(f)
-        else:
+        missing = [e for e in EVALUATIONS.get(sweep, EVALUATIONS['default']) if f'{e[0]}/{e[1]}' not in scores]
+        if missing:
             net, scale, projection = load_model(checkpoint)
-            scores = {}
-            for name, key, options in EVALUATIONS.get(sweep, EVALUATIONS["default"]):
+            for name, key, options in missing:
                 if name not in sets:
                     sets[name] = load_test_set(os.path.join(data, name), 4)
                 router = Router(net, RoutingOptions(**options), scale, projection)
