@@ -163,8 +163,9 @@ def test_checkpoint_carries_thresholds_and_loads_into_plain_basicsr(tmp_path, da
     assert torch.equal(model.output, restored.output)
 
 
-def test_training_state_resume_reproduces_the_run(tmp_path, data):
-    opt = model_options(tmp_path, data)
+@pytest.mark.parametrize('wbsr', [{}, {'subnet_sampling': 'routed', 'distill': 0.5}], ids=['default', 'distill'])
+def test_training_state_resume_reproduces_the_run(tmp_path, data, wbsr):
+    opt = model_options(tmp_path, data, **({'wbsr': wbsr} if wbsr else {}))
     batches = [batch_of(opt) for _ in range(2)]
 
     def fresh():
@@ -185,6 +186,9 @@ def test_training_state_resume_reproduces_the_run(tmp_path, data):
     resumed.resume_training(torch_load(str(Path(opt['path']['training_states']) / '1.state')))
     resumed.feed_data(batches[1])
     resumed.optimize_parameters(2)
+    if wbsr:  # distillation continues after the resume, with the same target as the straight run
+        assert resumed.get_current_log()['l_distill'] == pytest.approx(straight.get_current_log()['l_distill'],
+                                                                       rel=1e-5)
     for k, v in straight.net_g.state_dict().items():
         torch.testing.assert_close(resumed.net_g.state_dict()[k], v, rtol=1e-5, atol=1e-7)
 
