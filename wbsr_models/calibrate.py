@@ -114,8 +114,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     class_mse = records.class_mse(projection.num_classes)
     checkpoint = torch_load(args.model)
     projection.class_mse = class_mse
+    # the data folder as given (a relative path stays relative: no machine's absolute paths in a shared file)
     projection.calibration = {'scheme': args.scheme, 'tile_size': args.tile_size, 'images': len(images),
-                              'regions': int(len(records.classes)), 'data': os.path.abspath(args.data)}
+                              'regions': int(len(records.classes)), 'data': os.path.normpath(args.data)}
     if not isinstance(checkpoint.get('wbsr'), dict):
         raise CorruptFileError(args.model, "no 'wbsr' entry")
     checkpoint['wbsr']['difficulty'] = projection.to_dict()
