@@ -156,8 +156,8 @@ class WBSRRCAN(SupernetMixin, RCAN):
         conv_tiles(plan, cur, out, self.conv_last, counter, scale=at, out_channels=lambda w: self.num_out_ch)
         return out[:, :, 1:-1, 1:-1]
 
-    def _tile_output(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        return out / self.img_range + self.mean.to(dtype=x.dtype, device=x.device)
+    def _tile_output(self, x: torch.Tensor, y: torch.Tensor, a: int, b: int) -> torch.Tensor:
+        return y / self.img_range + self.mean.to(dtype=x.dtype, device=x.device)
 
     def _plain_network(self, width: int, depth: int) -> nn.Module:
         if width // self.squeeze_factor < 1:

@@ -99,8 +99,11 @@ class WBSRSRResNet(SupernetMixin, MSRResNet):
         conv_tiles(plan, hr, out, self.conv_last, counter, scale=s, out_channels=lambda w: self.num_out_ch)
         return out[:, :, 1:-1, 1:-1]
 
-    def _tile_output(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        return out + F.interpolate(x, scale_factor=self.upscale, mode='bilinear', align_corners=False)
+    def _tile_output(self, x: torch.Tensor, y: torch.Tensor, a: int, b: int) -> torch.Tensor:
+        # bilinear upsampling of rows a-1..b (one row of margin each side: exact for rows a:b) added to the band
+        ia, ib, s = max(0, a - 1), min(x.shape[2], b + 1), self.upscale
+        base = F.interpolate(x[:, :, ia:ib], scale_factor=s, mode='bilinear', align_corners=False)
+        return y + base[:, :, (a - ia) * s:(b - ia) * s]
 
     def _plain_network(self, width: int, depth: int) -> nn.Module:
         return MSRResNet(num_in_ch=self.num_in_ch, num_out_ch=self.num_out_ch, num_feat=width, num_block=depth,

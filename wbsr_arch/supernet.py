@@ -257,8 +257,8 @@ class SupernetMixin:
                 hgrid, rows = grid.band(ha, hb)
                 plan = TilePlan(hgrid, widths[:, rows], depths[:, rows])
                 y = self._head_tiles(plan, feat[:, :, ha - ta:hb - ta + 2], counter)
-                out[:, :, c * s:d * s] = y[:, :, (c - ha) * s:(d - ha) * s]
-        return TileRun(self._tile_output(x, out), counter.total)
+                out[:, :, c * s:d * s] = self._tile_output(x, y[:, :, (c - ha) * s:(d - ha) * s], c, d)
+        return TileRun(out, counter.total)
 
     def tile_flops(self, lr_hw: Sequence[int], subnets: Any, *, tile_size: int = DEFAULT_TILE_SIZE,
                    grid: Optional[TileGrid] = None, max_pixels: Optional[int] = None) -> int:
@@ -278,7 +278,9 @@ class SupernetMixin:
     def _tile_input(self, x: torch.Tensor) -> torch.Tensor:
         return x
 
-    def _tile_output(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    def _tile_output(self, x: torch.Tensor, y: torch.Tensor, a: int, b: int) -> torch.Tensor:
+        """The network's output for LR rows ``a:b`` from the upsampler's output ``y`` of those rows (band by band,
+        so that no whole-image temporary of the output's size is made)."""
         raise NotImplementedError
 
     def _tile_trunk_radius(self, depth: int) -> int:
