@@ -95,8 +95,8 @@ def fixed_assign(subnet: int) -> Callable:
 class PoolSignals:
     """Signals fitted on the training pool's tiles (``bench/oracle_gap.py``'s records): the luminance variance as a
     parameter-free difficulty score (its pool quantile is the position of the budget rule), and gradient-boosted
-    trees predicting every subnet's error from ten LR features (meant as an upper bound of LR-only routing; not shippable,
-    a tree ensemble cannot be stored without pickle)."""
+    trees predicting every subnet's error from ten LR features (meant as an upper bound of LR-only routing; not
+    shippable, a tree ensemble cannot be stored without pickle)."""
 
     def __init__(self, path: str) -> None:
         from oracle_gap import boosted_errors
@@ -226,6 +226,9 @@ def set_section(name: str, entry: dict, out: str) -> list[str]:
         lowest['tiles calibrated'] = lowest_budget_within(summary, 'tiles: calibrated', CALIBRATED_BUDGETS, full)
     entry['lowest_budget_within_0.05dB'] = {k: v and {'budget': v[0], **v[1]} for k, v in lowest.items()}
     note = ' (ARM table in-sample)' if name in ('Set5', 'Set14') else ''
+    parts = entry.get('parts') or []
+    if parts and sum(1 / n for _, n in parts) < 1 - 1e-9:  # a subset of the set: say which
+        note += ' (a subset: the images whose index is ' + ' or '.join(f'{k} mod {n}' for k, n in parts) + ')'
     md = [f"## {name} x4, {entry['images']} images{note}\n",
           f"Bicubic (OpenCV): {bicubic['psnr']:.3f} dB / {bicubic['ssim']:.4f}. Reused patch outputs vs a real "
           f"routed run: max abs difference {check:.1e}.\n"]
@@ -243,14 +246,21 @@ def merge_parts(folders: list[str], out: str) -> int:
     for folder in folders:
         with open(os.path.join(folder, 'benchmark.json')) as f:
             parts.append(json.load(f))
-    if sorted(tuple(p['part']) for p in parts) != [(k, len(parts)) for k in range(len(parts))]:
-        raise SystemExit(f'--merge needs the parts 0/N .. N-1/N of one run, got {[p["part"] for p in parts]}')
     os.makedirs(out, exist_ok=True)
-    report = {'model': parts[0]['model'], 'machine': parts[0]['machine'], 'parts': len(parts), 'sets': {}}
-    md = [f"# Routing benchmark\n\nModel: `{report['model']}`; machine: {report['machine']} (one process per part "
-          f"of every set's images, {len(parts)} parts).\n", HEADER]
-    for name in parts[0]['sets']:
-        entries = [p['sets'][name] for p in parts]
+    report = {'model': parts[0]['model'], 'machine': parts[0]['machine'], 'sets': {}}
+    md = [f"# Routing benchmark\n\nModel: `{report['model']}`; machine: {report['machine']} (each set's images "
+          f"split between single-thread processes, `--part`).\n", HEADER]
+    for name in dict.fromkeys(name for p in parts for name in p['sets']):
+        having = [p for p in parts if name in p['sets']]
+        slices = [tuple(p['part']) for p in having]
+        # parts K/N and K'/N' overlap where K = K' mod gcd(N, N')
+        if any(a[0] % np.gcd(a[1], b[1]) == b[0] % np.gcd(a[1], b[1]) for i, a in enumerate(slices)
+               for b in slices[i + 1:]):
+            raise SystemExit(f'--merge: the parts of {name} overlap: {slices}')
+        if any(p['model'] != report['model'] for p in having):
+            raise SystemExit(f'--merge: the parts of {name} are of different models')
+        report['sets'][name] = {'parts': slices}
+        entries = [p['sets'][name] for p in having]
         weights = np.array([e['images'] for e in entries], dtype=np.float64)
 
         def mean(rows: list[dict]) -> dict:
@@ -266,7 +276,8 @@ def merge_parts(folders: list[str], out: str) -> int:
             return merged
         entry = {'summary': {key: mean([e['summary'][key] for e in entries]) for key in entries[0]['summary']},
                  'bicubic': mean([e['bicubic'] for e in entries]),
-                 'cache_check_max_abs': max(e['cache_check_max_abs'] for e in entries), 'images': int(weights.sum())}
+                 'cache_check_max_abs': max(e['cache_check_max_abs'] for e in entries), 'images': int(weights.sum()),
+                 'parts': slices}
         md += set_section(name, entry, out)
         report['sets'][name] = entry
     with open(os.path.join(out, 'benchmark.json'), 'w') as f:
@@ -287,7 +298,8 @@ def plot_curve(name: str, summary: dict, path: str) -> None:
     ax.axhspan(full - WITHIN_DB, full, color='#dddddd', alpha=0.5, lw=0, label=f'within {WITHIN_DB} dB of it')
     series = [('patches: budget', PATCH_BUDGETS, '-o', '#dd8452', 'patches (32/28), budget sweep'),
               ('tiles: budget', TILE_BUDGETS, '-o', '#c44e52', 'tiles (seamless), budget sweep'),
-              ('tiles: calibrated', CALIBRATED_BUDGETS, '-v', '#1f77b4', 'tiles, calibrated (class errors), budget sweep'),
+              ('tiles: calibrated', CALIBRATED_BUDGETS, '-v', '#1f77b4',
+               'tiles, calibrated (class errors), budget sweep'),
               ('tiles: variance signal', SIGNAL_BUDGETS, ':x', '#937860', 'tiles, variance as the signal'),
               ('tiles: learned', LEARNED_BUDGETS, '-.P', '#17becf', 'tiles, learned error predictor (boosted trees)'),
               ('tiles: ARM eta', TILE_ETAS, '-s', '#55a868', 'tiles, ARM eta sweep'),
