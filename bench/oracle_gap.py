@@ -217,7 +217,8 @@ def main(argv: Optional[list] = None) -> int:
     point = {name: flops_at(table[name], target) for name in rules}
     report[f'flops_within_{WITHIN_DB}dB_val'] = point
     base, best = point['budget rule (positions)'], point["oracle (every tile's error)"]
-    lines += ['', f"Validation split (every 10th pool image; the class errors and the learned predictors are fitted on the others): PSNR "
+    lines += ['', 'Validation split (every 10th pool image; the class errors and the learned predictors are fitted on '
+              f"the others): PSNR "
               f"(dB, tile errors summed per image; full network {report['full_psnr']['val']:.3f}) at each budget "
               f"(FLOPs share of the full network), and the FLOPs needed to come within {WITHIN_DB} dB of the full "
               'network (interpolated along each curve):', '',
