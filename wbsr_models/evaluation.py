@@ -52,13 +52,16 @@ def load_test_set(folder: str, scale: int, device: str = 'cpu', limit: Optional[
     return images
 
 
-def keep_freed_memory() -> bool:
+def keep_freed_memory(largest_block: int = 1 << 30) -> bool:
     """Ask glibc's allocator to keep freed memory for reuse instead of returning it to the system.
 
     By default glibc gives every freed block above its mmap threshold (at most 32 MB) back to the system, so
     the next image pays again for the page faults of fresh memory: here about a quarter of a whole-image pass of
-    the x4 SRResNet on a 256x170 LR image, on every mode alike. The command-line tools and benchmarks call
-    this once (it affects the whole process); it returns False where the allocator is not glibc's.
+    the x4 SRResNet on a 256x170 LR image, on every mode alike. Blocks up to ``largest_block`` bytes are then
+    kept; larger ones still go back. The benchmarks and the demo (small images, timed) keep every block up to
+    1 GB; ``wbsr-infer`` keeps blocks up to 32 MB, because on large images keeping everything raises the peak
+    (a 1024x1024 LR image with the reference checkpoint: 4278 MB with 1 GB, 2748 MB with 32 MB, 2402 MB with
+    glibc's default). It affects the whole process; it returns False where the allocator is not glibc's.
     """
     import ctypes
     import ctypes.util
@@ -69,7 +72,7 @@ def keep_freed_memory() -> bool:
         return False
     m_trim_threshold, m_top_pad, m_mmap_threshold = -1, -2, -3
     return all(bool(mallopt(option, value)) for option, value in
-               ((m_mmap_threshold, 1 << 30), (m_trim_threshold, 1 << 33), (m_top_pad, 1 << 28)))
+               ((m_mmap_threshold, int(largest_block)), (m_trim_threshold, 1 << 33), (m_top_pad, 1 << 28)))
 
 
 def run_timed(router: Router, lq: torch.Tensor, repeats: int = 1, **kwargs) -> tuple[RoutingResult, float]:

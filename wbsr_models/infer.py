@@ -348,7 +348,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         plan = plan_outputs(files, args.input, args.output, args.suffix, args.save_map)
         ensure_writable_dir(args.output, '-o')
         net, scale, projection = load_model(args.model, args.opt, device)
-        keep_freed_memory()  # one image after another: reuse memory instead of new page faults
+        keep_freed_memory(32 << 20)  # reuse memory across images; blocks over 32 MB go back (large inputs)
         check_network_flags(net, mode, args)
         options = RoutingOptions(mode=mode, scheme=args.scheme, tile_size=args.tile_size, patch_size=args.patch_size,
                                  step=args.step, batch_size=args.batch_size, budget=args.budget,
