@@ -509,7 +509,7 @@ def tile_size_sweep(net, scale: int, projection, data: str, sets: list[str], siz
 
 def main(argv: Optional[list] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument('--model', required=True)
+    parser.add_argument('--model', help='the checkpoint (not needed with --merge)')
     parser.add_argument('--data', default='datasets')
     parser.add_argument('--out', default='bench_out/benchmark')
     parser.add_argument('--sets', nargs='*', default=list(SETS), help='test sets (none: timing and costs only)')
@@ -532,6 +532,10 @@ def main(argv: Optional[list] = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(int(os.environ.get('OMP_NUM_THREADS', 2)))
     keep_freed_memory()  # every mode alike: no page faults of fresh memory on every image
+    if args.merge:
+        return merge_parts(args.merge, args.out)
+    if not args.model:
+        parser.error('--model is required (except with --merge)')
     os.makedirs(args.out, exist_ok=True)
     net, scale, projection = load_model(args.model)
     machine = (f'{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, '
@@ -544,8 +548,6 @@ def main(argv: Optional[list] = None) -> int:
             f.write(text)
         print(text)
         return 0
-    if args.merge:
-        return merge_parts(args.merge, args.out)
     part = tuple(int(v) for v in args.part.split('/')) if args.part else (0, 1)
     report: dict = {'model': args.model, 'machine': machine, 'sets': {}, 'part': list(part)}
     probe = Router(net, RoutingOptions(mode='wbsr', scheme='patches'), scale, projection)
