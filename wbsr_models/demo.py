@@ -200,7 +200,7 @@ def plot_curve(rows: list[dict], path: str, title: str) -> None:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--out', default='wbsr_demo', help='output folder (default: wbsr_demo)')
-    parser.add_argument('--iters', type=int, default=1000, help='training iterations (default: 1000)')
+    parser.add_argument('--iters', type=int, default=2500, help='training iterations (default: 2500)')
     parser.add_argument('--repeats', type=int, default=3, help='timed runs per image, median kept (default: 3)')
     args = parser.parse_args(argv)
     out = os.path.abspath(args.out)
