@@ -6,7 +6,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from wbsr_arch import WBSRSRResNet
 from wbsr_arch.supernet import TileAssignment
-from wbsr_arch.tiles import TileGrid, _rectangles, row_bands
+from wbsr_arch.tiles import Epilogue, TileGrid, _rectangles, row_bands
 
 from test_arch import randomise, tiny_rcan, tiny_srresnet
 
@@ -173,3 +173,10 @@ def test_indexed_and_per_segment_writes_agree(monkeypatch):
         monkeypatch.setattr(tiles, 'SEGMENT_LOOP_LIMIT', 0)
         indexed = net.forward_tiles(x, assign, tile_size=4).output
     assert (looped - indexed).abs().max().item() < 2e-6 * looped.abs().max().item()
+
+
+def test_an_accumulating_epilogue_takes_a_scale_only():
+    Epilogue(scale=0.1, accumulate=True)  # a scaled residual add: what the supernets use
+    for bad in ({'act': 'relu'}, {'shuffle': 2}):
+        with pytest.raises(ValueError, match='an accumulating epilogue takes a scale only'):
+            Epilogue(accumulate=True, **bad)

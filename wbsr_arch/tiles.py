@@ -321,6 +321,11 @@ class Epilogue:
     scale: float = 1.0
     accumulate: bool = False
 
+    def __post_init__(self) -> None:
+        # the two write paths (fused per segment, indexed) agree only for a plain scaled residual add
+        if self.accumulate and (self.act is not None or self.shuffle != 1):
+            raise ValueError('an accumulating epilogue takes a scale only (no activation, no pixel shuffle)')
+
     def apply(self, y: torch.Tensor) -> torch.Tensor:
         """The epilogue as tensor operations, everything but the write (or add)."""
         if self.act == 'relu':
