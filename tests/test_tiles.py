@@ -180,3 +180,30 @@ def test_an_accumulating_epilogue_takes_a_scale_only():
     for bad in ({'act': 'relu'}, {'shuffle': 2}):
         with pytest.raises(ValueError, match='an accumulating epilogue takes a scale only'):
             Epilogue(accumulate=True, **bad)
+
+
+@pytest.mark.parametrize('make', [tiny_srresnet, tiny_rcan])
+@pytest.mark.parametrize('indexed', [False, True])
+def test_no_uninitialised_feature_is_read(make, indexed, monkeypatch):
+    """Feature maps are left uninitialised where no convolution reads them (tile interiors beyond a tile's width,
+    tiles that stopped): with every new tensor filled with NaN, a mixed assignment gives the same finite image."""
+    import wbsr_arch.tiles as tiles
+    net = randomise(make(), seed=7)
+    x = torch.rand(1, 3, 37, 45)
+    assign = np.random.default_rng(3).integers(0, net.num_subnets, grid_shape(37, 45, 8))
+    if indexed:
+        monkeypatch.setattr(tiles, 'SEGMENT_LOOP_LIMIT', 0)
+    with torch.no_grad():
+        expected = net.forward_tiles(x, assign, tile_size=8).output
+        deterministic = torch.are_deterministic_algorithms_enabled()
+        fill = torch.utils.deterministic.fill_uninitialized_memory
+        torch.use_deterministic_algorithms(True)
+        torch.utils.deterministic.fill_uninitialized_memory = True
+        try:
+            assert torch.empty(4).isnan().all()  # the check below is meaningful
+            got = net.forward_tiles(x, assign, tile_size=8).output
+        finally:
+            torch.use_deterministic_algorithms(deterministic)
+            torch.utils.deterministic.fill_uninitialized_memory = fill
+    assert torch.isfinite(got).all()
+    assert (got - expected).abs().max().item() < 2e-6 * expected.abs().max().item()
