@@ -60,6 +60,13 @@ SWEEPS = {
                 ('routed + distill 1.0', {'split': True, 'train.wbsr.distill': 1.0}),
                 ('routed + distill 1.0, 2/3 of the iterations', {'split': True, 'train.wbsr.distill': 1.0,
                                                                  'iters_share': 2 / 3})],
+    # Why 'distill' collapsed: BDLoss is scaled like a squared error, whose gradient near a good fit is far smaller
+    # than L1's, so an L1 distillation term of weight 1 outweighs the ground truth. The same distillation with an L1
+    # pixel loss (equal gradient scales, as in BigNAS) and with a weight scaled down under BDLoss.
+    'distill_l1': [('routed, BDLoss', {'split': True}),
+                   ('routed, L1', {'split': True, 'train.pixel_opt': L1}),
+                   ('routed, L1 + distill 1.0', {'split': True, 'train.pixel_opt': L1, 'train.wbsr.distill': 1.0}),
+                   ('routed, BDLoss + distill 0.05', {'split': True, 'train.wbsr.distill': 0.05})],
     # the ablation's two extreme rows, three times longer
     'ablation_long': [('uniform + L1, 3x iterations', {'datasets.train.delta': 1.0, 'train.pixel_opt': L1,
                                                        'iters_share': 3}),
@@ -163,6 +170,8 @@ EVALUATIONS = {
     'tiles_sampling': [(name, key, options) for name in ('val291', 'B100', 'Urban100') for key, options in TILES_EVAL],
     'distill': [(name, key, options) for name in ('val291', 'B100', 'Urban100')
                 for key, options in TILES_EVAL + FIXED_EVAL],
+    'distill_l1': [('val291', key, options) for key, options in TILES_EVAL + FIXED_EVAL]
+    + [('B100', key, options) for key, options in TILES_EVAL],
     # per difficulty class: PSNR over the pixels of each class's tiles, Eq. 15 on tiles (see class_psnr)
     'ablation_long': [(name, key, options) for name in ('B100', 'Urban100') for key, options in ABLATION_EVAL],
     'ablation': [(name, key, options) for name in ('B100', 'Urban100') for key, options in ABLATION_EVAL],
@@ -202,7 +211,8 @@ def scheme_table(sweep: str, entries: list[dict], iters: int) -> list[str]:
              '| row | set | ' + ' | '.join(keys) + ' | train min |', '|---|---|' + '---|' * len(keys) + '---|']
     for e in entries:
         for name in sets:
-            cells = [f"{e[f'{name}/{k}']['psnr']:.3f} ({100 * e[f'{name}/{k}']['ratio_whole']:.0f}%)" for k in keys]
+            cells = [f"{e[f'{name}/{k}']['psnr']:.3f} ({100 * e[f'{name}/{k}']['ratio_whole']:.0f}%)"
+                     if f'{name}/{k}' in e else '-' for k in keys]
             lines.append(f"| {e['row']} | {name} | " + ' | '.join(cells) + f" | {e['train_minutes']:.1f} |")
     if any(key == 'classes' for _, key, _ in EVALUATIONS[sweep]):
         num = len(entries[0][f'{sets[0]}/classes']['class_psnr'])
