@@ -8,8 +8,9 @@ run as one batched convolution (:class:`TilePlan`, :func:`conv_tiles`).
 
 At its border, each convolution reads the neighbouring tiles' current features (a one-pixel halo, taken
 from the feature map of the whole image), never zero padding and never a recomputed overlap, so there is
-nothing to average. Features live in full-width maps that start at zero and that every tile writes only
-within its own width, so where neighbours differ the halo holds:
+nothing to average. Features live in full-width maps that every tile writes only within its own width; a
+tile's outermost pixels, which its neighbours' halos read, are zero beyond its width (nothing reads the rest
+of a tile beyond its width, which stays uninitialised). So where neighbours differ the halo holds:
 
 - from a *narrower* neighbour, its ``w`` channels and zeros beyond them: exactly what a width-``w``
   subnet has (it has no channels beyond ``w``);
