@@ -157,8 +157,8 @@ def train(opt: dict, run_dir: str) -> tuple[str, float]:
 # What each sweep's checkpoints are evaluated on: (set, key, routing options). The earlier sweeps used the patch
 # scheme (the only one then); 'tiles_sampling' compares sampling modes under both schemes, on the validation split
 # first.
-ABLATION_EVAL = (('wbsr patches', {'mode': 'wbsr', 'scheme': 'patches'}), ('full', {'mode': 'full'}),
-                 ('wbsr tiles', {'mode': 'wbsr', 'scheme': 'tiles'}), ('classes', {'mode': 'wbsr', 'scheme': 'tiles'}))
+ABLATION_EVAL = (('full', {'mode': 'full'}), ('wbsr tiles', {'mode': 'wbsr', 'scheme': 'tiles'}),
+                 ('classes', {'mode': 'wbsr', 'scheme': 'tiles'}))
 FIXED_EVAL = tuple((f'fixed {i}', {'mode': 'fixed', 'subnet': i}) for i in range(9))
 TILES_EVAL = (('full', {'mode': 'full'}), ('wbsr patches', {'mode': 'wbsr', 'scheme': 'patches'}),
               ('wbsr tiles', {'mode': 'wbsr', 'scheme': 'tiles'}),
