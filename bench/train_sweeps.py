@@ -65,8 +65,8 @@ SWEEPS = {
     # pixel loss (equal gradient scales, as in BigNAS) and with a weight scaled down under BDLoss.
     'distill_l1': [('routed, BDLoss', {'split': True}),
                    ('routed, L1', {'split': True, 'train.pixel_opt': L1}),
-                   ('routed, L1 + distill 1.0', {'split': True, 'train.pixel_opt': L1, 'train.wbsr.distill': 1.0}),
-                   ('routed, BDLoss + distill 0.05', {'split': True, 'train.wbsr.distill': 0.05})],
+                   ('routed, BDLoss + distill 0.05', {'split': True, 'train.wbsr.distill': 0.05}),
+                   ('routed, L1 + distill 1.0', {'split': True, 'train.pixel_opt': L1, 'train.wbsr.distill': 1.0})],
     # the ablation's two extreme rows, three times longer
     'ablation_long': [('uniform + L1, 3x iterations', {'datasets.train.delta': 1.0, 'train.pixel_opt': L1,
                                                        'iters_share': 3}),
