@@ -301,8 +301,9 @@ def gather(plan: TilePlan, fmap: torch.Tensor, group: TileGroup, segments: Seque
     """Tiles ``(n, channels, h + 2 halo, w + 2 halo)`` (channels-last) of a padded map, in segment order.
 
     Without autograd and with few segments, each rectangle of tiles is one strided copy; otherwise the tiles'
-    pixels are taken with one ``index_select`` (whose backward is one ``index_add_``), which moves memory at
-    about half the speed.
+    pixels are taken with one ``index_select`` (whose backward is one ``index_add_``). The strided copies run at
+    memory-copy speed; with the indexed gather and write everywhere, budget-0.7 routing of six Urban100 images
+    took about 10% longer.
     """
     rr, cr = group.row_run, group.col_run
     th, tw = rr.size * scale + 2 * halo, cr.size * scale + 2 * halo
