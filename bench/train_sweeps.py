@@ -60,9 +60,9 @@ SWEEPS = {
                 ('routed + distill 1.0', {'split': True, 'train.wbsr.distill': 1.0}),
                 ('routed + distill 1.0, 2/3 of the iterations', {'split': True, 'train.wbsr.distill': 1.0,
                                                                  'iters_share': 2 / 3})],
-    # Why 'distill' collapsed: BDLoss is scaled like a squared error, whose gradient near a good fit is far smaller
-    # than L1's, so an L1 distillation term of weight 1 outweighs the ground truth. The same distillation with an L1
-    # pixel loss (equal gradient scales, as in BigNAS) and with a weight scaled down under BDLoss.
+    # Tests whether 'distill' collapsed because of the loss scale (BDLoss is scaled like a squared error, whose
+    # gradient near a good fit is far smaller than an L1 term's): the same distillation with an L1 pixel loss (equal
+    # gradient scales, as in BigNAS) and with a 20x smaller weight under BDLoss. Both collapsed too (README).
     'distill_l1': [('routed, BDLoss', {'split': True}),
                    ('routed, L1', {'split': True, 'train.pixel_opt': L1}),
                    ('routed, BDLoss + distill 0.05', {'split': True, 'train.wbsr.distill': 0.05}),
