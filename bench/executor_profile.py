@@ -60,7 +60,8 @@ def main(argv: Optional[list] = None) -> int:
     images = [image.lq for image in load_test_set(os.path.join(args.data, 'Urban100'), scale, limit=args.images)]
     grids = [TileGrid.regular(x.shape[2], x.shape[3], args.tile_size) for x in images]
     area = sum(x.shape[2] * x.shape[3] for x in images)
-    flops_full = sum(net.subnet_flops(x.shape[-2:])[-1] for x in images)
+    flops = np.sum([net.subnet_flops(x.shape[-2:]) for x in images], axis=0, dtype=np.float64)
+    flops_full = flops[-1]
     rows = []
     with torch.no_grad():
         whole = []
@@ -68,9 +69,8 @@ def main(argv: Optional[list] = None) -> int:
             router = Router(net, RoutingOptions(mode='fixed', subnet=k), scale, projection)
             whole.append(split(lambda: [router(x) for x in images]))
         full = whole[-1][0]
-        flops = [sum(net.subnet_flops(x.shape[-2:])[k] for x in images) / flops_full for k in range(net.num_subnets)]
         for k, (w, d) in enumerate(net.subnets):
-            rows.append((f'whole image, w{w} d{d}', flops[k], whole[k], None))
+            rows.append((f'whole image, w{w} d{d}', flops[k] / flops_full, whole[k], None))
         assignments = [(f'tiles, all w{net.subnets[k][0]} d{net.subnets[k][1]}', [np.full(g.shape, k) for g in grids])
                        for k in (0, net.num_subnets - 1)]
         for budget in args.budgets:
