@@ -46,7 +46,7 @@ def test_amp_option_is_checked(tmp_path, data):
     with pytest.raises(ValueError) as err:
         build_model(model_options(tmp_path, data, wbsr={'ampp': True}))
     assert str(err.value) == ("train.wbsr: unknown option(s) ['ampp']; known: amp, subnet_sampling, sandwich_random, "
-                              "tile_size, distill")
+                              "tile_size, distill, distill_loss")
     with pytest.raises(ValueError) as err:
         build_model(model_options(tmp_path, data, wbsr={'amp': 'yes'}))
     assert str(err.value) == "train.wbsr.amp must be true or false, got 'yes'"

@@ -96,8 +96,9 @@ def test_tiles_plan_gives_each_tile_its_eq15_subnet_and_trains(tmp_path, data):
     assert fixed.training_plan(batch['lq'], 1)[1].subnets.shape == (4, 1, 1)  # one tile per crop: like routed
 
 
-def test_distillation_adds_a_detached_target_of_the_largest_subnet(tmp_path, data):
-    opt = model_options(tmp_path, data, wbsr={'subnet_sampling': 'routed', 'distill': 0.5})
+@pytest.mark.parametrize('kind', ['l1', 'mse'])
+def test_distillation_adds_a_detached_target_of_the_largest_subnet(tmp_path, data, kind):
+    opt = model_options(tmp_path, data, wbsr={'subnet_sampling': 'routed', 'distill': 0.5, 'distill_loss': kind})
     model = build_model(opt)
     batch = batch_of(opt)
     model.feed_data(batch)
@@ -114,7 +115,8 @@ def test_distillation_adds_a_detached_target_of_the_largest_subnet(tmp_path, dat
     model.optimize_parameters(1)
     log = model.get_current_log()
     assert model.cri_pix.forward is spy  # the model's own loss is back in place after the step
-    expected = torch.nn.functional.l1_loss(seen['output'].detach(), teacher).item()
+    difference = {'l1': torch.nn.functional.l1_loss, 'mse': torch.nn.functional.mse_loss}[kind]
+    expected = difference(seen['output'].detach(), teacher).item()
     assert log['l_distill'] == pytest.approx(expected, rel=1e-5) and expected > 0
 
     # gradients: only the trained subnets' parameters, through the student; the teacher is a constant
@@ -124,7 +126,7 @@ def test_distillation_adds_a_detached_target_of_the_largest_subnet(tmp_path, dat
     x = batch['lq'][:2]
     student = net(x, subnet=0)
     teacher = net(x, subnet=net.num_subnets - 1)
-    DistilledLoss(torch.nn.L1Loss(), teacher, 1.0)(student, torch.zeros_like(student)).backward()
+    DistilledLoss(torch.nn.L1Loss(), teacher, 1.0, kind)(student, torch.zeros_like(student)).backward()
     grads = {n: p.grad for n, p in net.named_parameters()}
     assert grads['body.3.conv1.weight'] is None  # subnet 0 has depth 1: the teacher's deeper blocks get nothing
     assert grads['conv_first.weight'][8:].abs().sum() == 0  # nor do its wider channels (subnet 0 has width 8)
@@ -138,6 +140,9 @@ def test_bad_wbsr_training_options(tmp_path, data):
         build_model(model_options(tmp_path, data, wbsr={'sandwich': 2}))
     with pytest.raises(ValueError, match='train.wbsr.distill must be >= 0'):
         build_model(model_options(tmp_path, data, wbsr={'distill': -1}))
+    with pytest.raises(ValueError) as err:
+        build_model(model_options(tmp_path, data, wbsr={'distill': 1, 'distill_loss': 'l2'}))
+    assert str(err.value) == "train.wbsr.distill_loss must be one of ['l1', 'mse'], got 'l2'"
 
 
 def test_checkpoint_carries_thresholds_and_loads_into_plain_basicsr(tmp_path, data):

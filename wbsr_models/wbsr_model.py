@@ -6,7 +6,8 @@ Only what differs from ``SRModel`` is overridden:
   plan on the network, and runs ``SRModel.optimize_parameters`` unchanged. The choice comes from a
   generator seeded by ``manual_seed`` and the iteration (``flops_squared``, ``sandwich``) or from each
   sample's (``routed``) or tile's (``tiles``) difficulty. With ``train: wbsr: distill``, the largest
-  subnet's detached output on the same batch is an extra L1 target (in-place distillation).
+  subnet's detached output on the same batch is an extra target (in-place distillation), through an L1 or a
+  squared-error term (``train: wbsr: distill_loss``).
   HES datasets learn the iteration from BasicSR's ``BaseModel`` itself (:mod:`wbsr_data.hes_dataset`),
   as under any BasicSR model; the model also reports it after each step, for loops that call
   ``optimize_parameters`` without ``update_learning_rate``.
@@ -59,17 +60,24 @@ SUBNET_SAMPLING = ('flops_squared', 'sandwich', 'routed', 'tiles', 'full')
 CHECKPOINT_FORMAT = 1
 
 
-class DistilledLoss(torch.nn.Module):
-    """``pixel_loss(output, gt) + weight * L1(output, teacher)``: in-place distillation (universally slimmable
-    networks, BigNAS) on top of the model's pixel loss; the teacher is a detached output of the largest subnet."""
+DISTILL_LOSSES = {'l1': torch.nn.functional.l1_loss, 'mse': torch.nn.functional.mse_loss}
 
-    def __init__(self, pixel_loss: torch.nn.Module, teacher: torch.Tensor, weight: float) -> None:
+
+class DistilledLoss(torch.nn.Module):
+    """``pixel_loss(output, gt) + weight * D(output, teacher)``: in-place distillation (universally slimmable
+    networks, BigNAS) on top of the model's pixel loss; the teacher is a detached output of the largest subnet and
+    ``D`` the mean absolute (``'l1'``) or squared (``'mse'``) difference."""
+
+    def __init__(self, pixel_loss: torch.nn.Module, teacher: torch.Tensor, weight: float, kind: str = 'l1') -> None:
         super().__init__()
+        if kind not in DISTILL_LOSSES:
+            raise ValueError(f'train.wbsr.distill_loss must be one of {sorted(DISTILL_LOSSES)}, got {kind!r}')
         self.pixel_loss, self.teacher, self.weight = pixel_loss, teacher.detach(), float(weight)
+        self.difference = DISTILL_LOSSES[kind]
         self.last_distill = float('nan')
 
     def forward(self, output: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
-        distill = torch.nn.functional.l1_loss(output, self.teacher)
+        distill = self.difference(output, self.teacher)
         self.last_distill = float(distill.detach())
         return self.pixel_loss(output, gt) + self.weight * distill
 
@@ -83,12 +91,16 @@ class WBSRModel(SRModel):
         self.sandwich_random = int(wbsr_opt.pop('sandwich_random', 2))
         tile_size = wbsr_opt.pop('tile_size', None)
         self.distill = float(wbsr_opt.pop('distill', 0.0))
+        self.distill_loss = str(wbsr_opt.pop('distill_loss', 'l1'))
         self.amp = wbsr_opt.pop('amp', False)
         if wbsr_opt:
             raise ValueError(f'train.wbsr: unknown option(s) {sorted(wbsr_opt)}; known: amp, subnet_sampling, '
-                             'sandwich_random, tile_size, distill')
+                             'sandwich_random, tile_size, distill, distill_loss')
         if self.distill < 0:
             raise ValueError(f'train.wbsr.distill must be >= 0, got {self.distill}')
+        if self.distill_loss not in DISTILL_LOSSES:
+            raise ValueError(f'train.wbsr.distill_loss must be one of {sorted(DISTILL_LOSSES)}, '
+                             f'got {self.distill_loss!r}')
         if not isinstance(self.amp, bool):
             raise ValueError(f'train.wbsr.amp must be true or false, got {self.amp!r}')
         self.grad_scaler: Optional[torch.amp.GradScaler] = None
@@ -226,7 +238,7 @@ class WBSRModel(SRModel):
             # target of the subnets being trained (its own samples, if any, gain nothing from it)
             with torch.no_grad():
                 teacher = self.bare_net(self.lq, subnet=self.num_subnets - 1)
-            self.cri_pix = DistilledLoss(pixel_loss, teacher, self.distill)
+            self.cri_pix = DistilledLoss(pixel_loss, teacher, self.distill, self.distill_loss)
         if subnets is not None:
             self.bare_net.set_subnet(subnets)
         try:
