@@ -241,7 +241,8 @@ def set_section(name: str, entry: dict, out: str) -> list[str]:
 
 
 def merge_parts(folders: list[str], out: str) -> int:
-    """Combine the ``benchmark.json`` of ``--part`` runs (means weighted by their numbers of images)."""
+    """Combine the ``benchmark.json`` of ``--part`` runs (means weighted by their numbers of images). A folder may
+    also hold an earlier merge (its sets list the parts they were made of), so that parts run later complete it."""
     parts = []
     for folder in folders:
         with open(os.path.join(folder, 'benchmark.json')) as f:
@@ -252,7 +253,8 @@ def merge_parts(folders: list[str], out: str) -> int:
           f"split between single-thread processes, `--part`).\n", HEADER]
     for name in dict.fromkeys(name for p in parts for name in p['sets']):
         having = [p for p in parts if name in p['sets']]
-        slices = [tuple(p['part']) for p in having]
+        slices = [tuple(s) for p in having for s in (p['sets'][name]['parts'] if 'parts' in p['sets'][name]
+                                                     else [p['part']])]
         # parts K/N and K'/N' overlap where K = K' mod gcd(N, N')
         if any(a[0] % np.gcd(a[1], b[1]) == b[0] % np.gcd(a[1], b[1]) for i, a in enumerate(slices)
                for b in slices[i + 1:]):
@@ -261,6 +263,10 @@ def merge_parts(folders: list[str], out: str) -> int:
             raise SystemExit(f'--merge: the parts of {name} are of different models')
         report['sets'][name] = {'parts': slices}
         entries = [p['sets'][name] for p in having]
+        rows = [sorted(e['summary']) for e in entries]
+        if any(r != rows[0] for r in rows):
+            raise SystemExit(f'--merge: the parts of {name} hold different rows: '
+                             f'{sorted(set().union(*rows) - set(rows[0]).intersection(*rows))} not in all of them')
         weights = np.array([e['images'] for e in entries], dtype=np.float64)
 
         def mean(rows: list[dict]) -> dict:

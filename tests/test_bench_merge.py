@@ -1,0 +1,68 @@
+"""bench/benchmark.py --merge: parts run later complete an earlier merge; overlapping or mismatched parts are refused."""
+import copy
+import json
+import sys
+
+import pytest
+
+from conftest import REPO
+
+sys.path.insert(0, str(REPO / 'bench'))
+import benchmark  # noqa: E402
+
+
+def _report(folder, sets, part=None):
+    folder.mkdir()
+    report = {'model': 'net.pth', 'machine': 'x86_64, 1 threads', 'sets': sets}
+    if part is not None:
+        report['part'] = part
+    (folder / 'benchmark.json').write_text(json.dumps(report))
+    return str(folder)
+
+
+@pytest.fixture
+def urban():
+    """The committed benchmark's Urban100 entry: an earlier merge of parts 0/4 and 2/4, 50 images."""
+    with open(REPO / 'bench' / 'results' / 'benchmark.json') as f:
+        entry = json.load(f)['sets']['Urban100']
+    assert entry['parts'] == [[0, 4], [2, 4]] and entry['images'] == 50
+    return entry
+
+
+def _shifted(entry, images, shift):
+    """A part of ``images`` images whose every PSNR is ``shift`` dB above ``entry``'s."""
+    part = copy.deepcopy(entry)
+    for key in ('parts', 'lowest_budget_within_0.05dB'):
+        part.pop(key, None)
+    part['images'] = images
+    for row in part['summary'].values():
+        row['psnr'] += shift
+    return part
+
+
+def test_later_parts_complete_an_earlier_merge(tmp_path, urban):
+    merged = _report(tmp_path / 'merged', {'Urban100': urban})
+    one = _report(tmp_path / 'one', {'Urban100': _shifted(urban, 25, 0.4)}, part=[1, 4])
+    three = _report(tmp_path / 'three', {'Urban100': _shifted(urban, 25, 0.0)}, part=[3, 4])
+    assert benchmark.merge_parts([merged, one, three], str(tmp_path / 'out')) == 0
+    out = json.loads((tmp_path / 'out' / 'benchmark.json').read_text())['sets']['Urban100']
+    assert out['images'] == 100
+    assert sorted(map(tuple, out['parts'])) == [(0, 4), (1, 4), (2, 4), (3, 4)]
+    # means weighted by images: 50 at +0, 25 at +0.4, 25 at +0 -> +0.1
+    assert out['summary']['full']['psnr'] == pytest.approx(urban['summary']['full']['psnr'] + 0.1)
+    assert out['summary']['full']['images'] == 100
+    md = (tmp_path / 'out' / 'benchmark.md').read_text()
+    assert '## Urban100 x4, 100 images\n' in md  # no longer called a subset
+    assert (tmp_path / 'out' / 'curve_Urban100.png').stat().st_size > 0
+
+
+def test_merge_refuses_overlapping_or_mismatched_parts(tmp_path, urban):
+    merged = _report(tmp_path / 'merged', {'Urban100': urban})
+    again = _report(tmp_path / 'again', {'Urban100': _shifted(urban, 25, 0.0)}, part=[2, 4])
+    with pytest.raises(SystemExit, match=r'the parts of Urban100 overlap: \[\(0, 4\), \(2, 4\), \(2, 4\)\]'):
+        benchmark.merge_parts([merged, again], str(tmp_path / 'out'))
+    fewer = _shifted(urban, 25, 0.0)
+    del fewer['summary']['tiles: oracle 0.2']
+    other = _report(tmp_path / 'other', {'Urban100': fewer}, part=[1, 4])
+    with pytest.raises(SystemExit, match=r"the parts of Urban100 hold different rows: \['tiles: oracle 0.2'\]"):
+        benchmark.merge_parts([merged, other], str(tmp_path / 'out'))
