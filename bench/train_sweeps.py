@@ -67,6 +67,13 @@ SWEEPS = {
                    ('routed, L1', {'split': True, 'train.pixel_opt': L1}),
                    ('routed, BDLoss + distill 0.05', {'split': True, 'train.wbsr.distill': 0.05}),
                    ('routed, L1 + distill 1.0', {'split': True, 'train.pixel_opt': L1, 'train.wbsr.distill': 1.0})],
+    # The L1 distillation term drifted the shared parameters (README); a squared-error term, at the same scale as BDLoss
+    # (weight 1), at the same iterations and at about the same training time (2/3 of the iterations)
+    'distill_mse': [('routed, BDLoss', {'split': True}),
+                    ('routed, BDLoss + distill mse 1.0', {'split': True, 'train.wbsr.distill': 1.0,
+                                                          'train.wbsr.distill_loss': 'mse'}),
+                    ('routed, BDLoss + distill mse 1.0, 2/3 of the iterations',
+                     {'split': True, 'train.wbsr.distill': 1.0, 'train.wbsr.distill_loss': 'mse', 'iters_share': 2 / 3})],
     # the ablation's two extreme rows, three times longer
     'ablation_long': [('uniform + L1, 3x iterations', {'datasets.train.delta': 1.0, 'train.pixel_opt': L1,
                                                        'iters_share': 3}),
@@ -172,6 +179,8 @@ EVALUATIONS = {
                 for key, options in TILES_EVAL + FIXED_EVAL],
     'distill_l1': [('val291', key, options) for key, options in TILES_EVAL + FIXED_EVAL]
     + [('B100', key, options) for key, options in TILES_EVAL],
+    'distill_mse': [('val291', key, options) for key, options in TILES_EVAL + FIXED_EVAL]
+    + [('B100', key, options) for key, options in TILES_EVAL + FIXED_EVAL],
     # per difficulty class: PSNR over the pixels of each class's tiles, Eq. 15 on tiles (see class_psnr)
     'ablation_long': [(name, key, options) for name in ('B100', 'Urban100') for key, options in ABLATION_EVAL],
     'ablation': [(name, key, options) for name in ('B100', 'Urban100') for key, options in ABLATION_EVAL],
