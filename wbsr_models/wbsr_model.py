@@ -6,8 +6,8 @@ Only what differs from ``SRModel`` is overridden:
   plan on the network, and runs ``SRModel.optimize_parameters`` unchanged. The choice comes from a
   generator seeded by ``manual_seed`` and the iteration (``flops_squared``, ``sandwich``) or from each
   sample's (``routed``) or tile's (``tiles``) difficulty. With ``train: wbsr: distill``, the largest
-  subnet's detached output on the same batch is an extra target (in-place distillation), through an L1 or a
-  squared-error term (``train: wbsr: distill_loss``).
+  subnet's detached output on the same batch is an extra target (in-place distillation), through a
+  squared-error (default) or an L1 term (``train: wbsr: distill_loss``; the L1 term collapsed training).
   HES datasets learn the iteration from BasicSR's ``BaseModel`` itself (:mod:`wbsr_data.hes_dataset`),
   as under any BasicSR model; the model also reports it after each step, for loops that call
   ``optimize_parameters`` without ``update_learning_rate``.
@@ -68,7 +68,7 @@ class DistilledLoss(torch.nn.Module):
     networks, BigNAS) on top of the model's pixel loss; the teacher is a detached output of the largest subnet and
     ``D`` the mean absolute (``'l1'``) or squared (``'mse'``) difference."""
 
-    def __init__(self, pixel_loss: torch.nn.Module, teacher: torch.Tensor, weight: float, kind: str = 'l1') -> None:
+    def __init__(self, pixel_loss: torch.nn.Module, teacher: torch.Tensor, weight: float, kind: str = 'mse') -> None:
         super().__init__()
         if kind not in DISTILL_LOSSES:
             raise ValueError(f'train.wbsr.distill_loss must be one of {sorted(DISTILL_LOSSES)}, got {kind!r}')
@@ -91,7 +91,7 @@ class WBSRModel(SRModel):
         self.sandwich_random = int(wbsr_opt.pop('sandwich_random', 2))
         tile_size = wbsr_opt.pop('tile_size', None)
         self.distill = float(wbsr_opt.pop('distill', 0.0))
-        self.distill_loss = str(wbsr_opt.pop('distill_loss', 'l1'))
+        self.distill_loss = str(wbsr_opt.pop('distill_loss', 'mse'))
         self.amp = wbsr_opt.pop('amp', False)
         if wbsr_opt:
             raise ValueError(f'train.wbsr: unknown option(s) {sorted(wbsr_opt)}; known: amp, subnet_sampling, '
