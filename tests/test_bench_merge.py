@@ -22,11 +22,12 @@ def _report(folder, sets, part=None):
 
 @pytest.fixture
 def urban():
-    """The committed benchmark's Urban100 entry: an earlier merge of parts 0/4 and 2/4, 50 images."""
+    """The committed benchmark's Urban100 entry (real rows), labelled as an earlier merge of parts 0/4 and 2/4 of 50
+    images."""
     with open(REPO / 'bench' / 'results' / 'benchmark.json') as f:
         entry = json.load(f)['sets']['Urban100']
-    assert entry['parts'] == [[0, 4], [2, 4]] and entry['images'] == 50
-    return entry
+    entry.pop('lowest_budget_within_0.05dB', None)
+    return {**entry, 'parts': [[0, 4], [2, 4]], 'images': 50}
 
 
 def _shifted(entry, images, shift):
