@@ -36,7 +36,7 @@ import time
 from collections import OrderedDict
 from copy import deepcopy
 from os import path as osp
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -63,6 +63,13 @@ CHECKPOINT_FORMAT = 1
 DISTILL_LOSSES = {'l1': torch.nn.functional.l1_loss, 'mse': torch.nn.functional.mse_loss}
 
 
+def distill_difference(kind: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The distillation term named by ``train.wbsr.distill_loss``."""
+    if kind not in DISTILL_LOSSES:
+        raise ValueError(f'train.wbsr.distill_loss must be one of {sorted(DISTILL_LOSSES)}, got {kind!r}')
+    return DISTILL_LOSSES[kind]
+
+
 class DistilledLoss(torch.nn.Module):
     """``pixel_loss(output, gt) + weight * D(output, teacher)``: in-place distillation (universally slimmable
     networks, BigNAS) on top of the model's pixel loss; the teacher is a detached output of the largest subnet and
@@ -70,10 +77,8 @@ class DistilledLoss(torch.nn.Module):
 
     def __init__(self, pixel_loss: torch.nn.Module, teacher: torch.Tensor, weight: float, kind: str = 'mse') -> None:
         super().__init__()
-        if kind not in DISTILL_LOSSES:
-            raise ValueError(f'train.wbsr.distill_loss must be one of {sorted(DISTILL_LOSSES)}, got {kind!r}')
         self.pixel_loss, self.teacher, self.weight = pixel_loss, teacher.detach(), float(weight)
-        self.difference = DISTILL_LOSSES[kind]
+        self.difference = distill_difference(kind)
         self.last_distill = float('nan')
 
     def forward(self, output: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
@@ -98,9 +103,7 @@ class WBSRModel(SRModel):
                              'sandwich_random, tile_size, distill, distill_loss')
         if self.distill < 0:
             raise ValueError(f'train.wbsr.distill must be >= 0, got {self.distill}')
-        if self.distill_loss not in DISTILL_LOSSES:
-            raise ValueError(f'train.wbsr.distill_loss must be one of {sorted(DISTILL_LOSSES)}, '
-                             f'got {self.distill_loss!r}')
+        distill_difference(self.distill_loss)  # a bad name fails here, not at the first distillation step
         if not isinstance(self.amp, bool):
             raise ValueError(f'train.wbsr.amp must be true or false, got {self.amp!r}')
         self.grad_scaler: Optional[torch.amp.GradScaler] = None
