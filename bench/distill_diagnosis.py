@@ -35,6 +35,11 @@ RUNS = {'no distillation': {'split': True},
 LAYERS = ('conv_first.weight', 'body.0.conv2.weight', 'conv_hr.weight', 'conv_last.weight')
 
 
+def iteration(path: str) -> int:
+    """The iteration of a BasicSR checkpoint ``.../net_g_<iteration>.pth``."""
+    return int(path.rsplit('_', 1)[1][:-4])
+
+
 def psnr(sr: torch.Tensor, gt: torch.Tensor) -> float:
     return float(10 * torch.log10(1 / (sr.clamp(0, 1) - gt)[..., 4:-4, 4:-4].pow(2).mean()))
 
@@ -99,31 +104,31 @@ def main() -> int:
             lambda label: train(options[label], os.path.join(out, 'runs', run_key(options[label])))[0], options)))
     torch.set_num_threads(int(os.environ.get('OMP_NUM_THREADS', 2)))
     images = load_test_set(os.path.join(data, 'val291'), 4)
-    lines = [f'# Distillation diagnosis\n\n`python bench/distill_diagnosis.py --iters {args.iters}`: the sweeps\' recipe '
-             '(BDLoss, `routed`), RGB PSNR (dB, 4-pixel border) on the first six val291 images.\n',
-             '| run | iteration | largest subnet | largest, output bias removed | smallest subnet | output bias (RGB) |',
+    lines = [f'# Distillation diagnosis\n\n`python bench/distill_diagnosis.py --iters {args.iters}`: '
+             "the sweeps' recipe (BDLoss, `routed`), RGB PSNR (dB, 4-pixel border) on the first six val291 images.\n",
+             '| run | iteration | largest subnet | largest, output bias removed | smallest subnet '
+             '| output bias (RGB) |',
              '|---|---|---|---|---|---|']
     for label, checkpoint in checkpoints.items():
         folder = os.path.dirname(checkpoint)
-        saved = sorted(glob.glob(os.path.join(folder, 'net_g_[0-9]*.pth')),
-                       key=lambda p: int(p.rsplit('_', 1)[1][:-4]))
+        saved = sorted(glob.glob(os.path.join(folder, 'net_g_[0-9]*.pth')), key=iteration)
         for path in saved:
             seen = look(path, images[:6])
             last = max(k for k in seen if k != 'bias')
-            lines.append(f"| {label} | {path.rsplit('_', 1)[1][:-4]} | {seen[last][0]:.3f} | {seen[last][1]:.3f} | "
+            lines.append(f"| {label} | {iteration(path)} | {seen[last][0]:.3f} | {seen[last][1]:.3f} | "
                          f"{seen[0][0]:.3f} | " + ', '.join(f'{b:+.4f}' for b in seen['bias']) + ' |')
             print(lines[-1], flush=True)
-    lines += ['', 'Run without distillation: |gradient of L1(student, teacher)| / |gradient of L1(student, ground truth)| '
-              'per shared layer, 16 val291 crops of 16 x 16 LR:', '', '| iteration | student | ' + ' | '.join(LAYERS)
-              + ' |', '|---|---|' + '---|' * len(LAYERS)]
+    lines += ['', 'Run without distillation: |gradient of L1(student, teacher)| / '
+              '|gradient of L1(student, ground truth)| per shared layer, 16 val291 crops of 16 x 16 LR:', '',
+              '| iteration | student | ' + ' | '.join(LAYERS) + ' |', '|---|---|' + '---|' * len(LAYERS)]
     folder = os.path.dirname(checkpoints['no distillation'])
-    for iteration in (100, args.iters - args.iters % 100):
-        path = os.path.join(folder, f'net_g_{iteration}.pth')
+    for at in (100, args.iters - args.iters % 100):
+        path = os.path.join(folder, f'net_g_{at}.pth')
         if not os.path.isfile(path):
             continue
         rows = gradient_ratios(path, images)
         for k in dict.fromkeys(r[0] for r in rows):
-            lines.append(f'| {iteration} | subnet {k} | ' + ' | '.join(f'{r[2]:.1f}' for r in rows if r[0] == k) + ' |')
+            lines.append(f'| {at} | subnet {k} | ' + ' | '.join(f'{r[2]:.1f}' for r in rows if r[0] == k) + ' |')
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, 'distill_diagnosis.md'), 'w') as f:
         f.write('\n'.join(lines) + '\n')

@@ -133,16 +133,17 @@ def main(argv=None) -> int:
     target = full_psnr - WITHIN_DB
     point = {name: flops_at(table[name], target) for name in rows}
     report = {'images': int(len(np.unique(data['image']))), 'tiles': int(len(classes)), 'left_out': left_out,
-              'block': BLOCK,
-              'full_psnr': full_psnr, 'allocations': table, f'flops_within_{WITHIN_DB}dB': point}
-    honest, in_sample = point['oracle, chooses on the other half'], point['oracle, chooses on the scored half (in-sample)']
+              'block': BLOCK, 'full_psnr': full_psnr, 'allocations': table, f'flops_within_{WITHIN_DB}dB': point}
+    honest = point['oracle, chooses on the other half']
+    in_sample = point['oracle, chooses on the scored half (in-sample)']
     calibrated = point['calibrated (class errors of the choosing half)']
     lines = [f"# How much of the oracle's lead is reachable\n\nModel `{args.model}`, {report['images']} pool images, "
-             f"{report['tiles']} tiles of {args.tile_size}x{args.tile_size} LR (left out: {left_out['tiles']} edge tiles "
-             f"of {left_out['lr_pixels']:.0f} LR pixels in all, inside one square); each tile's HR pixels split into two "
-             f'halves (checkerboard of {BLOCK}x{BLOCK} squares). PSNR (dB) on the scored half, tile errors summed per '
-             f'image, mean of the two directions (full network {full_psnr:.3f}), at each budget (FLOPs share of the full '
-             f'network), and the FLOPs needed to come within {WITHIN_DB} dB of the full network (interpolated):', '',
+             f"{report['tiles']} tiles of {args.tile_size}x{args.tile_size} LR (left out: {left_out['tiles']} edge "
+             f"tiles of {left_out['lr_pixels']:.0f} LR pixels in all, inside one square); each tile's HR pixels split "
+             f'into two halves (checkerboard of {BLOCK}x{BLOCK} squares). PSNR (dB) on the scored half, tile errors '
+             f'summed per image, mean of the two directions (full network {full_psnr:.3f}), at each budget (FLOPs '
+             f'share of the full network), and the FLOPs needed to come within {WITHIN_DB} dB of the full network '
+             '(interpolated):', '',
              '| allocation | ' + ' | '.join(f'budget {b}' for b in SHOWN) + f' | FLOPs at -{WITHIN_DB} dB |',
              '|---|' + '---|' * (len(SHOWN) + 1)]
     for name in rows:

@@ -73,7 +73,8 @@ SWEEPS = {
                     ('routed, BDLoss + distill mse 1.0', {'split': True, 'train.wbsr.distill': 1.0,
                                                           'train.wbsr.distill_loss': 'mse'}),
                     ('routed, BDLoss + distill mse 1.0, 2/3 of the iterations',
-                     {'split': True, 'train.wbsr.distill': 1.0, 'train.wbsr.distill_loss': 'mse', 'iters_share': 2 / 3})],
+                     {'split': True, 'train.wbsr.distill': 1.0, 'train.wbsr.distill_loss': 'mse',
+                      'iters_share': 2 / 3})],
     # the ablation's two extreme rows, three times longer
     'ablation_long': [('uniform + L1, 3x iterations', {'datasets.train.delta': 1.0, 'train.pixel_opt': L1,
                                                        'iters_share': 3}),

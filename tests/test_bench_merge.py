@@ -1,4 +1,5 @@
-"""bench/benchmark.py --merge: parts run later complete an earlier merge; overlapping or mismatched parts are refused."""
+"""bench/benchmark.py --merge: parts run later complete an earlier merge; overlapping or mismatched parts are
+refused."""
 import copy
 import json
 import sys
