@@ -207,3 +207,52 @@ def test_no_uninitialised_feature_is_read(make, indexed, monkeypatch):
             torch.utils.deterministic.fill_uninitialized_memory = fill
     assert torch.isfinite(got).all()
     assert (got - expected).abs().max().item() < 2e-6 * expected.abs().max().item()
+
+
+@pytest.mark.parametrize('scale', [2, 3, 4])
+@pytest.mark.parametrize('size,tile', [((37, 45), 8), ((20, 33), 7), ((9, 40), 4)])
+def test_store_and_map_executors_give_the_same_image_and_flops(scale, size, tile):
+    """Inference runs on per-tile stores with a halo exchange, training on whole-image maps: same image, same FLOPs,
+    for per-sample mixed assignments, sizes that are not multiples of the tile, and with bands."""
+    net = randomise(tiny_srresnet(scale), seed=scale)
+    x = torch.rand(2, 3, *size)
+    assign = np.random.default_rng(size[0]).integers(0, 9, (2, *grid_shape(*size, tile)))
+    with torch.no_grad():
+        for max_pixels in (None, 64):
+            net.tile_executor = 'maps'
+            maps = net.forward_tiles(x, assign, tile_size=tile, max_pixels=max_pixels)
+            net.tile_executor = 'auto'
+            stores = net.forward_tiles(x, assign, tile_size=tile, max_pixels=max_pixels)
+            assert (stores.output - maps.output).abs().max().item() < 2e-6 * maps.output.abs().max().item()
+            assert stores.flops == maps.flops
+
+
+@pytest.mark.parametrize('broken', ['run', 'clear'])
+def test_store_executor_needs_its_halo_exchange(broken, monkeypatch):
+    """The comparison above sees a halo that is not refreshed, or an inner activation of a stopped tile that is
+    not cleared: without either step the image moves far beyond float rounding."""
+    import wbsr_arch.tile_store as tile_store
+    net = randomise(tiny_srresnet(), seed=8)
+    x = torch.rand(1, 3, 37, 45)
+    assign = np.random.default_rng(4).integers(0, 9, grid_shape(37, 45, 8))
+    with torch.no_grad():
+        net.tile_executor = 'maps'
+        expected = net.forward_tiles(x, assign, tile_size=8).output
+        net.tile_executor = 'auto'
+        monkeypatch.setattr(tile_store.Exchange, broken, lambda *args: None)
+        got = net.forward_tiles(x, assign, tile_size=8).output
+    # (without the exchange the rings are uninitialised memory: zeros, or garbage that may be NaN)
+    assert not ((got - expected).abs() <= 1e-3 * expected.abs().max().item()).all()
+
+
+def test_store_executor_is_for_inference_and_checks_its_option():
+    net = tiny_srresnet()
+    x = torch.rand(1, 3, 16, 16)
+    assert not net._tile_stores(x)  # parameters that need a gradient: training keeps the map executor
+    with torch.no_grad():
+        assert net._tile_stores(x)
+        net.tile_executor = 'maps'
+        assert not net._tile_stores(x)
+        net.tile_executor = 'stores'
+        with pytest.raises(ValueError, match="tile_executor must be 'auto' or 'maps', got 'stores'"):
+            net.forward_tiles(x, np.zeros((2, 2), int), tile_size=8)

@@ -10,6 +10,7 @@ from torch.nn import functional as F
 from basicsr.archs.srresnet_arch import MSRResNet
 
 from .supernet import SupernetMixin, check_choices, sliced_conv
+from .tile_store import Exchange, StoreLayout, conv_stores
 from .tiles import Epilogue, FlopCount, TilePlan, conv_tiles, new_map, zero_tiles
 
 SUPPORTED_SCALES = (2, 3, 4)
@@ -70,6 +71,8 @@ class WBSRSRResNet(SupernetMixin, MSRResNet):
         return 2 * depth  # two 3x3 convolutions per residual block after conv_first
 
     def _trunk_tiles(self, plan: TilePlan, xmap: torch.Tensor, counter: FlopCount) -> torch.Tensor:
+        if self._tile_stores(xmap):
+            return self._trunk_stores(plan, xmap, counter)
         feat = new_map(plan, self.num_feat, 1, xmap)
         conv_tiles(plan, xmap, feat, self.conv_first, counter, in_channels=lambda w: xmap.shape[1], epilogue=LRELU)
         mid = new_map(plan, self.num_feat, 1, xmap)
@@ -83,7 +86,33 @@ class WBSRSRResNet(SupernetMixin, MSRResNet):
                        epilogue=Epilogue(scale=block.res_scale, accumulate=True))
         return feat
 
+    def _trunk_stores(self, plan: TilePlan, xmap: torch.Tensor, counter: FlopCount) -> torch.Tensor:
+        """:meth:`_trunk_tiles` on stores (:mod:`wbsr_arch.tile_store`): the same features, without autograd."""
+        layout = StoreLayout(plan, by_depth=True)
+        exchange = Exchange(layout, 1)
+        every = layout.sizes()
+        feat = layout.new_stores(1, lambda w: w, xmap)
+        mid = layout.new_stores(1, lambda w: w, xmap)
+        feat_edges, mid_edges = exchange.buffer(self.num_feat, xmap), exchange.buffer(self.num_feat, xmap)
+        conv_stores(layout, layout.gather(xmap, 1, lambda w: xmap.shape[1]), feat, self.conv_first, counter, every,
+                    in_channels=lambda w: xmap.shape[1], epilogue=LRELU)
+        changed = every
+        for b, block in enumerate(self.body[:int(plan.depths.max())]):
+            active = layout.active(b)
+            exchange.run(feat, feat_edges, changed, active)
+            exchange.clear(mid_edges, active, changed)  # tiles that stopped: their inner activation reads as zero
+            conv_stores(layout, feat, mid, block.conv1, counter, active, epilogue=RELU)
+            exchange.run(mid, mid_edges, active, active)
+            conv_stores(layout, mid, feat, block.conv2, counter, active,
+                        epilogue=Epilogue(scale=block.res_scale, accumulate=True))
+            changed = active
+        fmap = new_map(plan, self.num_feat, 1, xmap)
+        layout.scatter(feat, fmap, 1)
+        return fmap
+
     def _head_tiles(self, plan: TilePlan, feat: torch.Tensor, counter: FlopCount) -> torch.Tensor:
+        if self._tile_stores(feat):
+            return self._head_stores(plan, feat, counter)
         s = self.upscale
         steps = [(self.upconv1, 2), (self.upconv2, 2)] if s == 4 else [(self.upconv1, s)]
         cur, at = feat, 1
@@ -97,6 +126,32 @@ class WBSRSRResNet(SupernetMixin, MSRResNet):
         del cur
         out = new_map(plan, self.num_out_ch, s, feat)
         conv_tiles(plan, hr, out, self.conv_last, counter, scale=s, out_channels=lambda w: self.num_out_ch)
+        return out[:, :, 1:-1, 1:-1]
+
+    def _head_stores(self, plan: TilePlan, feat: torch.Tensor, counter: FlopCount) -> torch.Tensor:
+        """:meth:`_head_tiles` on stores (:mod:`wbsr_arch.tile_store`)."""
+        s = self.upscale
+        steps = [(self.upconv1, 2), (self.upconv2, 2)] if s == 4 else [(self.upconv1, s)]
+        layout = StoreLayout(plan, by_depth=False)
+        every = layout.sizes()
+        cur, at = layout.gather(feat, 1, lambda w: w), 1
+        exchanges = {}
+        for conv, r in steps + [(self.conv_hr, 1)]:
+            at *= r
+            nxt = layout.new_stores(at, lambda w: w, feat)
+            conv_stores(layout, cur, nxt, conv, counter, every, out_channels=lambda w, r=r: r * r * w,
+                        epilogue=Epilogue(act='lrelu', shuffle=r))
+            if at not in exchanges:  # one exchange and edge buffer per scale, shared by its convolutions
+                exchange = Exchange(layout, at)
+                exchanges[at] = exchange, exchange.buffer(self.num_feat, feat)
+            exchange, edges = exchanges[at]
+            exchange.run(nxt, edges, every, every)
+            cur = nxt
+        out = new_map(plan, self.num_out_ch, s, feat)
+        last = layout.new_stores(s, lambda w: self.num_out_ch, feat, ring=False)
+        conv_stores(layout, cur, last, self.conv_last, counter, every, out_channels=lambda w: self.num_out_ch,
+                    interior=False)
+        layout.scatter(last, out, s, interior=False)
         return out[:, :, 1:-1, 1:-1]
 
     def _tile_output(self, x: torch.Tensor, y: torch.Tensor, a: int, b: int) -> torch.Tensor:

@@ -96,6 +96,10 @@ class SupernetMixin:
     widths: list[int]
     depths: list[int]
     _active: Union[None, int, torch.Tensor] = None
+    #: Executor of :meth:`forward_tiles`: ``'auto'`` runs on per-tile stores (:mod:`wbsr_arch.tile_store`) where the
+    #: network has them and nothing needs a gradient, on whole-image maps (:mod:`wbsr_arch.tiles`) otherwise;
+    #: ``'maps'`` always on maps. Both give the same output and the same FLOPs.
+    tile_executor: str = 'auto'
 
     # ---- the interface used by the model, the scripts and users -------------------------------------
     @cached_property
@@ -274,6 +278,14 @@ class SupernetMixin:
         if sub.min() < 0 or sub.max() >= self.num_subnets:
             raise IndexError(f'tile subnet indices must be in 0..{self.num_subnets - 1}, got {sub.min()}..{sub.max()}')
         return sub.astype(np.int64)
+
+    def _tile_stores(self, like: torch.Tensor) -> bool:
+        """Whether this forward runs on stores (see :attr:`tile_executor`)."""
+        if self.tile_executor not in ('auto', 'maps'):
+            raise ValueError(f"tile_executor must be 'auto' or 'maps', got {self.tile_executor!r}")
+        if self.tile_executor == 'maps' or not torch.is_grad_enabled():
+            return self.tile_executor == 'auto'
+        return not like.requires_grad and not any(p.requires_grad for p in self.parameters())
 
     def _tile_input(self, x: torch.Tensor) -> torch.Tensor:
         return x

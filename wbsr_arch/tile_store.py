@@ -1,0 +1,256 @@
+"""Copy-free tile execution for inference: features kept per tile, only the halos exchanged.
+
+:mod:`wbsr_arch.tiles` keeps every feature in a map of the whole image; each convolution first copies its tiles
+out of the map together with their one-pixel halo, and writes its output back. At 64 channels that copy costs
+about a tenth of the convolution itself. Here the features live where the convolutions read them:
+
+- a *store* per group of tiles (one tile shape, one width): ``(K, h + 2, w + 2, C)``, contiguous, i.e. each tile
+  with its halo ring, channels-last. A convolution reads the first ``k`` tiles of a store as they are (no copy,
+  no padding) and writes its output, through the epilogue, into their interiors;
+- in the trunk, the tiles of a store are ordered by depth, deepest first, so that the tiles still running at
+  residual block ``b`` are always a prefix of the store;
+- before a convolution reads a store, the halo rings of the tiles that run are refreshed from their neighbours
+  (:class:`Exchange`): every tile's outermost interior pixels are copied into one buffer, and every ring is
+  filled from that buffer. Per 32-pixel tile that moves 124 + 132 pixels, where copying the tile out with its
+  halo and back moves 1156 + 1024.
+
+The halo holds what :mod:`wbsr_arch.tiles` documents: the buffer keeps zeros beyond a narrow tile's width, a tile
+that stopped leaves its last features there, and the inner activation of a tile that stopped is cleared once.
+So the output is the same as the map executor's, up to float rounding (tests/test_tiles.py). Used only without
+autograd; training keeps the map executor, whose gather and write have an indexed backward.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .tiles import MAX_CALL_PIXELS, PLAIN, Epilogue, FlopCount, TilePlan, gather, scatter
+
+
+class StoreLayout:
+    """The tiles of a plan in stores: one per group of :meth:`TilePlan.groups` (a tile shape and a width).
+
+    Args:
+        plan: The tile plan.
+        by_depth: Order every store's tiles deepest first (the trunk); otherwise in segment order (the order of
+            :func:`~wbsr_arch.tiles.gather` and :func:`~wbsr_arch.tiles.scatter`, used by the upsampler).
+    """
+
+    def __init__(self, plan: TilePlan, by_depth: bool) -> None:
+        self.plan = plan
+        self.groups = plan.groups()
+        n_tiles = (plan.batch, *plan.grid.shape)
+        self.owner_store = np.full(n_tiles, -1, dtype=np.int64)
+        self.owner_pos = np.full(n_tiles, -1, dtype=np.int64)
+        self.tiles: list[np.ndarray] = []  # (K, 3) sample, tile row, tile column, in store order
+        self.order: list[Optional[torch.Tensor]] = []  # store position -> position in segment order
+        self.depths: list[np.ndarray] = []  # in store order
+        for g, group in enumerate(self.groups):
+            cells = []
+            for seg in group.segments:
+                a, b = np.meshgrid(np.arange(seg.a0, seg.a1), np.arange(seg.b0, seg.b1), indexing='ij')
+                cells.append(np.stack([np.full(a.size, seg.n), group.row_run.first + a.ravel(),
+                                       group.col_run.first + b.ravel()], axis=1))
+            cells = np.concatenate(cells)
+            depth = plan.depths[cells[:, 0], cells[:, 1], cells[:, 2]]
+            order = np.argsort(-depth, kind='stable') if by_depth else np.arange(len(cells))
+            cells, depth = cells[order], depth[order]
+            self.tiles.append(cells)
+            self.depths.append(depth)
+            self.order.append(torch.as_tensor(order) if by_depth else None)
+            self.owner_store[cells[:, 0], cells[:, 1], cells[:, 2]] = g
+            self.owner_pos[cells[:, 0], cells[:, 1], cells[:, 2]] = np.arange(len(cells))
+        if (self.owner_store < 0).any():
+            raise RuntimeError('the plan\'s groups do not cover every tile')
+
+    def __len__(self) -> int:
+        return len(self.groups)
+
+    def sizes(self) -> list[int]:
+        return [len(t) for t in self.tiles]
+
+    def active(self, block: int) -> list[int]:
+        """Tiles of every store that run residual block ``block`` (a prefix, when ordered by depth)."""
+        return [int((d > block).sum()) for d in self.depths]
+
+    def tile_shape(self, g: int, scale: int) -> tuple[int, int]:
+        group = self.groups[g]
+        return group.row_run.size * scale, group.col_run.size * scale
+
+    def gather(self, fmap: torch.Tensor, scale: int, channels: Callable[[int], int]) -> list[torch.Tensor]:
+        """Stores of the tiles of a padded map with their halo (one copy), ``channels(width)`` channels each."""
+        stores = []
+        for g, group in enumerate(self.groups):
+            tiles = gather(self.plan, fmap, group, group.segments, scale, channels(group.width), 1)
+            if self.order[g] is not None:
+                tiles = tiles.index_select(0, self.order[g].to(tiles.device))
+            stores.append(tiles.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2))
+        return stores
+
+    def scatter(self, stores: Sequence[torch.Tensor], fmap: torch.Tensor, scale: int, interior: bool = True) -> None:
+        """Write the stores' tiles (their interiors, unless ``interior`` is false) into a padded map."""
+        for g, group in enumerate(self.groups):
+            tiles = stores[g][:, :, 1:-1, 1:-1] if interior else stores[g]
+            if self.order[g] is not None:
+                tiles = tiles.index_select(0, torch.argsort(self.order[g]).to(tiles.device))
+            scatter(self.plan, fmap, group, group.segments, scale, tiles)
+
+    def new_stores(self, scale: int, channels: Callable[[int], int], like: torch.Tensor,
+                   ring: bool = True) -> list[torch.Tensor]:
+        """Uninitialised stores ``(K, C, h + 2, w + 2)``, channels-last, at ``scale`` (``(K, C, h, w)`` without
+        ``ring``)."""
+        stores = []
+        pad = 2 if ring else 0
+        for g, group in enumerate(self.groups):
+            th, tw = self.tile_shape(g, scale)
+            stores.append(like.new_empty(len(self.tiles[g]), th + pad, tw + pad, channels(group.width))
+                          .permute(0, 3, 1, 2))
+        return stores
+
+
+def _ring_mask(h: int, w: int) -> np.ndarray:
+    mask = np.zeros((h + 2, w + 2), dtype=bool)
+    mask[0, :] = mask[-1, :] = mask[:, 0] = mask[:, -1] = True
+    return mask
+
+
+def _edge_mask(h: int, w: int) -> np.ndarray:
+    mask = np.zeros((h + 2, w + 2), dtype=bool)
+    mask[1:-1, 1:-1] = _ring_mask(h - 2, w - 2) if h > 2 and w > 2 else True
+    return mask
+
+
+class Exchange:
+    """Refreshes the halo rings of a layout's stores at one scale from the neighbouring tiles.
+
+    Every tile's edge (its outermost interior pixels) has a fixed row in a buffer ``(1 + edges, C)``, whose row 0
+    is the zero of the image border. :meth:`run` copies the edges of the tiles that changed into the buffer and
+    fills the rings of the tiles that are about to run from it. A narrow tile writes only its own channels of
+    its rows, so the buffer holds zeros beyond them (what a wider neighbour's halo must read).
+    """
+
+    def __init__(self, layout: StoreLayout, scale: int) -> None:
+        self.layout = layout
+        grid = layout.plan.grid
+        rows, cols = np.asarray(grid.rows) * scale, np.asarray(grid.cols) * scale
+        height, width = rows[-1], cols[-1]
+        self.edge_rows: list[torch.Tensor] = []  # per store: its edges' rows in the store, tile-major
+        self.edge_count: list[int] = []
+        self.offset: list[int] = []
+        lookup = []
+        at = 1
+        for g in range(len(layout)):
+            th, tw = layout.tile_shape(g, scale)
+            mask = _edge_mask(th, tw)
+            flat = np.flatnonzero(mask)
+            table = np.full(mask.shape, -1, dtype=np.int64)
+            table[mask] = np.arange(flat.size)
+            lookup.append(table)
+            k = len(layout.tiles[g])
+            self.edge_rows.append(torch.as_tensor((np.arange(k)[:, None] * mask.size + flat[None]).ravel()))
+            self.edge_count.append(flat.size)
+            self.offset.append(at)
+            at += k * flat.size
+        self.buffer_rows = at
+        self.ring_rows: list[torch.Tensor] = []  # per store: its rings' rows in the store, tile-major
+        self.ring_source: list[torch.Tensor] = []  # the buffer row each ring row reads
+        self.ring_count: list[int] = []
+        for g in range(len(layout)):
+            th, tw = layout.tile_shape(g, scale)
+            ly, lx = np.nonzero(_ring_mask(th, tw))
+            tiles = layout.tiles[g]
+            n = tiles[:, :1]
+            y = rows[tiles[:, 1]][:, None] + ly[None] - 1
+            x = cols[tiles[:, 2]][:, None] + lx[None] - 1
+            inside = (y >= 0) & (y < height) & (x >= 0) & (x < width)
+            yc, xc = np.clip(y, 0, height - 1), np.clip(x, 0, width - 1)
+            oi = np.searchsorted(rows, yc, side='right') - 1
+            oj = np.searchsorted(cols, xc, side='right') - 1
+            nn_ = np.broadcast_to(n, oi.shape)
+            owner, pos = layout.owner_store[nn_, oi, oj], layout.owner_pos[nn_, oi, oj]
+            source = np.zeros(y.shape, dtype=np.int64)
+            for h in np.unique(owner[inside]).tolist():
+                sel = inside & (owner == h)
+                e = lookup[h][yc[sel] - rows[oi[sel]] + 1, xc[sel] - cols[oj[sel]] + 1]
+                if (e < 0).any():
+                    raise RuntimeError('a halo pixel is not on its owner tile\'s edge')
+                source[sel] = self.offset[h] + pos[sel] * self.edge_count[h] + e
+            size = (th + 2) * (tw + 2)
+            self.ring_rows.append(torch.as_tensor((np.arange(len(tiles))[:, None] * size + ly * (tw + 2) + lx).ravel()))
+            self.ring_source.append(torch.as_tensor(source.ravel()))
+            self.ring_count.append(ly.size)
+        self._device = torch.device('cpu')
+
+    def _to(self, device: torch.device) -> None:
+        if device != self._device:
+            for lists in (self.edge_rows, self.ring_rows, self.ring_source):
+                lists[:] = [t.to(device) for t in lists]
+            self._device = device
+
+    def buffer(self, channels: int, like: torch.Tensor) -> torch.Tensor:
+        """A zeroed edge buffer for stores of at most ``channels`` channels."""
+        return like.new_zeros(self.buffer_rows, channels)
+
+    def run(self, stores: Sequence[torch.Tensor], buffer: torch.Tensor, changed: Sequence[int],
+            running: Sequence[int]) -> None:
+        """Copy the edges of the first ``changed[g]`` tiles of every store into ``buffer``, then fill the rings of
+        the first ``running[g]`` tiles from it."""
+        self._to(buffer.device)
+        for g, store in enumerate(stores):
+            k = changed[g]
+            if k:
+                rows = _rows(store)
+                e = self.edge_count[g]
+                buffer[self.offset[g]:self.offset[g] + k * e, :rows.shape[1]] = \
+                    rows.index_select(0, self.edge_rows[g][:k * e])
+        for g, store in enumerate(stores):
+            k = running[g]
+            if k:
+                rows = _rows(store)
+                r = self.ring_count[g]
+                rows.index_copy_(0, self.ring_rows[g][:k * r],
+                                 buffer[:, :rows.shape[1]].index_select(0, self.ring_source[g][:k * r]))
+
+    def clear(self, buffer: torch.Tensor, start: Sequence[int], stop: Sequence[int]) -> None:
+        """Zero the buffer rows of tiles ``start[g]:stop[g]`` of every store (an activation they no longer compute)."""
+        for g in range(len(self.layout)):
+            if stop[g] > start[g]:
+                e = self.edge_count[g]
+                buffer[self.offset[g] + start[g] * e:self.offset[g] + stop[g] * e].zero_()
+
+
+def _rows(store: torch.Tensor) -> torch.Tensor:
+    """A store ``(K, C, h, w)`` (channels-last, contiguous) as its ``(K * h * w, C)`` pixel rows (a view)."""
+    return store.permute(0, 2, 3, 1).view(-1, store.shape[1])
+
+
+def conv_stores(layout: StoreLayout, src: Sequence[torch.Tensor], dst: Sequence[torch.Tensor], conv: nn.Conv2d,
+                counter: FlopCount, count: Sequence[int], *, in_channels: Optional[Callable[[int], int]] = None,
+                out_channels: Optional[Callable[[int], int]] = None, epilogue: Epilogue = PLAIN,
+                interior: bool = True) -> None:
+    """A 3x3 convolution over the first ``count[g]`` tiles of every store: read ``src`` with its halo, write the
+    interiors of ``dst`` through ``epilogue`` (or, with ``interior`` false, the whole of ``dst``'s tiles, which then
+    have no ring). Calls are cut to at most :data:`~wbsr_arch.tiles.MAX_CALL_PIXELS` output pixels."""
+    in_channels = in_channels or (lambda w: w)
+    out_channels = out_channels or (lambda w: w)
+    for g, group in enumerate(layout.groups):
+        k = count[g]
+        if not k:
+            continue
+        cin, cout = in_channels(group.width), out_channels(group.width)
+        weight = conv.weight[:cout, :cin]
+        bias = None if conv.bias is None else conv.bias[:cout]
+        h, w = src[g].shape[2] - 2, src[g].shape[3] - 2
+        step = max(1, MAX_CALL_PIXELS // (h * w))
+        for j in range(0, k, step):
+            y = F.conv2d(src[g][j:min(k, j + step)], weight, bias)
+            counter.conv(y, weight)
+            if epilogue.shuffle > 1:
+                y = F.pixel_shuffle(y, epilogue.shuffle)
+            target = dst[g][j:min(k, j + step)]
+            epilogue.write(y, target[:, :, 1:-1, 1:-1] if interior else target)
+
