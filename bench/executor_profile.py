@@ -3,12 +3,16 @@
     python bench/executor_profile.py --model checkpoints/wbsr_srresnet_x4_train291.pth [--images 3] [--budgets 0.6 0.7]
 
 On the first ``--images`` Urban100 LR images, PyTorch's profiler splits the CPU time of one pass (after an
-untimed warm-up pass) into convolutions, copies (``copy_``, ``index_select``: the tiles gathered with their halo)
-and everything else (activations, pixel shuffles, residual adds, writes, Python), for:
+untimed warm-up pass) into convolutions, copies (``copy_``, ``index_select``, ``index_copy_``: tiles gathered with
+their halo by the map executor, halos exchanged by the store executor) and everything else (activations, pixel
+shuffles, residual adds, writes, Python), for:
 
 - every subnet run once on each whole image (``fixed``; the router's channels-last path);
 - every tile on one subnet (``forward_tiles`` with a uniform assignment), for the smallest and the largest;
-- the ``budget`` assignments of ``--budgets`` (seamless tiles).
+- the ``budget`` assignments of ``--budgets`` (seamless tiles);
+
+the tile runs each on both executors of ``SupernetMixin.tile_executor`` (``maps``: whole-image feature maps;
+``stores``: per-tile stores with a halo exchange, the default for inference).
 
 The "ideal" of an assignment is what it would take if every tile ran at its subnet's whole-image speed (the
 subnets' whole-image times weighted by their share of the LR pixels). Every time is a fraction of the full
@@ -30,7 +34,8 @@ from wbsr_models.evaluation import keep_freed_memory, load_test_set
 from wbsr_models.infer import load_model
 from wbsr_models.router import Router, RoutingOptions
 
-COPIES = ('aten::copy_', 'aten::index_select')
+EXECUTORS = {'maps': 'maps', 'auto': 'stores'}  # the two tile executors (SupernetMixin.tile_executor)
+COPIES = ('aten::copy_', 'aten::index_select', 'aten::index_copy_')
 
 
 def split(run: Callable[[], object]) -> tuple[float, float, float]:
@@ -85,8 +90,10 @@ def main(argv: Optional[list] = None) -> int:
                 np.add.at(shares, sub.ravel(), boxes[:, 2] * boxes[:, 3] / area)
             ideal = tuple(float(np.dot(shares, [t[i] for t in whole])) for i in range(3))
             tile_flops = sum(net.tile_flops(x.shape[-2:], s, grid=g) for x, s, g in zip(images, subs, grids))
-            run = split(lambda: [net.forward_tiles(x, s, grid=g) for x, s, g in zip(images, subs, grids)])
-            rows.append((name, tile_flops / flops_full, run, ideal))
+            for executor in ('maps', 'auto'):
+                net.tile_executor = executor
+                run = split(lambda: [net.forward_tiles(x, s, grid=g) for x, s, g in zip(images, subs, grids)])
+                rows.append((f'{name}, {EXECUTORS[executor]}', tile_flops / flops_full, run, ideal))
     print(f'{args.images} Urban100 images, x4, {torch.get_num_threads()} threads; times as fractions of the full '
           f'network on the whole image ({full:.3f} s of CPU time); ideal: every tile at its subnet\'s whole-image '
           'speed\n')
