@@ -110,13 +110,17 @@ class WBSRSRResNet(SupernetMixin, MSRResNet):
         layout.scatter(feat, fmap, 1)
         return fmap
 
+    def _upsample_steps(self) -> list[tuple[nn.Conv2d, int]]:
+        """The upsampler's convolutions with their pixel-shuffle factors."""
+        s = self.upscale
+        return [(self.upconv1, 2), (self.upconv2, 2)] if s == 4 else [(self.upconv1, s)]
+
     def _head_tiles(self, plan: TilePlan, feat: torch.Tensor, counter: FlopCount) -> torch.Tensor:
         if self._tile_stores(feat):
             return self._head_stores(plan, feat, counter)
         s = self.upscale
-        steps = [(self.upconv1, 2), (self.upconv2, 2)] if s == 4 else [(self.upconv1, s)]
         cur, at = feat, 1
-        for conv, r in steps:
+        for conv, r in self._upsample_steps():
             nxt = new_map(plan, self.num_feat, at * r, feat)
             conv_tiles(plan, cur, nxt, conv, counter, scale=at, out_channels=lambda w, r=r: r * r * w,
                        epilogue=Epilogue(act='lrelu', shuffle=r))
@@ -131,12 +135,11 @@ class WBSRSRResNet(SupernetMixin, MSRResNet):
     def _head_stores(self, plan: TilePlan, feat: torch.Tensor, counter: FlopCount) -> torch.Tensor:
         """:meth:`_head_tiles` on stores (:mod:`wbsr_arch.tile_store`)."""
         s = self.upscale
-        steps = [(self.upconv1, 2), (self.upconv2, 2)] if s == 4 else [(self.upconv1, s)]
         layout = StoreLayout(plan, by_depth=False)
         every = layout.sizes()
         cur, at = layout.gather(feat, 1, lambda w: w), 1
         exchanges = {}
-        for conv, r in steps + [(self.conv_hr, 1)]:
+        for conv, r in self._upsample_steps() + [(self.conv_hr, 1)]:
             at *= r
             nxt = layout.new_stores(at, lambda w: w, feat)
             conv_stores(layout, cur, nxt, conv, counter, every, out_channels=lambda w, r=r: r * r * w,

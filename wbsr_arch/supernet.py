@@ -283,8 +283,10 @@ class SupernetMixin:
         """Whether this forward runs on stores (see :attr:`tile_executor`)."""
         if self.tile_executor not in ('auto', 'maps'):
             raise ValueError(f"tile_executor must be 'auto' or 'maps', got {self.tile_executor!r}")
-        if self.tile_executor == 'maps' or not torch.is_grad_enabled():
-            return self.tile_executor == 'auto'
+        if self.tile_executor == 'maps':
+            return False
+        if not torch.is_grad_enabled():
+            return True
         return not like.requires_grad and not any(p.requires_grad for p in self.parameters())
 
     def _tile_input(self, x: torch.Tensor) -> torch.Tensor:

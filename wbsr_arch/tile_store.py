@@ -170,8 +170,8 @@ class Exchange:
             yc, xc = np.clip(y, 0, height - 1), np.clip(x, 0, width - 1)
             oi = np.searchsorted(rows, yc, side='right') - 1
             oj = np.searchsorted(cols, xc, side='right') - 1
-            nn_ = np.broadcast_to(n, oi.shape)
-            owner, pos = layout.owner_store[nn_, oi, oj], layout.owner_pos[nn_, oi, oj]
+            sample = np.broadcast_to(n, oi.shape)
+            owner, pos = layout.owner_store[sample, oi, oj], layout.owner_pos[sample, oi, oj]
             source = np.zeros(y.shape, dtype=np.int64)
             for h in np.unique(owner[inside]).tolist():
                 sel = inside & (owner == h)
