@@ -19,7 +19,8 @@ def count_flops(net: nn.Module, input_shape: Sequence[int], **forward_kwargs: An
     """FLOPs of ``net(x, **forward_kwargs)`` for an input ``x`` of ``input_shape`` (N, C, H, W)."""
     meta_state = {name: torch.empty_like(t, device='meta') for name, t in net.named_parameters()}
     meta_state.update({name: torch.empty_like(t, device='meta') for name, t in net.named_buffers()})
-    x = torch.empty(*input_shape, device='meta')
+    dtype = next((t.dtype for t in net.parameters() if t.is_floating_point()), torch.get_default_dtype())
+    x = torch.empty(*input_shape, device='meta', dtype=dtype)  # the network's own (a float64 network counts too)
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         functional_call(net, meta_state, (x, ), forward_kwargs)
     return int(counter.get_total_flops())

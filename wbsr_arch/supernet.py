@@ -169,13 +169,14 @@ class SupernetMixin:
     def export_subnet(self, index: int) -> nn.Module:
         """A plain BasicSR network of subnet ``index``'s width and depth, holding the sliced weights."""
         width, depth = self.subnets[self._check_index(index)]
-        plain = self._plain_network(width, depth)
+        like = next(self.parameters())
+        plain = self._plain_network(width, depth).to(device=like.device, dtype=like.dtype)
         own = self.state_dict()
         sliced = {}
         for key, target in plain.state_dict().items():
             sliced[key] = own[key][tuple(slice(0, n) for n in target.shape)].clone()
         plain.load_state_dict(sliced, strict=True)
-        return plain.to(next(self.parameters()).device)
+        return plain
 
     # ---- forward -----------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, subnet: SubnetSpec = None) -> torch.Tensor:
