@@ -48,6 +48,23 @@ def exact_float32():
     torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
+#: Relative tolerance of the algebraic equivalence checks (tiles vs the whole image, stores vs maps, an exported subnet
+#: vs the supernet, tiled vs whole-image gradients). They run in float64, where two summation orders of these small
+#: networks agree to about 1e-15 of the largest value; 1e-10 leaves five orders of magnitude for that and still fails
+#: for any real difference (a missing halo exchange moves outputs by about 1e-1). In float32 the same comparisons
+#: differ between CPUs' kernels (``ATEN_CPU_CAPABILITY``, oneDNN's ISA): up to 2.5e-3 relative in a gradient.
+EXACT_RTOL = 1e-10
+
+
+def assert_equivalent(got: torch.Tensor, expected: torch.Tensor, rtol: float = EXACT_RTOL) -> None:
+    """``got`` equals ``expected`` up to float64 rounding, relative to the largest magnitude of ``expected``."""
+    assert got.dtype == expected.dtype == torch.float64, f'equivalence is checked in float64, got {got.dtype}'
+    assert got.shape == expected.shape, (tuple(got.shape), tuple(expected.shape))
+    scale = expected.abs().max().item()
+    diff = (got - expected).abs().max().item()
+    assert diff <= rtol * scale, f'largest difference {diff:.3g} above {rtol:g} x {scale:.3g}'
+
+
 def textured_image(h: int, w: int, seed: int, channels: int = 3) -> np.ndarray:
     """uint8 image with flat regions, edges and noise, so patches span easy to hard."""
     rng = np.random.default_rng(seed)

@@ -6,6 +6,8 @@ from basicsr.archs.rcan_arch import RCAN
 from basicsr.archs.srresnet_arch import MSRResNet
 from wbsr_arch import WBSRRCAN, WBSRSRResNet, count_flops
 
+from conftest import assert_equivalent
+
 SPEC_SRRESNET = {(36, 4): 1.08, (36, 8): 1.28, (36, 16): 1.66, (52, 4): 2.24, (52, 8): 2.64, (52, 16): 3.44,
                  (64, 4): 3.38, (64, 8): 3.99, (64, 16): 5.19}
 SPEC_RCAN = {(36, 5): 3.16, (36, 10): 5.55, (36, 20): 10.33, (52, 5): 6.58, (52, 10): 11.56, (52, 20): 21.53,
@@ -26,8 +28,18 @@ def randomise(net, seed=0):
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in net.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) * 0.15)
+            p.copy_(torch.randn(p.shape, generator=gen).to(p.dtype) * 0.15)
     return net.eval()
+
+
+def exact(net, seed=0):
+    """``randomise(net, seed)`` in float64, for the equivalence checks (``conftest.EXACT_RTOL``)."""
+    return randomise(net.double(), seed)
+
+
+def rand64(*shape, seed=0):
+    """A uniform float64 input."""
+    return torch.rand(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
 
 
 @pytest.mark.parametrize('cls,spec', [(WBSRSRResNet, SPEC_SRRESNET), (WBSRRCAN, SPEC_RCAN)])
@@ -56,26 +68,25 @@ def test_affine_flops_model_equals_direct_count(make, hw):
 
 @pytest.mark.parametrize('scale', [2, 3, 4])
 def test_full_subnet_is_basicsr_msrresnet(scale):
-    torch.manual_seed(scale)
-    ref = randomise(MSRResNet(num_feat=16, num_block=4, upscale=scale), scale)
-    sup = tiny_srresnet(scale).eval()
+    ref = exact(MSRResNet(num_feat=16, num_block=4, upscale=scale), scale)
+    sup = tiny_srresnet(scale).double().eval()
     sup.load_state_dict(ref.state_dict(), strict=True)
     MSRResNet(num_feat=16, num_block=4, upscale=scale).load_state_dict(sup.state_dict(), strict=True)  # and back
-    x = torch.rand(2, 3, 11, 9)
+    x = rand64(2, 3, 11, 9)
     with torch.no_grad():
-        assert (ref(x) - sup(x)).abs().max().item() < 1e-5
+        assert_equivalent(sup(x), ref(x))
 
 
 @pytest.mark.parametrize('scale', [2, 3, 4])
 def test_full_subnet_is_basicsr_rcan(scale):
-    ref = randomise(RCAN(3, 3, num_feat=16, num_group=2, num_block=4, squeeze_factor=4, upscale=scale), scale)
-    sup = tiny_rcan(scale).eval()
+    ref = exact(RCAN(3, 3, num_feat=16, num_group=2, num_block=4, squeeze_factor=4, upscale=scale), scale)
+    sup = tiny_rcan(scale).double().eval()
     sup.load_state_dict(ref.state_dict(), strict=True)
     RCAN(3, 3, num_feat=16, num_group=2, num_block=4, squeeze_factor=4, upscale=scale).load_state_dict(
         sup.state_dict(), strict=True)
-    x = torch.rand(2, 3, 11, 9)
+    x = rand64(2, 3, 11, 9)
     with torch.no_grad():
-        assert (ref(x) - sup(x)).abs().max().item() < 1e-5
+        assert_equivalent(sup(x), ref(x))
 
 
 def test_default_networks_share_basicsr_state_dict_keys():
@@ -85,24 +96,24 @@ def test_default_networks_share_basicsr_state_dict_keys():
 
 @pytest.mark.parametrize('make', [tiny_srresnet, tiny_rcan])
 def test_exported_subnet_equals_subnet(make):
-    net = randomise(make())
-    x = torch.rand(1, 3, 10, 12)
+    net = exact(make())
+    x = rand64(1, 3, 10, 12)
     outputs = []
     with torch.no_grad():
         for i, (width, depth) in enumerate(net.subnets):
             plain = net.export_subnet(i).eval()
-            assert type(plain) in (MSRResNet, RCAN)
+            assert type(plain) in (MSRResNet, RCAN) and plain.conv_first.weight.dtype == torch.float64
             assert plain.conv_first.out_channels == width
             sub = net(x, subnet=i)
-            assert (plain(x) - sub).abs().max().item() < 1e-5
+            assert_equivalent(plain(x), sub)
             outputs.append(sub)
     # the subnets really differ from each other
     assert min((a - b).abs().max().item() for a, b in zip(outputs, outputs[1:])) > 1e-3
 
 
 def test_set_subnet_selects_following_forwards_and_per_sample_routing():
-    net = randomise(tiny_srresnet())
-    x = torch.rand(3, 3, 8, 8)
+    net = exact(tiny_srresnet())
+    x = rand64(3, 3, 8, 8)
     with torch.no_grad():
         per_subnet = {i: net(x, subnet=i) for i in (0, 4, 8)}
         net.set_subnet(4)
@@ -113,7 +124,7 @@ def test_set_subnet_selects_following_forwards_and_per_sample_routing():
         mixed = net(x)
         net.set_subnet(None)
     for row, i in enumerate((8, 0, 4)):  # batch composition changes float rounding only
-        assert (mixed[row] - per_subnet[i][row]).abs().max().item() < 1e-5 * per_subnet[i].abs().max().item()
+        assert_equivalent(mixed[row], per_subnet[i][row])
 
 
 @pytest.mark.parametrize('make,plain', [
@@ -121,16 +132,16 @@ def test_set_subnet_selects_following_forwards_and_per_sample_routing():
     (tiny_rcan, lambda: RCAN(3, 3, num_feat=16, num_group=2, num_block=4, squeeze_factor=4)),
 ])
 def test_every_parameter_of_full_subnet_gets_basicsrs_gradient(make, plain):
-    net, ref = randomise(make()).train(), plain().train()
+    net, ref = exact(make()).train(), plain().double().train()
     ref.load_state_dict(net.state_dict())
-    x = torch.rand(2, 3, 8, 8)
+    x = rand64(2, 3, 8, 8)
     net(x).square().mean().backward()
     ref(x).square().mean().backward()
     grads = dict(ref.named_parameters())
     nonzero = 0
     for name, p in net.named_parameters():
         assert p.grad is not None, name
-        torch.testing.assert_close(p.grad, grads[name].grad, rtol=1e-4, atol=1e-6)
+        assert_equivalent(p.grad, grads[name].grad)
         nonzero += bool(p.grad.abs().sum() > 0)
     assert nonzero >= 0.9 * len(grads)  # a few channel-attention ReLUs may be dead for random weights
 

@@ -17,7 +17,8 @@ from wbsr_models.router import (Router, RoutingOptions, alpha_subnets, budget_su
                                 shifted_subnets)
 from wbsr_models.visualize import allocation_map, subnet_colors, subnet_labels
 
-from test_arch import randomise, tiny_srresnet
+from conftest import assert_equivalent
+from test_arch import exact, randomise, tiny_srresnet
 
 
 @pytest.fixture(scope='module')
@@ -26,16 +27,22 @@ def net():
 
 
 @pytest.fixture(scope='module')
+def net64():
+    """``net`` in float64, for the checks that routing computes what the network computes (``EXACT_RTOL``)."""
+    return exact(tiny_srresnet(), seed=3)
+
+
+@pytest.fixture(scope='module')
 def projection():
     rng = np.random.default_rng(0)
     return DifficultyProjection.fit(rng.random((500, 4)) * 0.05, num_classes=10)
 
 
-def textured(h, w, seed=0):
+def textured(h, w, seed=0, dtype=torch.float32):
     gen = torch.Generator().manual_seed(seed)
     base = torch.linspace(0, 1, w).view(1, 1, 1, w).expand(1, 3, h, w).clone()
     base[..., :, w // 2:] += torch.rand(1, 3, h, w - w // 2, generator=gen) * 0.5
-    return base.clamp(0, 1)
+    return base.clamp(0, 1).to(dtype)
 
 
 def route(net, projection, x, **options):
@@ -45,21 +52,21 @@ def route(net, projection, x, **options):
 # ---- merging ------------------------------------------------------------------------------------------
 @pytest.mark.parametrize('scheme', ['patches', 'tiles'])
 @pytest.mark.parametrize('mode,extra', [('wbsr', {}), ('budget', {'budget': 0.5}), ('alpha', {'alpha': 2.0})])
-def test_one_region_covering_the_image_equals_the_plain_forward(net, projection, mode, extra, scheme):
-    x = textured(20, 27)
-    result = route(net, projection, x, mode=mode, scheme=scheme, patch_size=32, step=28, tile_size=32, **extra)
+def test_one_region_covering_the_image_equals_the_plain_forward(net64, projection, mode, extra, scheme):
+    x = textured(20, 27, dtype=torch.float64)
+    result = route(net64, projection, x, mode=mode, scheme=scheme, patch_size=32, step=28, tile_size=32, **extra)
     assert len(result.subnets) == 1
     with torch.no_grad():
-        expected = net(x, subnet=int(result.subnets[0]))
-    assert (result.output - expected).abs().max().item() < 2e-6 * expected.abs().max().item()  # float rounding
+        expected = net64(x, subnet=int(result.subnets[0]))
+    assert_equivalent(result.output, expected)
 
 
 def test_all_full_tiling_equals_whole_image_away_from_patch_borders():
     torch.manual_seed(0)
-    small = WBSRSRResNet(num_feat=8, num_block=1, widths=[4, 8], depths=[1]).eval()
+    small = WBSRSRResNet(num_feat=8, num_block=1, widths=[4, 8], depths=[1]).double().eval()
     for p in small.parameters():
         torch.nn.init.normal_(p, std=0.2)
-    x = torch.rand(1, 3, 45, 61)
+    x = torch.rand(1, 3, 45, 61, dtype=torch.float64)
     with torch.no_grad():
         whole = small(x)
     patch, step, radius, s = 32, 20, 6, 4  # radius > receptive field of this network in LR pixels
@@ -77,26 +84,26 @@ def test_all_full_tiling_equals_whole_image_away_from_patch_borders():
     mask = np.kron(np.outer(clean(45), clean(61)), np.ones((s, s), bool))
     diff = (result.output - whole).abs()[0].amax(0).numpy()
     assert mask.mean() > 0.3
-    assert diff[mask].max() < 1e-5
+    assert diff[mask].max() <= 1e-10 * whole.abs().max().item()  # conftest.EXACT_RTOL
     assert diff.max() > 1e-3  # and the test can see patch-border effects where they are
 
 
-def test_full_mode_runs_large_images_in_bands_exactly(net):
-    x = textured(40, 50)
+def test_full_mode_runs_large_images_in_bands_exactly(net64):
+    x = textured(40, 50, dtype=torch.float64)
     with torch.no_grad():
-        whole = net(x)
-    result = Router(net, RoutingOptions(mode='full', max_pixels=16 * 50), 4)(x)  # upsampler in bands of 16 rows
-    assert (result.output - whole).abs().max().item() < 1e-5 * whole.abs().max().item()  # float rounding only
-    assert result.flops > count_flops(net, (1, 3, 40, 50))  # the band margins are paid for
+        whole = net64(x)
+    result = Router(net64, RoutingOptions(mode='full', max_pixels=16 * 50), 4)(x)  # upsampler in bands of 16 rows
+    assert_equivalent(result.output, whole)
+    assert result.flops > count_flops(net64, (1, 3, 40, 50))  # the band margins are paid for
 
 
 def test_plain_network_on_large_images_runs_in_pieces_with_margins():
-    plain = randomise(MSRResNet(num_feat=8, num_block=1), seed=1)
-    x = textured(40, 50)
+    plain = exact(MSRResNet(num_feat=8, num_block=1), seed=1)
+    x = textured(40, 50, dtype=torch.float64)
     with torch.no_grad():
         whole = plain(x)
     result = Router(plain, RoutingOptions(mode='full', max_pixels=24 * 24), 4)(x)  # pieces of 16 with 16 margin
-    assert (result.output - whole).abs().max().item() < 1e-5 * whole.abs().max().item()
+    assert_equivalent(result.output, whole)
     assert result.flops > count_flops(plain, (1, 3, 40, 50))
 
 
@@ -239,9 +246,10 @@ def test_oracle_picks_cheapest_within_tolerance():
     assert oracle_subnets(table, 0.0).tolist() == [2, 2]
 
 
-def test_reused_patch_outputs_give_the_routed_image_and_the_psnr_table(net, projection):
+def test_reused_patch_outputs_give_the_routed_image_and_the_psnr_table(net64, projection):
     """The benchmark's reuse of per-subnet patch outputs: same merge, same per-patch PSNR as fresh runs."""
-    x, gt = textured(45, 61), textured(180, 244, seed=1)
+    net = net64
+    x, gt = textured(45, 61, dtype=torch.float64), textured(180, 244, seed=1, dtype=torch.float64)
     router = Router(net, RoutingOptions(mode='wbsr', scheme='patches'), 4, projection)
     cut = region_outputs(router, x)
     regions, outputs = cut
@@ -255,7 +263,7 @@ def test_reused_patch_outputs_give_the_routed_image_and_the_psnr_table(net, proj
             return outputs[subnet][torch.as_tensor(rows)]
 
     reused = Reusing(net, RoutingOptions(mode='wbsr', scheme='patches'), 4, projection)(x).output
-    torch.testing.assert_close(reused, router(x).output, rtol=0, atol=1e-5)
+    assert_equivalent(reused, router(x).output)
 
 
 def test_allocation_map_has_legend_and_colours(net, projection):

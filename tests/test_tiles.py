@@ -8,7 +8,8 @@ from wbsr_arch import WBSRSRResNet
 from wbsr_arch.supernet import TileAssignment
 from wbsr_arch.tiles import Epilogue, TileGrid, _rectangles, row_bands
 
-from test_arch import randomise, tiny_rcan, tiny_srresnet
+from conftest import assert_equivalent
+from test_arch import exact, rand64, tiny_rcan, tiny_srresnet
 
 
 @pytest.fixture(autouse=True)
@@ -23,40 +24,40 @@ def grid_shape(h, w, tile):
 @pytest.mark.parametrize('scale', [2, 3, 4])
 @pytest.mark.parametrize('tile', [8, 13, 64])
 def test_every_tile_on_subnet_k_is_subnet_k_on_the_whole_image(scale, tile):
-    net = randomise(tiny_srresnet(scale), seed=scale)
-    x = torch.rand(1, 3, 37, 45)  # not a multiple of any tile size
+    net = exact(tiny_srresnet(scale), seed=scale)
+    x = rand64(1, 3, 37, 45)  # not a multiple of any tile size
     with torch.no_grad():
         for k in range(net.num_subnets):
             expected = net(x, subnet=k)
             got = net.forward_tiles(x, np.full(grid_shape(37, 45, tile), k), tile_size=tile).output
-            assert (got - expected).abs().max().item() < 2e-6 * expected.abs().max().item()  # float rounding
+            assert_equivalent(got, expected)
 
 
 @pytest.mark.parametrize('scale', [2, 3, 4])
 def test_largest_subnet_in_tiles_is_the_exported_basicsr_network(scale):
-    net = randomise(tiny_srresnet(scale), seed=scale)
-    x = torch.rand(2, 3, 21, 30)
+    net = exact(tiny_srresnet(scale), seed=scale)
+    x = rand64(2, 3, 21, 30)
     with torch.no_grad():
         expected = net.export_subnet(net.num_subnets - 1).eval()(x)
         got = net.forward_tiles(x, np.full(grid_shape(21, 30, 8), 8), tile_size=8).output
-    assert (got - expected).abs().max().item() < 2e-6 * expected.abs().max().item()
+    assert_equivalent(got, expected)
 
 
 @pytest.mark.parametrize('make', [tiny_srresnet, tiny_rcan])
 def test_rcan_and_srresnet_with_one_tile_are_the_whole_network(make):
-    net = randomise(make(), seed=1)
-    x = torch.rand(1, 3, 19, 26)
+    net = exact(make(), seed=1)
+    x = rand64(1, 3, 19, 26)
     with torch.no_grad():
         for k in (0, 4, 8):
             expected = net(x, subnet=k)
             got = net.forward_tiles(x, np.full((1, 1), k), tile_size=32).output
-            assert (got - expected).abs().max().item() < 1e-5 * expected.abs().max().item()  # RCAN works at x255
+            assert_equivalent(got, expected)
 
 
 @pytest.mark.parametrize('make', [tiny_srresnet, tiny_rcan])
 def test_flops_of_a_mixed_assignment_are_what_the_flop_counter_counts(make):
-    net = randomise(make(), seed=2)
-    x = torch.rand(1, 3, 37, 45)
+    net = exact(make(), seed=2)
+    x = rand64(1, 3, 37, 45)
     assign = np.random.default_rng(0).integers(0, net.num_subnets, grid_shape(37, 45, 8))
     assert len(net.subnets) == 9  # (ordering the subnets counts FLOPs on the meta device: done before counting)
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
@@ -68,16 +69,15 @@ def test_flops_of_a_mixed_assignment_are_what_the_flop_counter_counts(make):
 
 
 def test_bands_give_the_same_image_and_pay_for_their_margins():
-    net = randomise(tiny_srresnet(), seed=4)
-    x = torch.rand(1, 3, 37, 45)
+    net = exact(tiny_srresnet(), seed=4)
+    x = rand64(1, 3, 37, 45)
     assign = np.random.default_rng(1).integers(0, 9, grid_shape(37, 45, 8))
     with torch.no_grad():
         whole = net.forward_tiles(x, assign, tile_size=8)
         head_bands = net.forward_tiles(x, assign, tile_size=8, max_pixels=8 * 45)  # upsampler a tile row at a time
         all_bands = net.forward_tiles(x, assign, tile_size=8, max_pixels=1)  # the trunk too, with its margins
-    scale = whole.output.abs().max().item()
-    assert (head_bands.output - whole.output).abs().max().item() < 2e-6 * scale
-    assert (all_bands.output - whole.output).abs().max().item() < 2e-6 * scale
+    assert_equivalent(head_bands.output, whole.output)
+    assert_equivalent(all_bands.output, whole.output)
     assert whole.flops < head_bands.flops < all_bands.flops
     assert net.tile_flops((37, 45), assign, tile_size=8, max_pixels=1) == all_bands.flops
 
@@ -86,11 +86,12 @@ def test_mixed_tiles_of_a_trained_network_leave_no_visible_seam():
     """A smooth image through a network that is a good interpolator at every width and depth: at tile borders
     between different subnets the output changes no more than inside the tiles."""
     torch.manual_seed(0)
-    net = WBSRSRResNet(num_feat=16, num_block=4, widths=[8, 12, 16], depths=[1, 2, 4]).eval()
+    net = WBSRSRResNet(num_feat=16, num_block=4, widths=[8, 12, 16], depths=[1, 2, 4]).double().eval()
     with torch.no_grad():  # the bilinear skip carries the image, the trunk adds small detail (BasicSR's 0.1 init)
         for p in net.parameters():
             p.mul_(0.3)
-    yy, xx = torch.meshgrid(torch.linspace(0, 1, 48), torch.linspace(0, 1, 64), indexing='ij')
+    yy, xx = torch.meshgrid(torch.linspace(0, 1, 48, dtype=torch.float64),
+                            torch.linspace(0, 1, 64, dtype=torch.float64), indexing='ij')
     x = (0.5 + 0.3 * torch.sin(3 * xx + 2 * yy)).expand(1, 3, 48, 64).contiguous()
     assign = np.array([[0, 8, 3, 6], [8, 0, 6, 3], [2, 7, 0, 8]])  # 16-pixel tiles, neighbours always differ
     with torch.no_grad():
@@ -100,7 +101,7 @@ def test_mixed_tiles_of_a_trained_network_leave_no_visible_seam():
     # away from borders, each tile equals its subnet on the whole image (the receptive field is 9 LR pixels)
     for (top, left, bh, bw), k in zip(TileGrid.regular(48, 64, 16).boxes(), assign.ravel()):
         inner = (slice((top + 5) * s, (top + bh - 5) * s), slice((left + 5) * s, (left + bw - 5) * s))
-        assert (mixed[inner] - uniform[k][inner]).abs().max().item() < 1e-5
+        assert_equivalent(mixed[inner], uniform[k][inner])
     # across every tile border the step between neighbouring output pixels is as small as inside the tiles
     dx = (mixed[:, 1:] - mixed[:, :-1]).abs()
     borders = [c * s - 1 for c in (16, 32, 48)]
@@ -113,8 +114,8 @@ def test_mixed_tiles_of_a_trained_network_leave_no_visible_seam():
 
 
 def test_training_through_tiles_matches_the_whole_network_gradient():
-    net = randomise(tiny_srresnet(), seed=5).train()
-    x = torch.rand(3, 3, 16, 16)
+    net = exact(tiny_srresnet(), seed=5).train()
+    x = rand64(3, 3, 16, 16)
     for k in (0, 8):
         net.zero_grad()
         net(x, subnet=k).square().mean().backward()
@@ -124,7 +125,7 @@ def test_training_through_tiles_matches_the_whole_network_gradient():
         tiled = {n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None}
         assert plain.keys() == tiled.keys()
         for n in plain:
-            torch.testing.assert_close(tiled[n], plain[n], rtol=1e-4, atol=1e-5 * plain[n].abs().max().item())
+            assert_equivalent(tiled[n], plain[n])
     net.zero_grad()  # a mixed assignment per sample reaches every layer any of its tiles uses
     assign = np.array([[[0, 8], [8, 0]], [[2, 2], [2, 2]], [[8, 8], [8, 8]]])
     net(x, subnet=TileAssignment(assign, 8)).square().mean().backward()
@@ -165,14 +166,14 @@ def test_grid_bands_and_rectangles():
 def test_indexed_and_per_segment_writes_agree(monkeypatch):
     """Groups of many segments are written with one indexed copy, few with fused per-segment writes: same image."""
     import wbsr_arch.tiles as tiles
-    net = randomise(tiny_srresnet(), seed=6)
-    x = torch.rand(1, 3, 37, 45)
+    net = exact(tiny_srresnet(), seed=6)
+    x = rand64(1, 3, 37, 45)
     assign = np.random.default_rng(2).integers(0, 9, grid_shape(37, 45, 4))
     with torch.no_grad():
         looped = net.forward_tiles(x, assign, tile_size=4).output
         monkeypatch.setattr(tiles, 'SEGMENT_LOOP_LIMIT', 0)
         indexed = net.forward_tiles(x, assign, tile_size=4).output
-    assert (looped - indexed).abs().max().item() < 2e-6 * looped.abs().max().item()
+    assert_equivalent(indexed, looped)
 
 
 def test_an_accumulating_epilogue_takes_a_scale_only():
@@ -188,8 +189,8 @@ def test_no_uninitialised_feature_is_read(make, indexed, monkeypatch):
     """Feature maps are left uninitialised where no convolution reads them (tile interiors beyond a tile's width,
     tiles that stopped): with every new tensor filled with NaN, a mixed assignment gives the same finite image."""
     import wbsr_arch.tiles as tiles
-    net = randomise(make(), seed=7)
-    x = torch.rand(1, 3, 37, 45)
+    net = exact(make(), seed=7)
+    x = rand64(1, 3, 37, 45)
     assign = np.random.default_rng(3).integers(0, net.num_subnets, grid_shape(37, 45, 8))
     if indexed:
         monkeypatch.setattr(tiles, 'SEGMENT_LOOP_LIMIT', 0)
@@ -200,13 +201,13 @@ def test_no_uninitialised_feature_is_read(make, indexed, monkeypatch):
         torch.use_deterministic_algorithms(True)
         torch.utils.deterministic.fill_uninitialized_memory = True
         try:
-            assert torch.empty(4).isnan().all()  # the check below is meaningful
+            assert torch.empty(4, dtype=torch.float64).isnan().all()  # the check below is meaningful
             got = net.forward_tiles(x, assign, tile_size=8).output
         finally:
             torch.use_deterministic_algorithms(deterministic)
             torch.utils.deterministic.fill_uninitialized_memory = fill
     assert torch.isfinite(got).all()
-    assert (got - expected).abs().max().item() < 2e-6 * expected.abs().max().item()
+    assert_equivalent(got, expected)
 
 
 @pytest.mark.parametrize('scale', [2, 3, 4])
@@ -214,8 +215,8 @@ def test_no_uninitialised_feature_is_read(make, indexed, monkeypatch):
 def test_store_and_map_executors_give_the_same_image_and_flops(scale, size, tile):
     """Inference runs on per-tile stores with a halo exchange, training on whole-image maps: same image, same FLOPs,
     for per-sample mixed assignments, sizes that are not multiples of the tile, and with bands."""
-    net = randomise(tiny_srresnet(scale), seed=scale)
-    x = torch.rand(2, 3, *size)
+    net = exact(tiny_srresnet(scale), seed=scale)
+    x = rand64(2, 3, *size)
     assign = np.random.default_rng(size[0]).integers(0, 9, (2, *grid_shape(*size, tile)))
     with torch.no_grad():
         for max_pixels in (None, 64):
@@ -223,7 +224,7 @@ def test_store_and_map_executors_give_the_same_image_and_flops(scale, size, tile
             maps = net.forward_tiles(x, assign, tile_size=tile, max_pixels=max_pixels)
             net.tile_executor = 'auto'
             stores = net.forward_tiles(x, assign, tile_size=tile, max_pixels=max_pixels)
-            assert (stores.output - maps.output).abs().max().item() < 2e-6 * maps.output.abs().max().item()
+            assert_equivalent(stores.output, maps.output)
             assert stores.flops == maps.flops
 
 
@@ -232,8 +233,8 @@ def test_store_executor_needs_its_halo_exchange(broken, monkeypatch):
     """The comparison above sees a halo that is not refreshed, or an inner activation of a stopped tile that is
     not cleared: without either step the image moves far beyond float rounding."""
     import wbsr_arch.tile_store as tile_store
-    net = randomise(tiny_srresnet(), seed=8)
-    x = torch.rand(1, 3, 37, 45)
+    net = exact(tiny_srresnet(), seed=8)
+    x = rand64(1, 3, 37, 45)
     assign = np.random.default_rng(4).integers(0, 9, grid_shape(37, 45, 8))
     with torch.no_grad():
         net.tile_executor = 'maps'
