@@ -75,7 +75,8 @@ setup(
     long_description_content_type='text/markdown',
     license='Apache-2.0',
     python_requires='>=3.9',
-    packages=find_packages(include=['wbsr_arch', 'wbsr_data', 'wbsr_losses', 'wbsr_models']),
+    packages=find_packages(include=[f'{p}{s}' for p in ('wbsr_arch', 'wbsr_data', 'wbsr_losses', 'wbsr_models')
+                                    for s in ('', '.*')]),
     py_modules=['wbsr_hook'],
     include_package_data=False,
     install_requires=INSTALL_REQUIRES,

@@ -60,7 +60,7 @@ def main(argv: Optional[list] = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(int(os.environ.get('OMP_NUM_THREADS', 2)))
     keep_freed_memory()
-    net, scale, projection = load_model(args.model)
+    net, scale, projection, _ = load_model(args.model)
     net.eval()
     images = [image.lq for image in load_test_set(os.path.join(args.data, 'Urban100'), scale, limit=args.images)]
     grids = [TileGrid.regular(x.shape[2], x.shape[3], args.tile_size) for x in images]

@@ -264,7 +264,7 @@ def main() -> int:
                 scores = json.load(f)
         missing = [e for e in EVALUATIONS.get(sweep, EVALUATIONS['default']) if f'{e[0]}/{e[1]}' not in scores]
         if missing:
-            net, scale, projection = load_model(checkpoint)
+            net, scale, projection, _ = load_model(checkpoint)
             for name, key, options in missing:
                 if name not in sets:
                     sets[name] = load_test_set(os.path.join(data, name), 4)

@@ -7,6 +7,7 @@ from hypothesis import given, settings, strategies as st
 from wbsr_data.difficulty import DifficultyProjection
 from wbsr_models import calibrate
 from wbsr_models.router import Router, RoutingOptions, calibrated_subnets
+from wbsr_models.routing.artefacts import ClassErrors, RoutingArtefacts
 
 from test_arch import randomise, tiny_srresnet
 from test_hostile import tiny_checkpoint
@@ -56,14 +57,21 @@ def test_region_area_weighs_the_error():
     assert chosen.tolist() == [1, 1]
 
 
-def test_projection_round_trip_with_a_calibration():
+def test_class_errors_round_trip_and_older_checkpoints():
     proj = DifficultyProjection.fit(np.random.default_rng(0).random((200, 4)), 10)
-    proj.class_mse, proj.calibration = class_mse(), {'scheme': 'tiles', 'images': 3}
-    again = DifficultyProjection.from_dict(proj.to_dict())
-    assert np.array_equal(again.class_mse, proj.class_mse) and again.calibration == {'scheme': 'tiles', 'images': 3}
-    bad = dict(proj.to_dict(), class_mse=[[1.0, 2.0]] * 9)
-    with pytest.raises(ValueError, match=r'non-negative \(K=10, M\) table, got shape \(9, 2\)'):
-        DifficultyProjection.from_dict(bad)
+    errors = ClassErrors(class_mse(), {'scheme': 'tiles', 'images': 3})
+    entry = {'difficulty': proj.to_dict(), 'routing': RoutingArtefacts(class_errors=errors).to_dict()}
+    again = RoutingArtefacts.from_checkpoint_entry(entry).class_errors
+    assert np.array_equal(again.class_mse, errors.class_mse) and again.info == {'scheme': 'tiles', 'images': 3}
+    assert 'class_mse' not in entry['difficulty']  # routing artefacts live beside the thresholds, not in them
+    older = {'difficulty': dict(proj.to_dict(), class_mse=class_mse().tolist(), calibration={'images': 3})}
+    assert np.array_equal(RoutingArtefacts.from_checkpoint_entry(older).class_errors.class_mse, class_mse())
+    bad = {'difficulty': proj.to_dict(), 'routing': {'class_errors': {'class_mse': [[1.0, 2.0]] * 9}}}
+    with pytest.raises(ValueError, match=r'9 classes, the thresholds make 10: a \(K=10, M\) table is needed'):
+        RoutingArtefacts.from_checkpoint_entry(bad)
+    bad['routing']['class_errors']['class_mse'] = [[1.0, float('nan')]] * 10
+    with pytest.raises(ValueError, match=r'finite, non-negative \(K, M\) table'):
+        RoutingArtefacts.from_checkpoint_entry(bad)
 
 
 def test_router_calibrated_mode_needs_a_calibration():
@@ -71,12 +79,13 @@ def test_router_calibrated_mode_needs_a_calibration():
     proj = DifficultyProjection.fit(np.random.default_rng(0).random((200, 4)) * 0.05, 10)
     with pytest.raises(ValueError, match='needs the measured error of every subnet'):
         Router(net, RoutingOptions(mode='calibrated', budget=0.5), 4, proj)
-    with pytest.raises(ValueError, match=r'budget must be in \(0, 1\] for calibrated mode'):
+    with pytest.raises(ValueError, match='val.routing.budget is required for calibrated mode'):
         RoutingOptions.from_opt({'mode': 'calibrated'})
-    proj.class_mse = class_mse()
+    routing = RoutingArtefacts(class_errors=ClassErrors(class_mse()))
     x = torch.rand(1, 3, 40, 56)
     for scheme in ('tiles', 'patches'):
-        result = Router(net, RoutingOptions(mode='calibrated', budget=0.5, scheme=scheme, tile_size=8), 4, proj)(x)
+        options = RoutingOptions(mode='calibrated', budget=0.5, scheme=scheme, tile_size=8)
+        result = Router(net, options, 4, proj, routing=routing)(x)
         assert result.ratio_regions <= 0.5 + 1e-9 and result.output.shape == (1, 3, 160, 224)
 
 
@@ -96,7 +105,8 @@ def test_wbsr_calibrate_writes_the_class_errors_into_a_new_checkpoint(tmp_path, 
     text = capsys.readouterr().out
     assert 'wbsr-calibrate: 2 images, 24 regions' in text  # 2 images of 24x32 LR in 8x8 tiles: 3 x 4 each
     from wbsr_models.infer import load_model
-    _, _, projection = load_model(str(out))
-    assert projection.class_mse.shape == (10, 9) and projection.calibration['regions'] == 24
+    routing = load_model(str(out)).routing
+    assert routing.class_errors.class_mse.shape == (10, 9) and routing.class_errors.info['regions'] == 24
+    assert routing.predictor is None  # without --predictor
     assert calibrate.main(['--model', str(out), '--data', str(tmp_path / 'train'), '--out', str(out)]) == 2
     assert 'is --model: write the calibrated checkpoint to another file' in capsys.readouterr().err

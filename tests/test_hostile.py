@@ -407,13 +407,15 @@ def test_mode_flags_choose_their_mode_or_are_refused(tmp_path, checkpoint, capsy
     assert infer.main(common + ['-o', str(tmp_path / 'o4')]) == 0
     assert implied.split('  ')[1] == explicit.split('  ')[1] != flops_line(capsys).split('  ')[1]
     refusals = [
-        (['--budget', '0.6', '--mode', 'wbsr'], '--budget applies to --mode budget only, not --mode wbsr'),
-        (['--budget', '0.6', '--mode', 'full'], '--budget applies to --mode budget only, not --mode full'),
+        (['--budget', '0.6', '--mode', 'wbsr'], '--budget applies to --mode budget or calibrated or learned only, not '
+         '--mode wbsr'),
+        (['--budget', '0.6', '--mode', 'full'], '--budget applies to --mode budget or calibrated or learned only, not '
+         '--mode full'),
         (['--subnet', '1', '--mode', 'budget', '--budget', '0.5'], '--subnet applies to --mode fixed only, not --mode '
          'budget'),
         (['--budget', '0.6', '--subnet', '1'], '--budget and --subnet select different modes (budget, fixed); give one '
          'of them'),
-        (['--mode', 'fixed'], "--mode fixed needs --subnet (an index into the network's subnets)"),
+        (['--mode', 'fixed'], "--mode fixed needs --subnet (fixed mode: index into the network's subnets)"),
         (['--budget', '1.5'], '--budget must be in (0, 1], got 1.5'),
         (['--subnet', '9'], '--subnet 9: this network has subnets 0..8'),
         (['--budget', '0.01'], "--budget 0.01 is below the cheapest subnet's cost, 0.235 of the full network's"),

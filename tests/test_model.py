@@ -241,7 +241,8 @@ def write_test_option_file(tmp_path, data, ckpt, mode='wbsr'):
            'network_g': {'type': 'WBSRSRResNet', 'num_feat': 16, 'num_block': 4, 'widths': [8, 12, 16],
                          'depths': [1, 2, 4]},
            'path': {'pretrain_network_g': str(ckpt), 'strict_load_g': True},
-           'val': {'save_img': True, 'suffix': None, 'routing': {'mode': mode, 'budget': 0.6},
+           'val': {'save_img': True, 'suffix': None,
+                   'routing': {'mode': mode, **({'budget': 0.6} if mode == 'budget' else {})},
                    'metrics': {'psnr': {'type': 'calculate_psnr', 'crop_border': 4, 'test_y_channel': True}}}}
     path = tmp_path / f'test_{mode}.yml'
     path.write_text(yaml.safe_dump(opt))

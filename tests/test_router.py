@@ -202,7 +202,7 @@ def test_missing_thresholds_fit_on_the_image_with_a_warning(net, basicsr_log):
     ({'mode': 'fast'}, 'val.routing.mode must be one of'),
     ({'mode': 'budget', 'budget': 1.5}, r'budget must be in \(0, 1\]'),
     ({'mode': 'budget', 'budget': 0}, r'budget must be in \(0, 1\]'),
-    ({'mode': 'budget'}, r'budget must be in \(0, 1\]'),
+    ({'mode': 'budget'}, 'val.routing.budget is required for budget mode'),
     ({'mode': 'fixed'}, 'subnet is required for fixed mode'),
     ({'step': 40}, 'step <= patch_size'),
     ({'batch': 3}, r"unknown option\(s\) \['batch'\]"),

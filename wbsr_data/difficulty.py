@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -95,10 +95,9 @@ class DifficultyProjection:
         axis: Projection axis (ones for ``sum``).
         thresholds: ``t_1 .. t_(K-1)`` ascending; class k holds ``t_(k-1) < s <= t_k``.
         score_range: Smallest and largest training score, the ends of :meth:`position`'s scale.
-        class_mse: Optional ``(K, M)`` calibration of a trained supernet: the mean squared error per pixel (Y, [0, 1])
-            of each subnet on the regions of each class, measured on training images (``wbsr-calibrate``); what
-            ``val.routing.mode: calibrated`` allocates by.
-        calibration: How ``class_mse`` was measured (scheme, region size, images).
+
+    What routing measures on a trained network (class errors, an error predictor) is kept beside this, in
+    :mod:`wbsr_models.routing.artefacts`.
     """
 
     kind: str
@@ -107,8 +106,6 @@ class DifficultyProjection:
     thresholds: np.ndarray
     score_range: tuple[float, float]
     version: int = field(default=DIFFICULTY_VERSION)
-    class_mse: Optional[np.ndarray] = None
-    calibration: dict[str, Any] = field(default_factory=dict)
 
     @property
     def num_classes(self) -> int:
@@ -172,14 +169,12 @@ class DifficultyProjection:
             'score_range': [float(v) for v in self.score_range],
             'version': int(self.version),
         }
-        if self.class_mse is not None:
-            data['class_mse'] = [[float(v) for v in row] for row in self.class_mse]
-            data['calibration'] = dict(self.calibration)
         return data
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> 'DifficultyProjection':
-        """Inverse of :meth:`to_dict`, refusing malformed or other-version data with a ``ValueError``."""
+        """Inverse of :meth:`to_dict`, refusing malformed or other-version data with a ``ValueError``. (Class errors
+        that older checkpoints keep in this entry are read by :mod:`wbsr_models.routing.artefacts`.)"""
         try:
             kind = str(data['kind'])
             mean = np.asarray(data['mean'], dtype=np.float64)
@@ -187,8 +182,6 @@ class DifficultyProjection:
             thresholds = np.asarray(data['thresholds'], dtype=np.float64).reshape(-1)
             lo, hi = (float(v) for v in data['score_range'])
             version = int(data['version'])
-            class_mse = None if data.get('class_mse') is None else np.asarray(data['class_mse'], dtype=np.float64)
-            calibration = dict(data.get('calibration') or {})
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f'malformed difficulty projection ({exc!r})') from None
         if version != DIFFICULTY_VERSION:
@@ -198,9 +191,8 @@ class DifficultyProjection:
             raise ValueError(f'malformed difficulty projection (kind={kind!r}, mean {mean.shape}, axis {axis.shape})')
         if not (np.all(np.isfinite(thresholds)) and np.all(np.diff(thresholds) >= 0)):
             raise ValueError('difficulty thresholds must be finite and ascending')
-        if class_mse is not None and (class_mse.ndim != 2 or class_mse.shape[0] != len(thresholds) + 1 or
-                                      not np.all(np.isfinite(class_mse)) or np.any(class_mse < 0)):
-            raise ValueError(f'the calibration must be a finite, non-negative (K={len(thresholds) + 1}, M) table, got '
-                             f'shape {class_mse.shape}')
-        return cls(kind=kind, mean=mean, axis=axis, thresholds=thresholds, score_range=(lo, hi), version=version,
-                   class_mse=class_mse, calibration=calibration)
+        if not (np.all(np.isfinite(mean)) and np.all(np.isfinite(axis)) and np.any(axis != 0)):
+            raise ValueError('the difficulty projection\'s mean and axis must be finite, the axis not zero')
+        if not (math.isfinite(lo) and math.isfinite(hi) and lo <= hi):
+            raise ValueError(f'the difficulty score range must be finite and ordered, got ({lo}, {hi})')
+        return cls(kind=kind, mean=mean, axis=axis, thresholds=thresholds, score_range=(lo, hi), version=version)

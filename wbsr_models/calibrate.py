@@ -1,19 +1,25 @@
-"""``wbsr-calibrate``: measure what each subnet buys on each difficulty class, on training images.
+"""``wbsr-calibrate``: measure what each subnet does on training images, for the routing modes that learn from it.
 
-    wbsr-calibrate --model net_g_latest.pth --data datasets/train291 --out net_g_calibrated.pth
+    wbsr-calibrate --model net_g_latest.pth --data datasets/train291 --out net_g_calibrated.pth [--predictor]
 
 Every subnet runs on each training image (a folder in ``wbsr-make-lr``'s layout: ``HR/`` and
-``LR_bicubic/X{scale}/``); the squared error (Y channel) of every routing region is recorded with the
-region's difficulty class. The mean squared error per pixel of each subnet on each class is stored in the
-checkpoint's ``'wbsr'`` entry, beside the thresholds; ``val.routing.mode: calibrated`` allocates a FLOPs
-budget by it (:func:`wbsr_models.router.calibrated_subnets`). Measure on training images, never on the
-images you report on.
+``LR_bicubic/X{scale}/``) and its squared error (Y channel) is recorded per LR pixel. From that:
+
+- the mean squared error per pixel of each subnet on each difficulty class (``val.routing.mode: calibrated``,
+  :func:`wbsr_models.routing.allocation.calibrated_subnets`);
+- with ``--predictor``, an error predictor (:mod:`wbsr_models.routing.predictor`) trained on the same maps, cut
+  into tiles at every ``--stride`` offset, in each of the first ``--transforms`` flips/rotations of every image,
+  with every 10th image held out for the report (``val.routing.mode: learned``).
+
+Both are stored in the checkpoint's ``'wbsr'`` entry (``'routing'``), beside the thresholds; the weights are not
+touched. Measure on training images, never on the images you report on.
 """
 from __future__ import annotations
 
 import argparse
 import os
 import sys
+import time
 from dataclasses import dataclass
 from typing import Iterable, Optional, Sequence
 
@@ -28,8 +34,11 @@ wbsr_hook.prepare_basicsr_import()
 from wbsr_data.fileio import CorruptFileError, torch_load, torch_save  # noqa: E402
 
 from .baselines import region_psnr_table  # noqa: E402
-from .evaluation import TestImage, load_test_set  # noqa: E402
+from .evaluation import TestImage, gt_tensor, load_test_set  # noqa: E402
 from .router import Router, RoutingOptions  # noqa: E402
+from .routing.artefacts import ClassErrors  # noqa: E402
+from .routing.predictor import (ErrorMaps, FitOptions, dihedral, error_maps, fit_predictor,  # noqa: E402
+                                quality_map)
 
 
 @dataclass
@@ -59,28 +68,51 @@ class RegionRecords:
         return table
 
 
-def gt_tensor(image: TestImage) -> torch.Tensor:
-    """The HR image of ``image`` as a ``(1, 3, H, W)`` RGB tensor in [0, 1]."""
-    return torch.from_numpy(np.ascontiguousarray(image.gt[..., ::-1].transpose(2, 0, 1))).float()[None] / 255.
+def _records(router: Router, columns: dict) -> RegionRecords:
+    arrays = {k: np.concatenate(v) for k, v in columns.items()}
+    scores = router.projection.score(arrays['vectors'])
+    return RegionRecords(image=arrays['image'], area=arrays['area'].astype(np.float64), vectors=arrays['vectors'],
+                         scores=scores, classes=router.projection.classify(scores), mse=arrays['mse'])
 
 
-def measure_regions(router: Router, images: Iterable[TestImage], progress: bool = True) -> RegionRecords:
+def measure_regions(router: Router, images: Iterable[TestImage], progress: bool = True,
+                    maps: Optional[list[ErrorMaps]] = None) -> RegionRecords:
     """Every subnet's error on every region of ``images``, cut as ``router`` cuts them (each subnet runs once per
-    image: on the whole image for ``tiles``, on every patch for ``patches``)."""
+    image: on the whole image for ``tiles``, on every patch for ``patches``). With ``maps`` (a list), the tiles
+    scheme also appends every image's :class:`~wbsr_models.routing.predictor.ErrorMaps` to it."""
     from wbsr_data.difficulty import gradient_vectors
     columns: dict[str, list] = {k: [] for k in ('image', 'area', 'vectors', 'mse')}
     images = list(images)
     for n, image in enumerate(tqdm(images, desc='calibrating', unit='img', disable=None if progress else True)):
-        table, regions = region_psnr_table(router, image.lq, gt_tensor(image).to(image.lq.device))
+        lq = router.prepare(image.lq)
+        regions = router.regions(lq)
+        gt = gt_tensor(image).to(lq.device)
+        if regions.scheme == 'tiles':
+            errors = error_maps(lambda x, m: router._whole(x, m).output, router.num_subnets, router.scale, lq, gt)
+            mse = np.stack([errors[:, t:t + h, lf:lf + w].mean(axis=(1, 2), dtype=np.float64)
+                            for t, lf, h, w in regions.boxes.tolist()])
+            if maps is not None:
+                maps.append(ErrorMaps(n, 0, (lq[0].clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy(), errors))
+        else:
+            table, regions = region_psnr_table(router, lq, gt)
+            mse = 10 ** (-table.T / 10)
         columns['image'].append(np.full(len(regions), n))
         columns['area'].append(regions.boxes[:, 2] * regions.boxes[:, 3])
         columns['vectors'].append(regions.per_region(lambda crops: gradient_vectors(crops).cpu().numpy()))
-        columns['mse'].append(10 ** (-table.T / 10))
-    arrays = {k: np.concatenate(v) for k, v in columns.items()}
-    projection = router.projection
-    scores = projection.score(arrays['vectors'])
-    return RegionRecords(image=arrays['image'], area=arrays['area'].astype(np.float64), vectors=arrays['vectors'],
-                         scores=scores, classes=projection.classify(scores), mse=arrays['mse'])
+        columns['mse'].append(mse)
+    return _records(router, columns)
+
+
+def transformed_maps(router: Router, images: Sequence[TestImage], transforms: Sequence[int],
+                     progress: bool = True) -> list[ErrorMaps]:
+    """:class:`~wbsr_models.routing.predictor.ErrorMaps` of every image in each of ``transforms`` (flips/rotations)."""
+    maps = []
+    work = [(n, k) for k in transforms for n in range(len(images))]
+    for n, k in tqdm(work, desc='error maps', unit='img', disable=None if progress else True):
+        lq, gt = dihedral(router.prepare(images[n].lq), k), dihedral(gt_tensor(images[n]), k).to(images[n].lq.device)
+        errors = error_maps(lambda x, m: router._whole(x, m).output, router.num_subnets, router.scale, lq, gt)
+        maps.append(ErrorMaps(n, k, (lq[0].clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy(), errors))
+    return maps
 
 
 def gains_db(class_mse: np.ndarray) -> np.ndarray:
@@ -97,11 +129,25 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument('--images', type=int, default=None, help='use only the first N images')
     parser.add_argument('--scheme', default='tiles', choices=['tiles', 'patches'], help='regions measured on')
     parser.add_argument('--tile-size', type=int, default=32)
+    parser.add_argument('--predictor', action='store_true', help='also fit an error predictor (the learned mode)')
+    defaults = FitOptions()
+    parser.add_argument('--transforms', type=int, default=1,
+                        help='predictor: flips/rotations of every image measured (1..8; default: 1, the image as it is; '
+                        'training also flips/rotates every image with its labels)')
+    parser.add_argument('--epochs', type=int, default=defaults.epochs, help='predictor: training epochs')
+    parser.add_argument('--width', type=int, default=defaults.width, help='predictor: trunk width')
+    parser.add_argument('--stride', type=int, default=defaults.stride, help='predictor: training tile offsets (LR px)')
+    parser.add_argument('--seed', type=int, default=defaults.seed, help='predictor: seed')
     args = parser.parse_args(argv)
+    start = time.perf_counter()
     try:
         if os.path.abspath(args.out) == os.path.abspath(args.model):
             raise UsageError(f'--out {args.out} is --model: write the calibrated checkpoint to another file')
-        net, scale, projection = load_model(args.model)
+        if args.predictor and args.scheme != 'tiles':
+            raise UsageError('--predictor learns from whole-image runs: use it with --scheme tiles')
+        if not 1 <= args.transforms <= 8:
+            raise UsageError(f'--transforms must be in 1..8, got {args.transforms}')
+        net, scale, projection, routing = load_model(args.model)
         if projection is None:
             raise UsageError(f'--model {args.model} has no difficulty thresholds (not written by WBSRModel)')
         images = load_test_set(args.data, scale, limit=args.images)
@@ -110,23 +156,51 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     torch.set_num_threads(int(os.environ.get('OMP_NUM_THREADS', torch.get_num_threads())))
     router = Router(net, RoutingOptions(scheme=args.scheme, tile_size=args.tile_size), scale, projection)
-    records = measure_regions(router, images)
+    maps: Optional[list] = [] if args.predictor else None
+    records = measure_regions(router, images, maps=maps)
     class_mse = records.class_mse(projection.num_classes)
-    checkpoint = torch_load(args.model)
-    projection.class_mse = class_mse
     # the data folder as given (a relative path stays relative: no machine's absolute paths in a shared file)
-    projection.calibration = {'scheme': args.scheme, 'tile_size': args.tile_size, 'images': len(images),
-                              'regions': int(len(records.classes)), 'data': os.path.normpath(args.data)}
+    routing.class_errors = ClassErrors(class_mse, {'scheme': args.scheme, 'tile_size': args.tile_size,
+                                                   'images': len(images), 'regions': int(len(records.classes)),
+                                                   'data': os.path.normpath(args.data)})
+    report = None
+    if args.predictor:
+        maps += transformed_maps(router, images, range(1, args.transforms))
+        options = FitOptions(width=args.width, tile=args.tile_size, stride=args.stride, epochs=args.epochs,
+                             seed=args.seed)
+        bar = tqdm(total=args.epochs, desc='fitting the predictor', unit='epoch', disable=None)
+        predictor, report = fit_predictor(maps, net.num_subnets, options,
+                                          progress=lambda text: (bar.set_postfix_str(text), bar.update(1)))
+        bar.close()
+        report['data'] = os.path.normpath(args.data)
+        report['transforms'] = args.transforms
+        held_out = [m for m in maps if m.image % options.val_every == 0 and m.transform == 0]
+        if held_out:  # the quality target's threshold, set on the held-out images (never on a test set)
+            predictor.quality = quality_map(predictor, held_out, args.tile_size,
+                                            np.asarray(net.subnet_flops((args.tile_size, args.tile_size))) /
+                                            args.tile_size ** 2)
+            report['quality'] = {'requested_db': list(predictor.quality[0]), 'threshold_db': list(predictor.quality[1])}
+        predictor.fit_info = report
+        routing.predictor = predictor
+    checkpoint = torch_load(args.model)
     if not isinstance(checkpoint.get('wbsr'), dict):
         raise CorruptFileError(args.model, "no 'wbsr' entry")
     checkpoint['wbsr']['difficulty'] = projection.to_dict()
+    checkpoint['wbsr']['routing'] = routing.to_dict()
     torch_save(checkpoint, args.out)
     gains = gains_db(class_mse)
     print('class | regions | PSNR gain (dB) of each subnet over the smallest')
     for k in range(projection.num_classes):
         print(f'{k + 1:5d} | {int((records.classes == k + 1).sum()):7d} | ' + ' '.join(f'{g:5.2f}' for g in gains[k]))
+    if report is not None:
+        val = report.get('validation', {})
+        print(f"predictor: {report['tiles_per_epoch']} training tiles from {report['train_images']} images x "
+              f"{args.transforms} flips/rotations, {report['epochs']} epochs in {report['seconds']:.0f} s; on the "
+              f"{report['val_images']} held-out images Spearman's rho of predicted and measured gain "
+              f"{val.get('spearman_gain', float('nan')):.3f} (largest over smallest), "
+              f"{val.get('spearman_ratio_mean', float('nan')):.3f} (mean over subnets)")
     print(f'wbsr-calibrate: {len(images)} images, {len(records.classes)} regions; calibrated checkpoint written to '
-          f'{args.out}')
+          f'{args.out} ({time.perf_counter() - start:.0f} s)')
     return 0
 
 

@@ -115,7 +115,7 @@ def evaluate_demo(checkpoint: str, test_dir: str, out: str, device: str, repeats
     """The table's rows: full network, Eq. 15 and a budget sweep on seamless tiles, Eq. 15 on the papers'
     patches, and every fixed subnet; quality and FLOPs from one run each, seconds from :func:`time_modes`."""
     keep_freed_memory()
-    net, scale, projection = load_model(checkpoint, device=device)
+    net, scale, projection, _ = load_model(checkpoint, device=device)
     largest = len(net.subnets) - 1
     modes = [('full', {'mode': 'full'}), ('tiles: wbsr (Eq. 15)', {'mode': 'wbsr'})]
     modes += [(f'tiles: budget {b}', {'mode': 'budget', 'budget': b}) for b in (0.8, 0.65, 0.5)]

@@ -31,6 +31,11 @@ class TestImage:
     gt: np.ndarray  # uint8 BGR HxWx3
 
 
+def gt_tensor(image: TestImage) -> torch.Tensor:
+    """The HR image of ``image`` as a ``(1, 3, H, W)`` RGB tensor in [0, 1]."""
+    return torch.from_numpy(np.ascontiguousarray(image.gt[..., ::-1].transpose(2, 0, 1))).float()[None] / 255.
+
+
 def read_rgb_tensor(path: str) -> torch.Tensor:
     """An image file as a (1, 3, H, W) RGB float tensor in [0, 1] (gray and RGBA converted)."""
     with open(path, 'rb') as f:
@@ -145,10 +150,13 @@ def evaluate(router: Router, images: Iterable[TestImage], repeats: int = 1,
         rows.append({'psnr': calculate_psnr(sr, image.gt, crop_border=scale, test_y_channel=True),
                      'ssim': calculate_ssim(sr, image.gt, crop_border=scale, test_y_channel=True),
                      'gflops': result.flops / 1e9, 'ratio_regions': result.ratio_regions,
-                     'ratio_whole': result.ratio_whole, 'seconds': seconds, 'shares': result.shares()})
+                     'ratio_whole': result.ratio_whole, 'seconds': seconds, 'shares': result.shares(),
+                     **{k: float(v) for k, v in result.extra.items() if isinstance(v, (int, float))}})
         if on_image is not None:
             on_image(image, result, sr)
     summary = {k: float(np.mean([r[k] for r in rows])) for k in rows[0] if k != 'shares'}
+    if 'predicted_loss_db' in rows[0]:  # a quality target: how far the predicted losses spread over the images
+        summary['predicted_loss_db_sd'] = float(np.std([r['predicted_loss_db'] for r in rows]))
     summary['shares'] = np.mean([r['shares'] for r in rows], axis=0).tolist()
     summary['images'] = len(rows)
     return summary

@@ -20,7 +20,7 @@ import os
 import sys
 import time
 from collections.abc import Mapping
-from typing import Any, Optional, Sequence
+from typing import Any, NamedTuple, Optional, Sequence
 
 import numpy as np
 import torch
@@ -41,7 +41,10 @@ from wbsr_data.make_lr import IMAGE_EXTENSIONS, encode_png, list_images, output_
 from wbsr_data.pairs import ImageFileError, ImageTooLargeError, decode_image  # noqa: E402
 
 from .evaluation import keep_freed_memory  # noqa: E402
+from .baselines import ArmTable  # noqa: E402
 from .router import Router, RoutingOptions  # noqa: E402
+from .routing.artefacts import RoutingArtefacts  # noqa: E402
+from .routing.modes import MODES, OPTIONS, modes_reading  # noqa: E402
 from .visualize import allocation_map, subnet_labels  # noqa: E402
 
 DEFAULT_MAX_PIXELS = 4096 * 4096  # LR pixels; the x4 output alone is then 3.2 GB as float32
@@ -103,8 +106,18 @@ def state_dict_mismatch(exc: RuntimeError) -> str:
     return details[0] + (f' (and {len(details) - 1} more)' if len(details) > 1 else '')
 
 
-def load_model(checkpoint_path: str, option_file: Optional[str] = None, device: str = 'cpu'):
-    """``(network, scale, difficulty projection or None)`` from a checkpoint (and optionally its option file).
+class LoadedModel(NamedTuple):
+    """What :func:`load_model` reads from a checkpoint."""
+
+    net: torch.nn.Module
+    scale: int
+    projection: Optional[DifficultyProjection]  # difficulty thresholds and projection, None for plain checkpoints
+    routing: RoutingArtefacts  # class errors and error predictor, where the checkpoint has them
+
+
+def load_model(checkpoint_path: str, option_file: Optional[str] = None, device: str = 'cpu') -> LoadedModel:
+    """The network, its scale, its difficulty projection and its routing artefacts, from a checkpoint (and optionally
+    its option file).
 
     Every problem is one exception naming the file it comes from: :class:`CorruptFileError` for the
     checkpoint (also when its own ``'wbsr'`` entry does not fit its weights), :class:`OptionFileError` for
@@ -160,6 +173,10 @@ def load_model(checkpoint_path: str, option_file: Optional[str] = None, device: 
         projection = DifficultyProjection.from_dict(difficulty) if difficulty else None
     except Exception as exc:  # noqa: BLE001  (from_dict on a damaged entry can fail in many ways)
         raise CorruptFileError(checkpoint_path, f'bad difficulty thresholds ({first_line(exc)})') from None
+    try:
+        routing = RoutingArtefacts.from_checkpoint_entry(extras)
+    except ValueError as exc:
+        raise CorruptFileError(checkpoint_path, first_line(exc)) from None
     net.eval()
     # The scale the router uses must be the network's own (else: an index_add_ error in the middle of an image).
     # BasicSR's networks and the supernets keep it as ``upscale``; others are run once on an 8x8 image.
@@ -174,7 +191,9 @@ def load_model(checkpoint_path: str, option_file: Optional[str] = None, device: 
             raise options_error(f'scale is {scale} but network_g turns 8x8 into {probe.shape[-1]}x{probe.shape[-2]}')
     elif upscale != scale:
         raise options_error(f'scale is {scale} but network_g upscales x{upscale}')
-    return net.to(device), int(scale), projection
+    if routing.predictor is not None:
+        routing.predictor.to(device)
+    return LoadedModel(net.to(device), int(scale), projection, routing)
 
 
 def list_inputs(path: str) -> list[str]:
@@ -185,30 +204,49 @@ def list_inputs(path: str) -> list[str]:
     raise FileNotFoundError(f'-i {path}: no such file or folder')
 
 
+def add_routing_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--mode`` and one flag per mode-specific option, from the registry of routing modes."""
+    parser.add_argument('--mode', default=None, choices=list(MODES),
+                        help='routing mode (default: the mode a given option selects, e.g. budget with --budget, '
+                        'learned with --max-loss, else wbsr): '
+                        + '; '.join(f'{n}: {m.summary}' for n, m in MODES.items()))
+    for option in OPTIONS.values():
+        kind = {'index': int, 'path': str, 'choice': str}.get(option.kind, float)
+        readers = ', '.join(modes_reading(option.name))
+        parser.add_argument(option.flag, dest=option.name, type=kind, default=None,
+                            choices=option.choices or None, help=f'{option.help} (modes: {readers})')
+
+
 def resolve_mode(args: argparse.Namespace) -> str:
     """The routing mode from ``--mode`` and the mode-specific flags; flags that would be ignored are refused."""
-    implied = {'--budget': 'budget', '--alpha': 'alpha', '--subnet': 'fixed'}
-    given = [flag for flag in implied if getattr(args, flag[2:]) is not None]
+    given = [name for name in OPTIONS if getattr(args, name, None) is not None]
+    for name in given:
+        setattr(args, name, OPTIONS[name].check(getattr(args, name), OPTIONS[name].flag))
     if args.mode is None:
-        if len(given) > 1:
-            raise UsageError(f'{" and ".join(given)} select different modes '
-                             f'({", ".join(implied[f] for f in given)}); give one of them')
-        return implied[given[0]] if given else 'wbsr'
-    for flag in given:
-        if implied[flag] != args.mode:
-            raise UsageError(f'{flag} applies to --mode {implied[flag]} only, not --mode {args.mode}')
-    if args.mode == 'budget' and args.budget is None:
-        raise UsageError('--mode budget needs --budget (a fraction of the full network, in (0, 1])')
-    if args.mode == 'fixed' and args.subnet is None:
-        raise UsageError('--mode fixed needs --subnet (an index into the network\'s subnets)')
-    return args.mode
+        implied = {OPTIONS[n].flag: OPTIONS[n].implies for n in given if OPTIONS[n].implies}
+        if len(set(implied.values())) > 1:
+            raise UsageError(f'{" and ".join(implied)} select different modes ({", ".join(implied.values())}); give '
+                             'one of them')
+        mode = next(iter(implied.values()), 'wbsr')
+    else:
+        mode = args.mode
+    reads = MODES[mode].reads()
+    for name in given:
+        if name not in reads:
+            readers = modes_reading(name)
+            raise UsageError(f'{OPTIONS[name].flag} applies to --mode {" or ".join(readers)} only, not --mode {mode}')
+    for name in MODES[mode].required:
+        if name not in given:
+            raise UsageError(f'--mode {mode} needs {OPTIONS[name].flag} ({OPTIONS[name].help})')
+    try:
+        MODES[mode].check_options(argparse.Namespace(**{n: getattr(args, n, None) for n in OPTIONS}), '--mode ' + mode)
+    except ValueError as exc:
+        raise UsageError(str(exc).replace('.budget', ' --budget').replace('budget and max_loss',
+                                                                          '--budget and --max-loss')) from None
+    return mode
 
 
 def check_numbers(args: argparse.Namespace) -> None:
-    if args.budget is not None and not 0. < args.budget <= 1.:
-        raise UsageError(f'--budget must be in (0, 1], got {args.budget}')
-    if args.alpha is not None and not args.alpha > 0:
-        raise UsageError(f'--alpha must be > 0, got {args.alpha}')
     if args.tile_size < 1:
         raise UsageError(f'--tile-size must be >= 1, got {args.tile_size}')
     if args.patch_size < 1 or not 1 <= args.step <= args.patch_size:
@@ -225,9 +263,9 @@ def check_numbers(args: argparse.Namespace) -> None:
 def check_network_flags(net: torch.nn.Module, mode: str, args: argparse.Namespace) -> None:
     """Flags that depend on the network: the subnet index and a budget the cheapest subnet can meet."""
     num_subnets = int(getattr(net, 'num_subnets', 1))
-    if mode == 'fixed' and not 0 <= args.subnet < num_subnets:
+    if args.subnet is not None and not 0 <= args.subnet < num_subnets:
         raise UsageError(f'--subnet {args.subnet}: this network has subnets 0..{num_subnets - 1}')
-    if mode == 'budget':
+    if args.budget is not None:
         side = args.tile_size if args.scheme == 'tiles' else args.patch_size
         costs = net.subnet_flops((side, side)) if hasattr(net, 'subnet_flops') else [1]
         share = costs[0] / costs[-1]
@@ -317,12 +355,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument('-o', '--output', default='results', help='output folder (default: results)')
     parser.add_argument('--model', required=True, help='checkpoint (.pth) written by WBSRModel')
     parser.add_argument('-opt', default=None, help='option file, for checkpoints without network options')
-    parser.add_argument('--mode', default=None, choices=['wbsr', 'budget', 'alpha', 'full', 'fixed'],
-                        help='routing mode (default: budget with --budget, alpha with --alpha, fixed with --subnet, '
-                        'else wbsr)')
-    parser.add_argument('--budget', type=float, default=None, help='average cost <= budget x full network')
-    parser.add_argument('--alpha', type=float, default=None, help='alpha mode trade-off (default: 1.0)')
-    parser.add_argument('--subnet', type=int, default=None, help='fixed mode: subnet index')
+    add_routing_arguments(parser)
     parser.add_argument('--scheme', default='tiles', choices=['tiles', 'patches'],
                         help='tiles: one seamless pass over the image (default); patches: the papers\' overlapping '
                         'patches, run separately and averaged')
@@ -347,13 +380,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise UsageError(f'-i {args.input}: no images ({", ".join(IMAGE_EXTENSIONS)}) in this folder')
         plan = plan_outputs(files, args.input, args.output, args.suffix, args.save_map)
         ensure_writable_dir(args.output, '-o')
-        net, scale, projection = load_model(args.model, args.opt, device)
+        net, scale, projection, routing = load_model(args.model, args.opt, device)
         keep_freed_memory(32 << 20)  # reuse memory across images; blocks over 32 MB go back (large inputs)
         check_network_flags(net, mode, args)
         options = RoutingOptions(mode=mode, scheme=args.scheme, tile_size=args.tile_size, patch_size=args.patch_size,
-                                 step=args.step, batch_size=args.batch_size, budget=args.budget,
-                                 alpha=1.0 if args.alpha is None else args.alpha, subnet=args.subnet)
-        router = Router(net, options, scale, projection)
+                                 step=args.step, batch_size=args.batch_size,
+                                 **{name: getattr(args, name) for name in OPTIONS})
+        arm_table = ArmTable.load(args.arm_lut) if args.arm_lut else None
+        router = Router(net, options, scale, projection, arm_table, routing)
     except (OSError, ValueError) as exc:
         print(f'wbsr-infer: {exc}', file=sys.stderr)
         if created and os.path.isdir(args.output) and not os.listdir(args.output):

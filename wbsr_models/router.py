@@ -2,28 +2,25 @@
 
 Routing is two independent choices:
 
-- *which subnet each region gets*, the mode: ``wbsr`` (Eq. 15, ``m = ceil(k * M / K)``), ``budget`` (the
-  image's average cost stays at or below ``budget`` x the full network's and the allocation stays
-  monotone in difficulty: each region's continuous difficulty position ``u`` in [0, 1] is shifted by one
-  image-wide ``lam`` and ``m = ceil((u + lam) * M)``, ``lam`` the largest shift that fits), ``calibrated``
-  (the same budget, spent where it buys the most PSNR per FLOP according to each class's measured error,
-  :func:`calibrated_subnets`), ``alpha`` (per
-  region, the subnet whose cost is nearest ``alpha * (k / K) * C_full``), ``arm`` (ARM's edge lookup
-  table, :mod:`wbsr_models.baselines`), or any ``assign`` callback (the benchmark's oracle);
+- *which subnet each region gets*, the mode: one entry of the registry :data:`wbsr_models.routing.modes.MODES`
+  (``wbsr``: Eq. 15; ``budget``: the paper's position rule under a FLOPs budget; ``calibrated``: measured class
+  errors; ``learned``: every subnet's error predicted per region, under a budget or a quality target; ``alpha``;
+  ``arm``; ``full`` / ``fixed``: one subnet on the whole image), or any ``assign`` callback (the benchmark's oracle);
 - *how the image is cut and run*, the scheme (:mod:`wbsr_models.regions`): ``tiles`` (default:
   non-overlapping tiles, one seamless pass of the supernet in which each tile runs only its subnet's
   layers and channels, :meth:`~wbsr_arch.supernet.SupernetMixin.forward_tiles`) or ``patches`` (the
   ClassSR/ARM/PCSR protocol: overlapping 32/28 patches run separately, overlaps averaged; kept so that
   numbers compare with the papers).
 
-``full`` / ``fixed`` run the largest / one named subnet on the whole image (bounded memory on large
-images). FLOPs are reported three ways: executed, the full network on the same regions (the papers'
-convention for patches), and the full network run once on the whole image.
+Whole-image modes run one subnet over the image (bounded memory on large images). FLOPs are reported three
+ways: executed (a predictor's included), the full network on the same regions (the papers' convention for
+patches), and the full network run once on the whole image.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from numbers import Integral
 from typing import Any, Callable, Mapping, Optional
 
 import numpy as np
@@ -37,11 +34,18 @@ from wbsr_arch.tiles import TileGrid
 from wbsr_data.difficulty import DifficultyProjection, gradient_vectors
 
 from .regions import SCHEMES, Regions, cut
+from .routing.allocation import (alpha_subnets, budget_subnets, calibrated_subnets, eq15_subnets,  # noqa: F401
+                                 shifted_subnets, tradeoff_subnets)
+from .routing.artefacts import RoutingArtefacts
+from .routing.modes import MODES, OPTIONS, Selection, get_mode, modes_reading  # noqa: F401  (MODES: re-exported)
 
-MODES = ('wbsr', 'budget', 'calibrated', 'alpha', 'arm', 'full', 'fixed')
+#: What each checkpoint artefact a mode may need is, for the error that says it is missing.
+NEEDS = {'class_errors': 'the measured error of every subnet on every difficulty class in the checkpoint (run '
+         'wbsr-calibrate on it)',
+         'arm_table': 'an ARM lookup table (val.routing.arm_lut)',
+         'predictor': 'an error predictor in the checkpoint (run wbsr-calibrate --predictor on it)'}
 #: Rows of the strips a large image runs in when one subnet covers it (the bands of bounded memory are whole strips).
 BAND_STEP = 8
-REGION_MODES = ('wbsr', 'budget', 'calibrated', 'alpha', 'arm')
 
 
 @dataclass(frozen=True)
@@ -49,20 +53,17 @@ class RoutingOptions:
     """The ``val: routing:`` block of an option file.
 
     Attributes:
-        mode: One of :data:`MODES`. Default: ``wbsr``.
+        mode: A registered mode (:data:`wbsr_models.routing.modes.MODES`). Default: ``wbsr``.
         scheme: ``tiles`` (one seamless pass, non-overlapping tiles) or ``patches`` (overlapping patches run
             separately, the papers' protocol). Default: ``tiles``.
         tile_size: LR tile side of the ``tiles`` scheme. Default: 32.
         patch_size: LR patch size of the ``patches`` scheme. Default: 32.
         step: LR step between patches (<= patch_size). Default: 28.
         batch_size: Largest number of patches run at once (``patches``). Default: 64.
-        budget: Target average cost, a fraction in (0, 1] of the full network (``budget`` mode).
-        alpha: Quality/cost trade-off of ``alpha`` mode. Default: 1.0.
-        subnet: Subnet index for ``fixed`` mode.
-        arm_lut: ARM lookup-table file (``arm`` mode); built in-sample from the validation set if absent.
-        arm_eta: ARM's trade-off: a subnet maximises ``eta * PSNR - cost share``. Default: 1.0.
+        budget, max_loss, cost, alpha, subnet, arm_lut, arm_eta: Options of the modes that read them
+            (:data:`wbsr_models.routing.modes.OPTIONS`); an option the mode does not read is refused.
         max_pixels: Memory bound: the largest LR area whose high-resolution stage runs at once (``tiles``, and
-            ``full``/``fixed`` on larger images; the trunk takes up to 16x as much). Default: 65536.
+            whole-image modes on larger images; the trunk takes up to 16x as much). Default: 65536.
         num_classes: K used when a checkpoint has no thresholds. Default: 10.
     """
 
@@ -73,43 +74,56 @@ class RoutingOptions:
     step: int = 28
     batch_size: int = 64
     budget: Optional[float] = None
-    alpha: float = 1.0
+    max_loss: Optional[float] = None
+    cost: Optional[str] = None
+    alpha: Optional[float] = None
     subnet: Optional[int] = None
     arm_lut: Optional[str] = None
-    arm_eta: float = 1.0
+    arm_eta: Optional[float] = None
     max_pixels: int = DEFAULT_TILE_MAX_PIXELS
     num_classes: int = 10
+
+    def __post_init__(self) -> None:
+        self.validate()
 
     @classmethod
     def from_opt(cls, opt: Optional[Mapping[str, Any]], where: str = 'val.routing') -> 'RoutingOptions':
         opt = dict(opt or {})
-        unknown = sorted(set(opt) - set(cls.__dataclass_fields__))
+        names = [f.name for f in fields(cls)]
+        unknown = sorted(set(opt) - set(names))
         if unknown:
-            raise ValueError(f'{where}: unknown option(s) {unknown}; known: {sorted(cls.__dataclass_fields__)}')
-        options = cls(**opt)
-        options.validate(where)
-        return options
+            raise ValueError(f'{where}: unknown option(s) {unknown}; known: {sorted(names)}')
+        try:
+            return cls(**opt)
+        except ValueError as exc:
+            raise ValueError(str(exc).replace('val.routing', where, 1)) from None
 
     def validate(self, where: str = 'val.routing') -> None:
-        if self.mode not in MODES:
-            raise ValueError(f'{where}.mode must be one of {MODES}, got {self.mode!r}')
+        """Types, ranges and the mode's options; what depends on the network is checked by :class:`Router`."""
+        mode = get_mode(self.mode, f'{where}.mode')
         if self.scheme not in SCHEMES:
             raise ValueError(f'{where}.scheme must be one of {SCHEMES}, got {self.scheme!r}')
-        if self.tile_size < 1:
-            raise ValueError(f'{where}.tile_size must be >= 1, got {self.tile_size}')
-        if self.patch_size < 1 or not 1 <= self.step <= self.patch_size:
-            raise ValueError(f'{where}: need patch_size >= 1 and 1 <= step <= patch_size, got patch_size='
-                             f'{self.patch_size}, step={self.step}')
-        if self.batch_size < 1:
-            raise ValueError(f'{where}.batch_size must be >= 1, got {self.batch_size}')
-        if self.mode in ('budget', 'calibrated') and (self.budget is None or not 0. < float(self.budget) <= 1.):
-            raise ValueError(f'{where}.budget must be in (0, 1] for {self.mode} mode, got {self.budget}')
-        if self.mode == 'alpha' and not self.alpha > 0:
-            raise ValueError(f'{where}.alpha must be > 0, got {self.alpha}')
-        if self.mode == 'fixed' and self.subnet is None:
-            raise ValueError(f'{where}.subnet is required for fixed mode')
-        if self.max_pixels < 1 or self.num_classes < 1:
-            raise ValueError(f'{where}: max_pixels and num_classes must be >= 1')
+        for name in ('tile_size', 'patch_size', 'step', 'batch_size', 'max_pixels', 'num_classes'):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, Integral) or value < 1:
+                raise ValueError(f'{where}.{name} must be an integer >= 1, got {value!r}')
+        if self.step > self.patch_size:
+            raise ValueError(f'{where}: need step <= patch_size, got patch_size={self.patch_size}, step={self.step}')
+        for name, option in OPTIONS.items():
+            value = getattr(self, name)
+            if value is None:
+                if name in mode.required:
+                    raise ValueError(f'{where}.{name} is required for {self.mode} mode ({option.help})')
+                continue
+            if name not in mode.reads():
+                raise ValueError(f'{where}.{name} is read by {" and ".join(modes_reading(name))} mode(s), not by '
+                                 f'{self.mode} mode; remove it or change the mode')
+            option.check(value, where)
+        mode.check_options(self, where)
+
+    @property
+    def routing_mode(self):
+        return get_mode(self.mode)
 
 
 @dataclass
@@ -143,98 +157,11 @@ class RoutingResult:
         return counts / max(1., counts.sum())
 
 
-def eq15_subnets(classes: np.ndarray, num_classes: int, num_subnets: int) -> np.ndarray:
-    """Eq. 15: 0-based subnet ``ceil(k * M / K) - 1`` of classes ``k`` in 1..K."""
-    k = np.asarray(classes, dtype=np.int64)
-    return np.clip(-((-k * num_subnets) // num_classes) - 1, 0, num_subnets - 1)
-
-
-def shifted_subnets(position: np.ndarray, lam: float, num_subnets: int) -> np.ndarray:
-    """0-based subnet ``ceil((u + lam) * M) - 1``, clipped: monotone in ``u`` and in ``lam``."""
-    return np.clip(np.ceil((np.asarray(position) + lam) * num_subnets - 1e-9).astype(np.int64) - 1, 0,
-                   num_subnets - 1)
-
-
-def budget_subnets(position: np.ndarray, costs: np.ndarray, budget: float) -> np.ndarray:
-    """Monotone allocation whose total cost is <= ``budget`` x the full network's (the largest shift that fits).
-
-    ``costs`` is ``(M,)`` (every region the same size) or ``(n, M)`` (per region).
-    """
-    costs = np.broadcast_to(np.asarray(costs, dtype=np.float64), (len(position), np.shape(costs)[-1]))
-    limit = budget * costs[:, -1].sum() * (1 + 1e-12)
-    m = costs.shape[1]
-    rows = np.arange(len(position))
-
-    def total(lam: float) -> float:
-        return costs[rows, shifted_subnets(position, lam, m)].sum()
-
-    lo, hi = -1.0, 1.0
-    if total(lo) > limit:
-        return shifted_subnets(position, lo, m)  # even all-smallest is over budget; caller warns
-    if total(hi) <= limit:
-        return shifted_subnets(position, hi, m)
-    for _ in range(60):
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if total(mid) <= limit else (lo, mid)
-    return shifted_subnets(position, lo, m)
-
-
-def calibrated_subnets(classes: np.ndarray, position: np.ndarray, costs: np.ndarray, class_mse: np.ndarray,
-                       area: np.ndarray, budget: float) -> np.ndarray:
-    """Spend a FLOPs budget where it buys the most PSNR: greedy upgrades by marginal error removed per FLOP.
-
-    An image's PSNR falls with its total squared error, so region ``i`` of class ``k`` is worth
-    ``area_i * (class_mse[k - 1, 0] - class_mse[k - 1, m])`` (the squared error subnet ``m`` removes there,
-    by the class's measured mean squared error per pixel) for ``costs[i, m]`` FLOPs. Every region starts on
-    its cheapest subnet; then the upgrade with the largest gain per extra FLOP over all regions is taken, on the
-    upper concave hull of each region's (cost, gain) points (so a subnet that buys less per FLOP than a larger
-    one is skipped), until the next upgrade would exceed ``budget`` x the full network's total cost. Ties go to
-    the harder region (larger ``position``), then to the earlier one. The allocation is deterministic, never
-    exceeds the budget (unless all-cheapest already does) and grows with the budget: a larger budget takes a
-    longer prefix of the same sequence of upgrades.
-    """
-    costs = np.asarray(costs, dtype=np.float64)
-    n, m = costs.shape
-    mse = np.asarray(class_mse, dtype=np.float64)[np.asarray(classes) - 1]
-    value = np.asarray(area, dtype=np.float64)[:, None] * (mse[:, :1] - mse)
-    steps = []  # (-ratio, -position, region, target subnet, extra cost)
-    for i in range(n):
-        hull, at = [], 0
-        order = np.argsort(costs[i], kind='stable')
-        at = order[0]
-        while True:
-            ahead = [j for j in order if costs[i, j] > costs[i, at]]
-            if not ahead:
-                break
-            ratios = [(value[i, j] - value[i, at]) / (costs[i, j] - costs[i, at]) for j in ahead]
-            best = int(np.argmax(ratios))
-            if ratios[best] <= 0:
-                break
-            hull.append((ratios[best], ahead[best], costs[i, ahead[best]] - costs[i, at]))
-            at = ahead[best]
-        for ratio, target, extra in hull:
-            steps.append((-ratio, -float(position[i]), i, int(target), float(extra)))
-    chosen = np.array([int(np.argsort(costs[i], kind='stable')[0]) for i in range(n)], dtype=np.int64)
-    spent = costs[np.arange(n), chosen].sum()
-    limit = budget * costs[:, -1].sum() * (1 + 1e-12)
-    # Each region's hull steps have falling ratios, so sorting all steps keeps every region's steps in order.
-    for _, _, i, target, extra in sorted(steps):
-        if spent + extra > limit:
-            break
-        chosen[i] = target
-        spent += extra
-    return chosen
-
-
-def alpha_subnets(classes: np.ndarray, num_classes: int, costs: np.ndarray, alpha: float) -> np.ndarray:
-    """Per region, the subnet whose cost is nearest ``alpha * (k / K) * C_full`` (``costs`` ``(M,)`` or ``(n, M)``)."""
-    costs = np.broadcast_to(np.asarray(costs, dtype=np.float64), (len(classes), np.shape(costs)[-1]))
-    target = alpha * np.asarray(classes, dtype=np.float64) / num_classes * costs[:, -1]
-    return np.abs(costs - target[:, None]).argmin(axis=1)
-
-
 class Router:
     """Runs a (super)network on an LR image according to :class:`RoutingOptions`.
+
+    Everything that depends on the network and the checkpoint is checked here, before any image: the mode's needs
+    (class errors, an ARM table, an error predictor), a subnet index, a budget below the cheapest subnet.
 
     Args:
         net: A WBSR supernet (``subnets``, ``subnet_flops``, ``forward(x, subnet=...)``, ``forward_tiles``) or
@@ -244,37 +171,39 @@ class Router:
         projection: Difficulty thresholds and projection (from the checkpoint or the training index);
             ``None`` fits them on each test image's own regions, with a warning.
         arm_table: ARM lookup table (``arm`` mode), see :mod:`wbsr_models.baselines`.
+        routing: The checkpoint's routing artefacts (class errors, error predictor).
     """
 
     def __init__(self, net: nn.Module, options: RoutingOptions, scale: int,
-                 projection: Optional[DifficultyProjection] = None, arm_table: Any = None) -> None:
+                 projection: Optional[DifficultyProjection] = None, arm_table: Any = None,
+                 routing: Optional[RoutingArtefacts] = None) -> None:
         self.net, self.options, self.scale = net, options, int(scale)
         self.projection, self.arm_table = projection, arm_table
+        self.routing = routing or RoutingArtefacts()
+        self.mode = get_mode(options.mode)
         self.num_subnets = int(getattr(net, 'num_subnets', 1))
         self.num_in_ch = int(getattr(net, 'num_in_ch', 3))
         self.seamless = hasattr(net, 'forward_tiles')
-        if options.mode == 'fixed' and not 0 <= options.subnet < self.num_subnets:
-            raise ValueError(f'val.routing.subnet={options.subnet} out of range 0..{self.num_subnets - 1}')
-        if options.mode == 'arm' and arm_table is None:
-            raise ValueError('val.routing: arm mode needs an ARM lookup table')
-        if options.mode == 'calibrated':
-            class_mse = None if projection is None else projection.class_mse
-            if class_mse is None:
-                raise ValueError('val.routing.mode calibrated needs the measured error of every subnet on every '
-                                 'difficulty class in the checkpoint (run wbsr-calibrate on it)')
-            if class_mse.shape[1] != self.num_subnets:
-                raise ValueError(f'the calibration has {class_mse.shape[1]} subnets, the network has '
-                                 f'{self.num_subnets}')
-        if options.mode in ('budget', 'calibrated'):
-            side = options.tile_size if options.scheme == 'tiles' else options.patch_size
-            cheapest = self.costs((side, side))
-            share = cheapest[0] / cheapest[-1]
-            if options.budget < share:
-                raise ValueError(f'val.routing.budget={options.budget} is below the cheapest subnet\'s cost share '
-                                 f'{share:.3f}; no allocation can meet it')
         self._warned: set[str] = set()
         self._plain_flops: dict[tuple[int, int], int] = {}
         self._full_tile_flops: dict[tuple, int] = {}
+        self._time_table = None
+        missing = {'class_errors': self.class_errors is None, 'arm_table': arm_table is None,
+                   'predictor': self.predictor is None}
+        for need in self.mode.needs:
+            if missing.get(need):
+                raise ValueError(f'val.routing.mode {options.mode} needs {NEEDS[need]}')
+        if self.predictor is not None:
+            self.predictor.to(next(net.parameters()).device)
+        self.mode.check_router(self)
+
+    @property
+    def class_errors(self):
+        return self.routing.class_errors
+
+    @property
+    def predictor(self):
+        return self.routing.predictor
 
     # ---- costs ---------------------------------------------------------------------------------------
     def costs(self, lr_hw: tuple[int, int]) -> np.ndarray:
@@ -303,7 +232,7 @@ class Router:
         """SR of ``patches[rows]`` with one subnet (the benchmark overrides this to reuse outputs)."""
         return self.run_subnet(patches[torch.as_tensor(rows)], subnet)
 
-    def _warn_once(self, message: str) -> None:
+    def warn_once(self, message: str) -> None:
         if message not in self._warned:
             self._warned.add(message)
             get_root_logger().warning(message)
@@ -337,56 +266,74 @@ class Router:
         every region) and returns one subnet index per region, row-major (used by the benchmark's oracle).
         """
         lq = self.prepare(lq)
-        if self.options.mode in ('full', 'fixed') and assign is None:
-            subnet = self.num_subnets - 1 if self.options.mode == 'full' else int(self.options.subnet)
-            return self._whole(lq, subnet)
+        if self.mode.whole_image and assign is None:
+            return self._whole(lq, self.mode.whole_subnet(self))
         if self.options.scheme == 'tiles' and not self.seamless:  # a plain network: one pass is the whole image
             return self._whole(lq, 0)
         regions = self.regions(lq)
         costs = regions.costs(self.costs)
         classes, position, num_classes = self.classify(regions)
-        subnets = self.choose(regions, classes, position, num_classes, costs, assign)
-        if self.options.scheme == 'tiles':
-            return self._run_tiles(lq, regions, subnets, classes, costs)
-        return self._run_patches(lq, regions, subnets, classes, costs)
+        extra: dict = {}
+        subnets = self.choose(regions, classes, position, num_classes, costs, assign, lq=lq, extra=extra)
+        run = self._run_tiles if self.options.scheme == 'tiles' else self._run_patches
+        result = run(lq, regions, subnets, classes, costs)
+        result.extra.update(extra)
+        if assign is None and 'predictor' in self.mode.needs:  # the predictor's work is part of the routed cost
+            extra = self.predictor.flops(regions.image_hw, len(regions))
+            result.flops += extra
+            result.extra['predictor_flops'] = extra
+        return result
 
     def classify(self, regions: Regions) -> tuple[np.ndarray, np.ndarray, int]:
         """Difficulty classes 1..K, continuous positions in [0, 1] and K of every region."""
         vectors = regions.per_region(lambda crops: gradient_vectors(crops).cpu().numpy())
         projection = self.projection
         if projection is None:
-            self._warn_once('routing without stored difficulty thresholds (not a WBSR checkpoint): thresholds '
-                            "are fitted on each test image's own regions")
+            self.warn_once('routing without stored difficulty thresholds (not a WBSR checkpoint): thresholds '
+                           "are fitted on each test image's own regions")
             projection = DifficultyProjection.fit(vectors, self.options.num_classes)
         scores = projection.score(vectors)
         return projection.classify(scores), projection.position(scores), projection.num_classes
 
     def choose(self, regions: Regions, classes: np.ndarray, position: np.ndarray, num_classes: int,
-               costs: np.ndarray, assign: Optional[Callable[..., np.ndarray]] = None) -> np.ndarray:
-        """One subnet per region: the mode's policy, or ``assign``'s."""
-        opts = self.options
+               costs: np.ndarray, assign: Optional[Callable[..., np.ndarray]] = None,
+               lq: Optional[torch.Tensor] = None, extra: Optional[dict] = None) -> np.ndarray:
+        """One subnet per region: the mode's policy, or ``assign``'s (``extra`` receives what the mode reports)."""
         if assign is not None:
             subnets = np.asarray(assign(regions, classes, costs), dtype=np.int64)
         elif self.num_subnets == 1:
             subnets = np.zeros(len(regions), dtype=np.int64)
-        elif opts.mode == 'wbsr':
-            subnets = eq15_subnets(classes, num_classes, self.num_subnets)
-        elif opts.mode == 'budget':
-            subnets = budget_subnets(position, costs, float(opts.budget))
-            if costs[np.arange(len(subnets)), subnets].sum() > opts.budget * costs[:, -1].sum() * (1 + 1e-9):
-                self._warn_once(f'budget {opts.budget} is below the cheapest subnet for this image\'s regions; every '
-                                'region uses the cheapest subnet')
-        elif opts.mode == 'calibrated':
-            area = regions.boxes[:, 2] * regions.boxes[:, 3]
-            subnets = calibrated_subnets(classes, position, costs, self.projection.class_mse, area,
-                                         float(opts.budget))
-        elif opts.mode == 'alpha':
-            subnets = alpha_subnets(classes, num_classes, costs, opts.alpha)
-        else:  # arm
-            subnets = self.arm_table.select(regions, costs, opts.arm_eta)
+        else:
+            selection = Selection(self, lq, regions, classes, position, num_classes, costs)
+            subnets = np.asarray(self.mode.select(selection), dtype=np.int64)
+            if extra is not None:
+                extra.update(selection.extra)
         if subnets.shape != (len(regions), ) or subnets.min() < 0 or subnets.max() >= self.num_subnets:
             raise ValueError(f'subnet assignment must give one index in 0..{self.num_subnets - 1} per region')
         return subnets
+
+    # ---- what the learned mode reads --------------------------------------------------------------------
+    def predicted_errors(self, lq: torch.Tensor, regions: Regions) -> np.ndarray:
+        """The error predictor's mean squared error per pixel ``(n, M)`` of every subnet on every region."""
+        return self.predictor.predict(lq[:, :3], regions.boxes)
+
+    def time_table(self):
+        """Seconds per LR pixel of every subnet on this device (:mod:`wbsr_models.routing.timing`), cached."""
+        if self._time_table is None:
+            from .routing.timing import time_table
+            self._time_table = time_table(self.net, self.predictor, self.options.tile_size)
+        return self._time_table
+
+    def region_seconds(self, regions: Regions) -> np.ndarray:
+        """``(n, M)`` seconds of every subnet on every region, by this device's time table."""
+        return self.time_table().region_seconds(regions.boxes[:, 2] * regions.boxes[:, 3])
+
+    def predictor_cost(self, regions: Regions, unit: str) -> float:
+        """The error predictor's cost on this image, in FLOPs or seconds."""
+        h, w = regions.image_hw
+        if unit == 'seconds':
+            return self.time_table().predictor_seconds * h * w
+        return float(self.predictor.flops((h, w), len(regions)))
 
     def _result(self, output: torch.Tensor, regions: Regions, subnets: np.ndarray, classes: Optional[np.ndarray],
                 flops: int, flops_full_regions: int) -> RoutingResult:

@@ -35,6 +35,7 @@ import tempfile
 import time
 from collections import OrderedDict
 from copy import deepcopy
+from dataclasses import replace
 from os import path as osp
 from typing import Any, Callable, Iterator, Optional
 
@@ -54,6 +55,7 @@ from wbsr_data.patch_index import load_or_build_index
 
 from .baselines import ArmTable, build_arm_table
 from .router import Router, RoutingOptions, RoutingResult, eq15_subnets
+from .routing.artefacts import RoutingArtefacts
 from .visualize import allocation_map, subnet_labels
 
 SUBNET_SAMPLING = ('flops_squared', 'sandwich', 'routed', 'tiles', 'full')
@@ -115,6 +117,7 @@ class WBSRModel(SRModel):
             raise ValueError(f'train.wbsr.tile_size must be >= 1, got {tile_size}')
         self.routing = RoutingOptions.from_opt((opt.get('val') or {}).get('routing'))
         self.difficulty: Optional[DifficultyProjection] = None
+        self.routing_artefacts = RoutingArtefacts()  # class errors, error predictor: read from a loaded checkpoint
         self.optimizer_sigma: Optional[torch.optim.Optimizer] = None
         self.arm_table: Optional[ArmTable] = ArmTable.load(self.routing.arm_lut) if self.routing.arm_lut else None
         self._routers: dict[int, Router] = {}
@@ -363,11 +366,12 @@ class WBSRModel(SRModel):
         if not isinstance(checkpoint, dict):
             raise ValueError(f'{load_path}: not a BasicSR checkpoint (a dict of state dicts)')
         extras = checkpoint.get('wbsr') if isinstance(checkpoint.get('wbsr'), dict) else {}
-        if extras.get('difficulty') is not None:
-            try:
+        try:
+            if extras.get('difficulty') is not None:
                 self.difficulty = DifficultyProjection.from_dict(extras['difficulty'])
-            except ValueError as exc:
-                raise ValueError(f'{load_path}: {exc}') from None
+            self.routing_artefacts = RoutingArtefacts.from_checkpoint_entry(extras)
+        except ValueError as exc:
+            raise ValueError(f'{load_path}: {exc}') from None
         if param_key is not None and param_key not in checkpoint and 'params' not in checkpoint:
             raise ValueError(f'{load_path}: no {param_key!r} entry (keys: {sorted(checkpoint)})')
         super().load_network(net, load_path, strict, param_key)
@@ -404,7 +408,7 @@ class WBSRModel(SRModel):
         bare = self.get_bare_model(net)
         if id(bare) not in self._routers:
             self._routers[id(bare)] = Router(bare, self.routing, int(self.opt['scale']), self.difficulty,
-                                             self.arm_table)
+                                             self.arm_table, self.routing_artefacts)
         return self._routers[id(bare)]
 
     def test(self) -> None:
@@ -455,7 +459,7 @@ class WBSRModel(SRModel):
         logger.warning('val.routing.mode is arm but no arm_lut is given: building the ARM table on the validation '
                        'set itself (in-sample, optimistic for ARM)')
         net = self.net_g_ema if hasattr(self, 'net_g_ema') else self.net_g
-        probe = Router(self.get_bare_model(net), RoutingOptions(**{**self.routing.__dict__, 'mode': 'wbsr'}),
+        probe = Router(self.get_bare_model(net), replace(self.routing, mode='wbsr', arm_lut=None, arm_eta=None),
                        int(self.opt['scale']), self.difficulty)
         pairs = ((data['lq'].to(self.device), data['gt'].to(self.device)) for data in dataloader)
         self.arm_table = build_arm_table(probe, pairs, source=dataloader.dataset.opt['name'])

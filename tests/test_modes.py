@@ -1,0 +1,382 @@
+"""The registry of routing modes: every mode from wbsr-infer, an option file (WBSRModel's validation, what
+basicsr/test.py runs) and the benchmark; the learned mode's predictor, allocation and quality target."""
+import argparse
+import json
+import sys
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from basicsr.data import build_dataloader, build_dataset
+from basicsr.models import build_model
+from wbsr_data.difficulty import DifficultyProjection
+from wbsr_data.fileio import torch_load, torch_save
+from wbsr_models import infer
+from wbsr_models.baselines import ArmTable, build_arm_table
+from wbsr_models.router import Router, RoutingOptions
+from wbsr_models.routing.allocation import tradeoff_subnets
+from wbsr_models.routing.artefacts import ClassErrors, RoutingArtefacts
+from wbsr_models.routing.modes import MODES, OPTIONS, RoutingMode, register_mode
+from wbsr_models.routing.predictor import (CONTEXT, ErrorMaps, ErrorPredictor, FitOptions, fit_predictor,
+                                           pad_context)
+
+from conftest import REPO, model_options, textured_image, write_pair_folder
+from test_arch import randomise, tiny_srresnet
+from test_hostile import TINY_NET
+
+sys.path.insert(0, str(REPO / 'bench'))
+import benchmark  # noqa: E402
+
+
+def example(name: str) -> dict:
+    """Options that make mode ``name`` run: its quick point, or its first sweep point, or what it requires."""
+    mode = MODES[name]
+    point = (mode.quick or mode.sweep or ({},))[0]
+    return dict(point, subnet=1) if name == 'fixed' else dict(point)
+
+
+def calibrated_checkpoint(path: Path) -> tuple[Path, torch.nn.Module, DifficultyProjection]:
+    """A tiny supernet's checkpoint with thresholds, class errors and an (untrained) error predictor."""
+    net = randomise(tiny_srresnet())
+    projection = DifficultyProjection.fit(np.random.default_rng(0).random((200, 4)) * 0.05, 10)
+    k, m = np.arange(1, 11)[:, None], np.arange(9)[None, :]
+    routing = RoutingArtefacts(class_errors=ClassErrors(1e-3 * k * (1 + 1 / (1 + m))),
+                               predictor=ErrorPredictor(num_subnets=9, width=4, hidden=8))
+    torch_save({'params': OrderedDict((key, v.cpu()) for key, v in net.state_dict().items()),
+                'wbsr': {'format': 1, 'difficulty': projection.to_dict(), 'routing': routing.to_dict(),
+                         'subnets': [list(p) for p in net.subnets], 'network': dict(TINY_NET), 'scale': 4}}, str(path))
+    return path, net, projection
+
+
+@pytest.fixture(scope='module')
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp('modes')
+    ckpt, net, projection = calibrated_checkpoint(root / 'net.pth')
+    pairs = write_pair_folder(root / 'pairs', n=2, size=(64, 72))
+    lq = torch.from_numpy(textured_image(20, 28, seed=3)).permute(2, 0, 1)[None].float() / 255.
+    gt = torch.nn.functional.interpolate(lq, scale_factor=4, mode='bicubic').clamp(0, 1)
+    table = build_arm_table(Router(net, RoutingOptions(tile_size=8), 4, projection), [(lq, gt)], num_bins=4)
+    table.save(str(root / 'arm.npz'))
+    return {'root': root, 'ckpt': ckpt, 'net': net, 'projection': projection, 'pairs': pairs,
+            'arm': str(root / 'arm.npz')}
+
+
+def test_the_registry_holds_every_mode_with_its_options():
+    assert list(MODES) == ['wbsr', 'budget', 'calibrated', 'alpha', 'arm', 'learned', 'full', 'fixed']
+    assert MODES['learned'].needs == ('predictor',) and MODES['calibrated'].needs == ('projection', 'class_errors')
+    assert all(set(m.reads()) <= set(OPTIONS) for m in MODES.values())
+    assert {n for n in RoutingOptions.__dataclass_fields__} >= set(OPTIONS)  # one field per option
+
+
+@pytest.mark.parametrize('name', list(MODES))
+def test_every_mode_runs_from_wbsr_infer(name, setup, tmp_path, capsys):
+    img = tmp_path / 'in.png'
+    import cv2
+    cv2.imwrite(str(img), textured_image(24, 40, seed=1))
+    flags = [f'{OPTIONS[k].flag}={v}' for k, v in example(name).items()]
+    if name == 'arm':
+        flags.append(f'--arm-lut={setup["arm"]}')
+    code = infer.main(['-i', str(img), '-o', str(tmp_path / 'out'), '--model', str(setup['ckpt']), '--mode', name,
+                       '--tile-size', '8', *flags])
+    assert code == 0, capsys.readouterr().err
+    assert cv2.imread(str(tmp_path / 'out' / 'in.png')).shape == (96, 160, 3)
+
+
+@pytest.mark.parametrize('name', list(MODES))
+def test_every_mode_runs_from_an_option_file(name, setup, tmp_path, basicsr_log):
+    """WBSRModel's validation with ``val.routing``, which is what ``basicsr/test.py`` runs."""
+    opt = model_options(tmp_path, setup['pairs'], is_train=False)
+    opt['path']['pretrain_network_g'] = str(setup['ckpt'])
+    opt['val']['routing'] = {'mode': name, 'tile_size': 8, **example(name)}
+    if name == 'arm':
+        opt['val']['routing']['arm_lut'] = setup['arm']
+    model = build_model(opt)
+    assert model.routing_artefacts.predictor is not None and model.routing_artefacts.class_errors is not None
+    val_set = build_dataset(opt['datasets']['val'])
+    loader = build_dataloader(val_set, opt['datasets']['val'], num_gpu=0, dist=False, sampler=None, seed=0)
+    model.validation(loader, 1, None, False)
+    assert f'# subnet_share ({name}, tiles)' in basicsr_log.text
+
+
+def test_every_mode_is_a_row_of_the_benchmark(setup):
+    net, projection = setup['net'], setup['projection']
+    routing = infer.load_model(str(setup['ckpt'])).routing
+    table = ArmTable.load(setup['arm'])
+    rows = benchmark.set_modes(net, 4, projection, table, {}, routing)
+    for name, mode in MODES.items():
+        points = [mode.label(p) for p in mode.sweep] if not mode.whole_image else []
+        assert all(f'tiles: {label}' in rows for label in points), name
+    assert 'tiles: learned 0.5' in rows and 'tiles: learned max_loss 0.05' in rows and 'full' in rows
+    assert all(f'fixed {i} (w{w} d{d})' in rows for i, (w, d) in enumerate(net.subnets))
+    assert 'tiles: oracle 0.05' in rows and 'tiles: ARM eta 1.0' in rows and 'tiles: calibrated 0.6' in rows
+    only = benchmark.set_modes(net, 4, projection, table, {}, routing, only={'full', 'learned'})
+    assert all(key == 'full' or key.startswith('tiles: learned') for key in only)
+    assert len(only) == 1 + len(MODES['learned'].sweep)
+
+
+def test_a_new_mode_is_one_entry(setup, tmp_path):
+    """A mode registered from outside runs from the option checks, the router and wbsr-infer's flags at once."""
+    @register_mode
+    class Cheapest(RoutingMode):
+        name = 'cheapest_test'
+        summary = 'every region on the cheapest subnet'
+
+        def select(self, s):
+            return np.zeros(len(s.regions), dtype=np.int64)
+    try:
+        result = Router(setup['net'], RoutingOptions(mode='cheapest_test', tile_size=8), 4)(torch.rand(1, 3, 16, 24))
+        assert result.subnets.tolist() == [0] * 6
+        with pytest.raises(ValueError, match='val.routing.budget is read by budget and calibrated and learned mode'):
+            RoutingOptions(mode='cheapest_test', budget=0.5)
+        parser = argparse.ArgumentParser()
+        infer.add_routing_arguments(parser)
+        assert infer.resolve_mode(parser.parse_args(['--mode', 'cheapest_test'])) == 'cheapest_test'
+        with pytest.raises(ValueError, match="routing mode 'cheapest_test' is registered already"):
+            register_mode(Cheapest)
+    finally:
+        del MODES['cheapest_test']
+
+
+@pytest.mark.parametrize('options,message', [
+    ({'mode': 'learned'}, 'learned mode takes exactly one of budget and max_loss'),
+    ({'mode': 'learned', 'budget': 0.5, 'max_loss': 0.05}, 'learned mode takes exactly one of budget and max_loss'),
+    ({'mode': 'learned', 'max_loss': -0.1}, r'val.routing.max_loss must be >= 0 \(dB\), got -0.1'),
+    ({'mode': 'learned', 'max_loss': float('nan')}, 'val.routing.max_loss must be a finite number, got nan'),
+    ({'mode': 'learned', 'budget': '0.5'}, "val.routing.budget must be a finite number, got '0.5'"),
+    ({'mode': 'learned', 'budget': 0.5, 'cost': 'joules'}, r"val.routing.cost must be one of \('flops', 'seconds'\)"),
+    ({'mode': 'wbsr', 'max_loss': 0.05}, 'val.routing.max_loss is read by learned mode'),
+    ({'mode': 'fixed', 'subnet': True}, 'val.routing.subnet must be an integer >= 0, got True'),
+    ({'mode': 'wbsr', 'tile_size': 1.5}, 'val.routing.tile_size must be an integer >= 1, got 1.5'),
+])
+def test_mode_options_are_checked_by_type_and_mode(options, message):
+    with pytest.raises(ValueError, match=message):
+        RoutingOptions.from_opt(options)
+
+
+def test_a_mode_without_its_artefact_is_refused_before_any_image(setup):
+    net, projection = setup['net'], setup['projection']
+    with pytest.raises(ValueError, match='needs an error predictor in the checkpoint'):
+        Router(net, RoutingOptions(mode='learned', budget=0.5), 4, projection)
+    with pytest.raises(ValueError, match='needs an ARM lookup table'):
+        Router(net, RoutingOptions(mode='arm'), 4, projection)
+    with pytest.raises(ValueError, match='the predictor is for 5 subnets, the network has 9'):
+        Router(net, RoutingOptions(mode='learned', budget=0.5), 4, projection,
+               routing=RoutingArtefacts(predictor=ErrorPredictor(num_subnets=5, width=4)))
+
+
+# ---- allocation --------------------------------------------------------------------------------------------------
+def brute_force(errors, costs, limit_cost=None, limit_error=None):
+    best = None
+    for choice in np.array(np.meshgrid(*[range(errors.shape[1])] * len(errors))).T.reshape(-1, len(errors)):
+        cost, err = costs[np.arange(len(errors)), choice].sum(), errors[np.arange(len(errors)), choice].sum()
+        if limit_cost is not None and cost <= limit_cost + 1e-12:
+            key = (err, cost)
+        elif limit_error is not None and err <= limit_error + 1e-12:
+            key = (cost, err)
+        else:
+            continue
+        best = key if best is None or key < best else best
+    return best
+
+
+@pytest.mark.parametrize('seed', range(6))
+def test_tradeoff_allocation_meets_its_limit_and_is_near_the_best(seed):
+    rng = np.random.default_rng(seed)
+    costs = np.sort(rng.uniform(1, 5, (5, 3)), axis=1)
+    errors = np.sort(rng.uniform(0, 1, (5, 3)), axis=1)[:, ::-1].copy()  # more cost, less error (mostly)
+    errors[rng.integers(0, 5), 2] += 0.5  # and one region where the largest subnet is worse
+    for frac in (0.4, 0.6, 0.8):
+        limit = frac * costs[:, -1].sum()
+        chosen = tradeoff_subnets(errors, costs, limit_cost=limit)
+        spent = costs[np.arange(5), chosen].sum()
+        if costs[:, 0].sum() > limit:  # no allocation fits: every region on its cheapest subnet
+            assert (chosen == 0).all()
+            continue
+        assert spent <= limit * (1 + 1e-9)
+        best_err, _ = brute_force(errors, costs, limit_cost=limit)
+        # a Lagrangian allocation with a greedy fill: within one region's largest error step of the optimum
+        assert errors[np.arange(5), chosen].sum() <= best_err + np.ptp(errors, axis=1).max() + 1e-12
+    for frac in (1.05, 1.3):
+        limit = frac * errors[:, -1].sum()
+        chosen = tradeoff_subnets(errors, costs, limit_error=limit)
+        assert errors[np.arange(5), chosen].sum() <= limit * (1 + 1e-9)
+        best_cost, _ = brute_force(errors, costs, limit_error=limit)
+        assert costs[np.arange(5), chosen].sum() <= best_cost + np.ptp(costs, axis=1).max() + 1e-12
+
+
+def test_tradeoff_allocation_is_monotone_in_its_limit_and_refuses_bad_calls():
+    rng = np.random.default_rng(1)
+    costs = np.tile([1.0, 2.0, 4.0], (40, 1))
+    errors = rng.uniform(0.5, 1, (40, 1)) * np.array([[1.0, 0.6, 0.45]])
+    totals = [costs[np.arange(40), tradeoff_subnets(errors, costs, limit_cost=f * 160)].sum() for f in (.3, .5, .8, 1)]
+    assert totals == sorted(totals) and totals[-1] <= 160
+    assert (tradeoff_subnets(errors, costs, limit_cost=1.0) == 0).all()  # under the cheapest: the cheapest
+    assert (tradeoff_subnets(errors, costs, limit_error=0.0) == 2).all()  # below the least error: the least error
+    with pytest.raises(ValueError, match='give exactly one of limit_cost and limit_error'):
+        tradeoff_subnets(errors, costs)
+    with pytest.raises(ValueError, match=r'errors and costs must be \(n, M\) arrays of one shape'):
+        tradeoff_subnets(errors[:, :2], costs, limit_cost=1.0)
+
+
+# ---- the predictor ------------------------------------------------------------------------------------------------
+def test_predictor_flops_are_what_the_flop_counter_counts():
+    pred = ErrorPredictor(num_subnets=9, width=8, hidden=16).eval()
+    lq = torch.rand(1, 3, 45, 70)
+    boxes = np.array([(t, lf, min(32, 45 - t), min(32, 70 - lf)) for t in (0, 32) for lf in (0, 32, 64)])
+    with FlopCounterMode(display=False) as counter:
+        out = pred.predict(lq, boxes)
+    assert out.shape == (6, 9) and (out > 0).all()
+    assert pred.flops((45, 70), 6) == counter.get_total_flops()
+    default = ErrorPredictor(num_subnets=9)
+    assert default.flops((32, 32), 1) / 5.19e9 < 0.01  # under 1% of the full network's 5.19 GFLOPs there
+
+
+def test_a_region_sees_the_same_cells_on_a_crop_and_on_the_whole_image():
+    """Training cuts crops with CONTEXT pixels around a tile; routing runs the trunk on the whole image once."""
+    pred = ErrorPredictor(num_subnets=9, width=4, hidden=8).double().eval()
+    lq = torch.rand(1, 3, 80, 96, dtype=torch.float64)
+    top, left = 24, 40  # an inner tile, at a multiple of the cell size
+    whole = pred.predict(lq, np.array([[top, left, 32, 32]]))
+    padded = pad_context(lq)
+    crop = padded[:, :, top:top + 32 + 2 * CONTEXT, left:left + 32 + 2 * CONTEXT]
+    with torch.no_grad():
+        from_crop = pred.to_errors(pred(crop)).numpy()
+    np.testing.assert_allclose(whole, from_crop, rtol=1e-10)
+
+
+def test_large_images_run_the_predictor_in_exact_bands():
+    pred = ErrorPredictor(num_subnets=9, width=4, hidden=8).double().eval()
+    lq = torch.rand(1, 3, 150, 61, dtype=torch.float64)
+    boxes = np.array([(t, lf, min(32, 150 - t), min(32, 61 - lf)) for t in range(0, 150, 32) for lf in (0, 32)])
+    whole = pred.predict(lq, boxes)
+    banded = pred.predict(lq, boxes, max_pixels=93 * 40)  # bands of 1 to 2 cell rows with their margins
+    assert pred.cells(lq, 93 * 40).shape == pred.cells(lq).shape == (8, 23, 12)
+    np.testing.assert_allclose(banded, whole, rtol=1e-10)
+    with FlopCounterMode(display=False) as counter:
+        pred.predict(lq, boxes, max_pixels=93 * 40)
+    assert pred.flops((150, 61), len(boxes), max_pixels=93 * 40) == counter.get_total_flops() > pred.flops((150, 61), 10)
+
+
+def test_predictor_round_trips_and_damaged_entries_are_refused():
+    pred = ErrorPredictor(num_subnets=9, width=4, hidden=8)
+    data = pred.to_dict({'epochs': 3})
+    again = ErrorPredictor.from_dict(data)
+    lq = torch.rand(1, 3, 20, 20)
+    assert np.array_equal(again.predict(lq, np.array([[0, 0, 20, 20]])), pred.eval().predict(lq, np.array([[0, 0, 20, 20]])))
+    assert again.fit_info == {'epochs': 3}
+    bad = dict(data, state={**data['state'], 'fc2.bias': torch.full((9,), float('nan'))})
+    with pytest.raises(ValueError, match='parameters that are not finite'):
+        ErrorPredictor.from_dict(bad)
+    with pytest.raises(ValueError, match='do not match its sizes'):
+        ErrorPredictor.from_dict(dict(data, width=5))
+    with pytest.raises(ValueError, match=r'predictor hidden must be an integer in 1..4096, got 100000'):
+        ErrorPredictor.from_dict(dict(data, hidden=100000))
+
+
+def test_fit_predictor_learns_which_tiles_gain_from_a_larger_subnet():
+    """Synthetic labels: textured tiles gain from the larger subnets, flat ones do not; after a short fit the
+    predicted gains rank them (Spearman's rho on the held-out images)."""
+    rng = np.random.default_rng(0)
+    maps = []
+    for n in range(12):
+        img = textured_image(64, 64, seed=n)  # flat on the left half, texture on the right
+        lq = np.ascontiguousarray(img.transpose(2, 0, 1))
+        texture = np.abs(np.diff(img.astype(np.float32).mean(2), axis=1, append=0))[None] / 255.
+        gains = np.array([1.0, 0.6, 0.4])[:, None, None]  # the larger subnets remove texture error, not flat error
+        errors = (1e-4 + texture * 1e-2 * gains) * (1 + 0.01 * rng.random((3, 64, 64)))
+        maps.append(ErrorMaps(n, 0, lq, errors.astype(np.float32)))
+    predictor, report = fit_predictor(maps, 3, FitOptions(width=8, epochs=8, stride=8, val_every=4, images_per_step=1))
+    assert report['val_images'] == 3 and report['train_images'] == 9 and report['epochs'] == 8
+    assert report['tiles_per_epoch'] == 9 * 25  # every 8-pixel offset of a 32-pixel tile in a 64 x 64 image
+    assert report['losses'][-1] < 0.5 * report['losses'][0]
+    assert report['validation']['spearman_gain'] > 0.3  # measured 0.66 (with 12 epochs 0.76); untrained about 0
+
+
+def test_wbsr_calibrate_fits_a_predictor_and_the_learned_mode_uses_it(tmp_path, capsys):
+    from wbsr_data.make_lr import make_dataset
+    from wbsr_models import calibrate
+    from test_hostile import tiny_checkpoint
+    import cv2
+    hr = tmp_path / 'photos'
+    hr.mkdir()
+    for i in range(2):
+        cv2.imwrite(str(hr / f'p{i}.png'), textured_image(96, 128, seed=i))
+    make_dataset([str(hr)], str(tmp_path / 'train'), [4], quiet=True)
+    ckpt = tiny_checkpoint(tmp_path / 'net.pth')
+    out = tmp_path / 'calibrated.pth'
+    assert calibrate.main(['--model', str(ckpt), '--data', str(tmp_path / 'train'), '--out', str(out),
+                           '--tile-size', '16', '--predictor', '--epochs', '1', '--width', '4', '--stride', '8',
+                           '--transforms', '2']) == 0
+    text = capsys.readouterr().out
+    assert 'predictor: ' in text and 'held-out images' in text
+    model = infer.load_model(str(out))
+    assert model.routing.predictor is not None and model.routing.class_errors.class_mse.shape == (10, 9)
+    info = model.routing.predictor.fit_info
+    assert info['transforms'] == 2 and info['train_images'] == 1 and info['val_images'] == 1
+    assert info['train_maps'] == 2  # the training image and its flipped/rotated copy
+    assert torch.equal(torch_load(str(out))['params']['conv_first.weight'],
+                       torch_load(str(ckpt))['params']['conv_first.weight'])  # the weights are not touched
+    lq = torch.rand(1, 3, 32, 40)
+    for options in ({'budget': 0.5}, {'max_loss': 0.05}, {'budget': 0.5, 'cost': 'seconds'}):
+        router = Router(model.net, RoutingOptions(mode='learned', tile_size=16, **options), 4, model.projection,
+                        routing=model.routing)
+        result = router(lq)
+        predictor_flops = model.routing.predictor.flops((32, 40), len(result.subnets))
+        assert result.extra['predictor_flops'] == predictor_flops  # the predictor's work is part of the cost
+        if 'budget' in options and options.get('cost') != 'seconds':
+            assert result.flops <= 0.5 * result.flops_full_regions * (1 + 1e-9)  # budget includes the predictor
+
+
+def test_the_time_table_is_measured_once_and_cached(setup, tmp_path, monkeypatch):
+    from wbsr_models.routing import timing
+    monkeypatch.setenv('WBSR_CACHE_DIR', str(tmp_path))
+    measured = timing.measure(setup['net'], ErrorPredictor(num_subnets=9, width=4), 4, repeats=1)
+    assert len(measured.subnet_seconds) == 9 and min(measured.subnet_seconds) > 0 and measured.predictor_seconds > 0
+    calls = []
+    monkeypatch.setattr(timing, 'measure', lambda *a, **k: calls.append(1) or measured)
+    first = timing.time_table(setup['net'], None, 8)
+    again = timing.time_table(setup['net'], None, 8)
+    assert len(calls) == 1 and first.subnet_seconds == again.subnet_seconds == measured.subnet_seconds
+    assert first.region_seconds(np.array([64., 16.])).shape == (2, 9)
+    assert timing.device_key(setup['net'], None, 8) != timing.device_key(setup['net'], None, 16)
+    path = next((tmp_path / 'timing').glob('*.json'))
+    path.write_text('{"format": 1, "subnet_seconds": [NaN]}')  # damaged: measured again and replaced
+    timing.time_table(setup['net'], None, 8)
+    assert len(calls) == 2 and len(json.loads(path.read_text())['subnet_seconds']) == 9
+
+
+def test_the_routing_docs_list_every_mode_and_option():
+    text = (REPO / 'docs' / 'routing.md').read_text()
+    assert all(f'| `{name}`' in text for name in MODES), [n for n in MODES if f'| `{n}`' not in text]
+    assert all(f'| `{name}` |' in text for name in OPTIONS), [n for n in OPTIONS if f'| `{n}` |' not in text]
+
+
+def test_the_quality_map_is_stored_and_read_both_ways():
+    pred = ErrorPredictor(num_subnets=3, width=4, hidden=8)
+    pred.quality = ((-0.02, 0.03, 0.08), (0.0, 0.05, 0.2))
+    again = ErrorPredictor.from_dict(pred.to_dict())
+    assert again.quality == pred.quality
+    assert again.quality_threshold(0.03) == pytest.approx(0.05) and again.quality_threshold(0.055) == pytest.approx(0.125)
+    assert again.quality_estimate(0.125) == pytest.approx(0.055)  # its inverse
+    assert ErrorPredictor(num_subnets=3).quality_threshold(0.07) == 0.07  # without a map: as requested
+    data = pred.to_dict()
+    for bad in ({'requested': [0.1, 0.0], 'internal': [0.0, 0.1]}, {'requested': [0.0], 'internal': [float('inf')]},
+                {'requested': [0.0, 0.1], 'internal': [0.0]}):
+        with pytest.raises(ValueError, match='quality map must be two finite lists of one length, ascending'):
+            ErrorPredictor.from_dict(dict(data, quality=bad))
+
+
+def test_quality_map_measures_the_loss_of_each_threshold():
+    from wbsr_models.routing.predictor import quality_map
+    rng = np.random.default_rng(0)
+    maps = [ErrorMaps(n, 0, rng.integers(0, 255, (3, 48, 64), dtype=np.uint8),
+                      (rng.uniform(1e-3, 2e-3, (1, 48, 64)) * np.array([2.0, 1.2, 1.0])[:, None, None]).astype(np.float32))
+            for n in range(2)]
+    requested, internal = quality_map(ErrorPredictor(num_subnets=3, width=4).eval(), maps, 16, [1.0, 2.0, 4.0],
+                                      internal=(0.0, 0.5, 1.0, 2.0, 4.0))
+    assert len(requested) == len(internal) >= 1 and internal[0] == 0.0 and set(internal) <= {0.0, 0.5, 1.0, 2.0, 4.0}
+    assert list(requested) == sorted(requested) and requested[-1] <= 10 * np.log10(2.0) + 1e-5  # at most all-smallest
