@@ -35,27 +35,37 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
 from wbsr_models.baselines import build_arm_table, oracle_subnets, region_outputs, region_psnr_table
-from wbsr_models.evaluation import TestImage, bicubic_summary, evaluate, keep_freed_memory, load_test_set, time_modes
+from wbsr_models.evaluation import (TestImage, bicubic_summary, evaluate, gt_tensor, keep_freed_memory, load_test_set,
+                                     time_modes)
 from wbsr_models.infer import load_model
-from wbsr_models.router import Router, RoutingOptions, budget_subnets, calibrated_subnets
+from wbsr_models.router import Router, RoutingOptions
+from wbsr_models.routing.modes import MODES
 
 SETS = ('Set5', 'Set14', 'B100', 'Urban100')
-PATCH_BUDGETS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
-TILE_BUDGETS = (0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
-PATCH_ETAS = (0.05, 0.1, 0.2, 0.4, 0.8, 1.6, 3.2)
-TILE_ETAS = (0.4, 1.0, 3.2)
+
+
+def sweep_values(mode: str, key: str, scheme: str = 'tiles') -> tuple:
+    """The values of ``key`` along a registered mode's benchmark sweep under ``scheme``."""
+    points = MODES[mode].patch_sweep if scheme == 'patches' else MODES[mode].sweep
+    return tuple(p[key] for p in points if key in p)
+
+
+PATCH_BUDGETS = sweep_values('budget', 'budget', 'patches')
+TILE_BUDGETS = sweep_values('budget', 'budget')
+PATCH_ETAS = sweep_values('arm', 'arm_eta', 'patches')
+TILE_ETAS = sweep_values('arm', 'arm_eta')
 PATCH_TOLERANCES = (0.0, 0.02, 0.05, 0.1, 0.2, 0.4)
 TILE_TOLERANCES = (0.02, 0.05, 0.2)
-LEARNED_BUDGETS = (0.5, 0.6, 0.7)
-SIGNAL_BUDGETS = (0.5, 0.6, 0.7)
-CALIBRATED_BUDGETS = (0.4, 0.5, 0.6, 0.7, 0.8)
+LEARNED_BUDGETS = sweep_values('learned', 'budget')
+LEARNED_LOSSES = sweep_values('learned', 'max_loss')
+CALIBRATED_BUDGETS = sweep_values('calibrated', 'budget')
 WITHIN_DB = 0.05
 HEADER = ('FLOPs % vs full on image: against the full network run once on the whole image; vs full on the same '
           "regions: against the full network on the same patches (the papers' convention; for tiles and the whole "
@@ -84,115 +94,91 @@ class CachedRouter(Router):
         return whole
 
 
-def gt_tensor(image: TestImage) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(image.gt[..., ::-1].transpose(2, 0, 1))).float()[None] / 255.
-
-
 def fixed_assign(subnet: int) -> Callable:
     return lambda image: (lambda regions, classes, costs: np.full(len(regions), subnet))
 
 
-class PoolSignals:
-    """Signals fitted on the training pool's tiles (``bench/oracle_gap.py``'s records): the luminance variance as a
-    parameter-free difficulty score (its pool quantile is the position of the budget rule), and gradient-boosted
-    trees predicting every subnet's error from ten LR features (meant as an upper bound of LR-only routing; not
-    shippable, a tree ensemble cannot be stored without pickle)."""
+def set_modes(net, scale: int, projection, arm_table, store: dict, routing=None, alternative=None,
+              only: Optional[set] = None) -> dict[str, tuple[str, Router, Optional[Callable]]]:
+    """``key -> (scheme, router, assign_for or None)`` of every row and curve point of a set, built from the registry
+    of routing modes (every point of each mode's ``sweep`` under tiles and ``patch_sweep`` under patches), plus the
+    whole-image rows (``full``, every ``fixed`` subnet), the full network on the patches and the oracle.
 
-    def __init__(self, path: str) -> None:
-        from oracle_gap import boosted_errors
-        with np.load(path) as data:
-            feats, mse = data['features'], data['mse']
-        self.variance = np.sort(feats[:, 8])
-        logx = np.log(np.maximum(feats, 1e-8))
-        self.models = boosted_errors(logx, mse, np.ones(len(mse), bool), return_models=True)
-
-    def features(self, router: Router, lq: torch.Tensor) -> np.ndarray:
-        from oracle_gap import tile_features
-        return tile_features(router, [TestImage(name='', lq=lq, gt=None)])
-
-    def variance_position(self, feats: np.ndarray) -> np.ndarray:
-        return np.searchsorted(self.variance, feats[:, 8]) / len(self.variance)
-
-    def errors(self, feats: np.ndarray) -> np.ndarray:
-        from oracle_gap import boosted_predict
-        return boosted_predict(self.models, np.log(np.maximum(feats, 1e-8)))
-
-
-def set_modes(net, scale: int, projection, arm_table, store: dict, alternative=None,
-              signals: Optional[PoolSignals] = None) -> dict[str, tuple[str, Router, Optional[Callable]]]:
-    """``key -> (scheme, router, assign_for or None)`` of every row and curve point of a set (``alternative``: the
-    other difficulty projection, ``(kind, projection)``, for one more Eq. 15 row; ``signals``: the curves of the
-    variance signal and of the learned error predictor)."""
+    ``only``: mode names to run (``full``, ``fixed``, ``patches`` (the full network on the patches), ``oracle`` and
+    registered modes); ``alternative``: the other
+    difficulty projection, ``(kind, projection)``, for one more Eq. 15 row. A mode whose checkpoint artefact is
+    missing (class errors, a predictor) is left out, with a line saying so."""
     def cached(**options) -> Router:
-        return CachedRouter(net, RoutingOptions(**options), scale, projection, arm_table, store=store)
+        return CachedRouter(net, RoutingOptions(**options), scale, projection, arm_table, routing, store=store)
 
     def real(**options) -> Router:
-        return Router(net, RoutingOptions(**options), scale, projection, arm_table)
+        return Router(net, RoutingOptions(**options), scale, projection, arm_table, routing)
 
     def oracle(key: str, tol: float) -> Callable:
         return lambda image: (lambda regions, classes, costs: oracle_subnets(store[key], tol))
 
+    def wanted(name: str) -> bool:
+        return only is None or name in only
+
     largest = net.num_subnets - 1
-    modes = {'full': ('whole', cached(mode='full'), None)}
-    for i, (w, d) in enumerate(net.subnets):
-        modes[f'fixed {i} (w{w} d{d})'] = ('whole', cached(mode='fixed', subnet=i), None)
+    modes = {}
+    if wanted('full'):
+        modes['full'] = ('whole', cached(mode='full'), None)
+    if wanted('fixed'):
+        for i, (w, d) in enumerate(net.subnets):
+            modes[f'fixed {i} (w{w} d{d})'] = ('whole', cached(mode='fixed', subnet=i), None)
     patches = cached(mode='wbsr', scheme='patches')
-    modes['patches: full network'] = ('patches', patches, fixed_assign(largest))
-    modes['patches: Eq. 15'] = ('patches', patches, None)
-    modes.update({f'patches: budget {b}': ('patches', cached(mode='budget', budget=b, scheme='patches'), None)
-                  for b in PATCH_BUDGETS})
-    modes.update({f'patches: ARM eta {e}': ('patches', cached(mode='arm', arm_eta=e, scheme='patches'), None)
-                  for e in PATCH_ETAS})
-    modes.update({f'patches: oracle {t}': ('patches', patches, oracle('patch_table', t)) for t in PATCH_TOLERANCES})
     tiles = real(mode='wbsr', scheme='tiles')
-    modes['tiles: Eq. 15'] = ('tiles', tiles, None)
-    if alternative is not None:
+    if wanted('patches'):
+        modes['patches: full network'] = ('patches', patches, fixed_assign(largest))
+    have = {'class_errors': routing is not None and routing.class_errors is not None,
+            'predictor': routing is not None and routing.predictor is not None, 'arm_table': arm_table is not None}
+    for name, mode in MODES.items():
+        if mode.whole_image or not wanted(name):
+            continue
+        missing = [need for need in mode.needs if not have.get(need, True)]
+        if missing:
+            print(f'benchmark: {name} mode left out, the checkpoint has no {" and ".join(missing)}', flush=True)
+            continue
+        for scheme, points, make in (('patches', mode.patch_sweep, cached), ('tiles', mode.sweep, real)):
+            for point in points:
+                modes[f'{scheme}: {mode.label(point)}'] = (scheme, make(mode=name, scheme=scheme, **point), None)
+    if alternative is not None and wanted('wbsr'):
         kind, other = alternative
         modes[f'tiles: Eq. 15, {kind} projection'] = ('tiles', Router(net, RoutingOptions(), scale, other), None)
-    modes.update({f'tiles: budget {b}': ('tiles', real(mode='budget', budget=b, scheme='tiles'), None)
-                  for b in TILE_BUDGETS})
-    modes.update({f'tiles: ARM eta {e}': ('tiles', real(mode='arm', arm_eta=e, scheme='tiles'), None)
-                  for e in TILE_ETAS})
-    modes.update({f'tiles: oracle {t}': ('tiles', tiles, oracle('tile_table', t)) for t in TILE_TOLERANCES})
-    if projection is not None and projection.class_mse is not None:
-        modes.update({f'tiles: calibrated {b}': ('tiles', real(mode='calibrated', budget=b, scheme='tiles'), None)
-                      for b in CALIBRATED_BUDGETS})
-    if signals is not None:
-        def variance(b):
-            return lambda image: (lambda regions, classes, costs: budget_subnets(
-                signals.variance_position(store['features']), costs, b))
-
-        def learned(b):
-            return lambda image: (lambda regions, classes, costs: calibrated_subnets(
-                np.arange(1, len(regions) + 1), np.zeros(len(regions)), costs, signals.errors(store['features']),
-                regions.boxes[:, 2] * regions.boxes[:, 3], b))
-        modes.update({f'tiles: variance signal {b}': ('tiles', tiles, variance(b)) for b in SIGNAL_BUDGETS})
-        modes.update({f'tiles: learned {b}': ('tiles', tiles, learned(b)) for b in LEARNED_BUDGETS})
+    if wanted('oracle'):
+        modes.update({f'patches: oracle {t}': ('patches', patches, oracle('patch_table', t))
+                      for t in PATCH_TOLERANCES})
+        modes.update({f'tiles: oracle {t}': ('tiles', tiles, oracle('tile_table', t)) for t in TILE_TOLERANCES})
     return modes
 
 
-def evaluate_set(net, scale: int, projection, arm_table, images: list[TestImage], alternative=None,
-                 signals: Optional[PoolSignals] = None) -> tuple[dict, float]:
+def evaluate_set(net, scale: int, projection, arm_table, images: list[TestImage], routing=None, alternative=None,
+                 only: Optional[set] = None) -> tuple[dict, float]:
     """Summary of every mode over a set, and the cache self-check (max |cached - real| of patches: Eq. 15)."""
     store: dict = {}
-    modes = set_modes(net, scale, projection, arm_table, store, alternative, signals)
+    modes = set_modes(net, scale, projection, arm_table, store, routing, alternative, only)
     probe_patches = Router(net, RoutingOptions(mode='wbsr', scheme='patches'), scale, projection)
     probe_tiles = Router(net, RoutingOptions(mode='wbsr', scheme='tiles'), scale, projection)
     per_mode: dict[str, list[dict]] = {key: [] for key in modes}
     check = 0.0
+    # what the rows read from the store: every subnet on every patch (cached patch rows, the patch oracle), every
+    # subnet on the whole image (whole-image rows, the tile oracle); a run of a few rows computes only what they read
+    need_patches = any(scheme == 'patches' for scheme, _, _ in modes.values())
+    need_whole = any(scheme == 'whole' or key.startswith('tiles: oracle') for key, (scheme, _, _) in modes.items())
     for n, image in enumerate(tqdm(images, desc='images', leave=False)):
         gt = gt_tensor(image)
-        cut = region_outputs(probe_patches, image.lq)
-        store['patches'] = cut[1]
-        store['patch_table'] = region_psnr_table(probe_patches, image.lq, gt, cut=cut)[0]
-        cut = region_outputs(probe_tiles, image.lq)  # every subnet on the whole image
-        store['whole'] = cut[1]
-        store['tile_table'] = region_psnr_table(probe_tiles, image.lq, gt, cut=cut)[0]
-        if signals is not None:
-            store['features'] = signals.features(probe_tiles, image.lq)
+        if need_patches:
+            cut = region_outputs(probe_patches, image.lq)
+            store['patches'] = cut[1]
+            store['patch_table'] = region_psnr_table(probe_patches, image.lq, gt, cut=cut)[0]
+        if need_whole:
+            cut = region_outputs(probe_tiles, image.lq)  # every subnet on the whole image
+            store['whole'] = cut[1]
+            store['tile_table'] = region_psnr_table(probe_tiles, image.lq, gt, cut=cut)[0]
         for key, (_, router, assign_for) in modes.items():
             per_mode[key].append(evaluate(router, [image], assign_for=assign_for))
-        if n == 0:  # the cached merge must be the router's own output
+        if n == 0 and 'patches: Eq. 15' in modes:  # the cached merge must be the router's own output
             check = float((probe_patches(image.lq).output - modes['patches: Eq. 15'][1](image.lq).output).abs().max())
     summary = {}
     for key, rows in per_mode.items():
@@ -200,6 +186,11 @@ def evaluate_set(net, scale: int, projection, arm_table, images: list[TestImage]
         summary[key]['shares'] = np.mean([r['shares'] for r in rows], axis=0).tolist()
         summary[key]['scheme'] = modes[key][0]
         summary[key]['images'] = len(rows)
+        if 'full' in per_mode:  # the loss against the whole-image full network, image by image, and its spread
+            loss = np.array([f['psnr'] - r['psnr'] for f, r in zip(per_mode['full'], rows)])
+            summary[key]['loss_db_sd'] = float(loss.std())
+        if 'predicted_loss_db' in rows[0]:
+            summary[key]['predicted_loss_db_sd'] = float(np.std([r['predicted_loss_db'] for r in rows]))
     return summary, check
 
 
@@ -222,8 +213,9 @@ def set_section(name: str, entry: dict, out: str) -> list[str]:
     full = summary['full']['psnr']
     lowest = {scheme: lowest_budget_within(summary, scheme, budgets, full)
               for scheme, budgets in (('patches', PATCH_BUDGETS), ('tiles', TILE_BUDGETS))}
-    if f'tiles: calibrated {CALIBRATED_BUDGETS[0]}' in summary:
-        lowest['tiles calibrated'] = lowest_budget_within(summary, 'tiles: calibrated', CALIBRATED_BUDGETS, full)
+    for title, budgets in (('calibrated', CALIBRATED_BUDGETS), ('learned', LEARNED_BUDGETS)):
+        if f'tiles: {title} {budgets[0]}' in summary:
+            lowest[f'tiles {title}'] = lowest_budget_within(summary, f'tiles: {title}', budgets, full)
     entry['lowest_budget_within_0.05dB'] = {k: v and {'budget': v[0], **v[1]} for k, v in lowest.items()}
     note = ' (ARM table in-sample)' if name in ('Set5', 'Set14') else ''
     parts = entry.get('parts') or []
@@ -240,9 +232,23 @@ def set_section(name: str, entry: dict, out: str) -> list[str]:
     return md + [''] + table_rows(summary) + ['', f'![{name}](curve_{name}.png)', '']
 
 
+def _residues(slices: Sequence[Sequence[int]], period: int) -> frozenset:
+    """The image indices (mod ``period``) that parts ``K/N`` cover."""
+    return frozenset(i for i in range(period) for k, n in slices if i % n == k)
+
+
+def _rows_agree(a: dict, b: dict) -> bool:
+    return abs(a['psnr'] - b['psnr']) <= 1e-4 and abs(a['ratio_whole'] - b['ratio_whole']) <= 1e-9
+
+
 def merge_parts(folders: list[str], out: str) -> int:
-    """Combine the ``benchmark.json`` of ``--part`` runs (means weighted by their numbers of images). A folder may
-    also hold an earlier merge (its sets list the parts they were made of), so that parts run later complete it."""
+    """Combine the ``benchmark.json`` of runs over parts of the sets (``--part``) and over different rows
+    (``--modes``): every row is the mean of the runs that hold it, weighted by their numbers of images.
+
+    A folder may hold an earlier merge (its sets list the parts they were made of). Each row must cover the same
+    images as the set (every part that any run covers), exactly once: a row that two runs hold for overlapping images
+    is refused, unless both hold it for the same images with the same values (the full network run again beside new
+    rows), and a row that misses part of the images is refused."""
     parts = []
     for folder in folders:
         with open(os.path.join(folder, 'benchmark.json')) as f:
@@ -253,23 +259,33 @@ def merge_parts(folders: list[str], out: str) -> int:
           f"split between single-thread processes, `--part`).\n", HEADER]
     for name in dict.fromkeys(name for p in parts for name in p['sets']):
         having = [p for p in parts if name in p['sets']]
-        slices = [tuple(s) for p in having for s in (p['sets'][name]['parts'] if 'parts' in p['sets'][name]
-                                                     else [p['part']])]
-        # parts K/N and K'/N' overlap where K = K' mod gcd(N, N')
-        if any(a[0] % np.gcd(a[1], b[1]) == b[0] % np.gcd(a[1], b[1]) for i, a in enumerate(slices)
-               for b in slices[i + 1:]):
-            raise SystemExit(f'--merge: the parts of {name} overlap: {slices}')
         if any(p['model'] != report['model'] for p in having):
             raise SystemExit(f'--merge: the parts of {name} are of different models')
-        report['sets'][name] = {'parts': slices}
-        entries = [p['sets'][name] for p in having]
-        rows = [sorted(e['summary']) for e in entries]
-        if any(r != rows[0] for r in rows):
-            raise SystemExit(f'--merge: the parts of {name} hold different rows: '
-                             f'{sorted(set().union(*rows) - set(rows[0]).intersection(*rows))} not in all of them')
-        weights = np.array([e['images'] for e in entries], dtype=np.float64)
+        entries = [(tuple(map(tuple, p['sets'][name]['parts'] if 'parts' in p['sets'][name] else [p['part']])),
+                    p['sets'][name]) for p in having]
+        period = int(np.lcm.reduce([n for slices, _ in entries for _, n in slices]))
+        covered = frozenset().union(*(_residues(slices, period) for slices, _ in entries))
 
-        def mean(rows: list[dict]) -> dict:
+        def holders(key: str, group: str = 'summary') -> list[tuple[tuple, dict]]:
+            chosen: list[tuple[frozenset, tuple, dict]] = []
+            for slices, entry in entries:
+                if key not in entry[group]:
+                    continue
+                res = _residues(slices, period)
+                clash = [c for c in chosen if c[0] & res]
+                if clash:
+                    if clash[0][0] != res or (group == 'summary' and not _rows_agree(clash[0][2][group][key],
+                                                                                     entry[group][key])):
+                        raise SystemExit(f'--merge: the parts of {name} overlap in {key!r}: '
+                                         f'{sorted(clash[0][1])} and {sorted(slices)}')
+                    continue
+                chosen.append((res, slices, entry))
+            if frozenset().union(*(c[0] for c in chosen)) != covered:
+                raise SystemExit(f'--merge: {key!r} of {name} covers parts {sorted(s for c in chosen for s in c[1])}, '
+                                 f'not all of {sorted(s for sl, _ in entries for s in sl)}')
+            return [(c[1], c[2]) for c in chosen]
+
+        def mean(rows: list[dict], weights: np.ndarray) -> dict:
             merged = {}
             for k, v in rows[0].items():
                 if isinstance(v, (int, float)) and k != 'images':
@@ -280,10 +296,17 @@ def merge_parts(folders: list[str], out: str) -> int:
                     merged[k] = v
             merged['images'] = int(weights.sum())
             return merged
-        entry = {'summary': {key: mean([e['summary'][key] for e in entries]) for key in entries[0]['summary']},
-                 'bicubic': mean([e['bicubic'] for e in entries]),
-                 'cache_check_max_abs': max(e['cache_check_max_abs'] for e in entries), 'images': int(weights.sum()),
-                 'parts': slices}
+
+        summary = {}
+        for key in dict.fromkeys(k for _, e in entries for k in e['summary']):
+            chosen = holders(key)
+            summary[key] = mean([e['summary'][key] for _, e in chosen], np.array([e['images'] for _, e in chosen],
+                                                                                 dtype=np.float64))
+        reference = holders('full')
+        weights = np.array([e['images'] for _, e in reference], dtype=np.float64)
+        entry = {'summary': summary, 'bicubic': mean([e['bicubic'] for _, e in reference], weights),
+                 'cache_check_max_abs': max(e['cache_check_max_abs'] for _, e in entries), 'images': int(weights.sum()),
+                 'parts': sorted(s for sl, _ in reference for s in sl)}
         md += set_section(name, entry, out)
         report['sets'][name] = entry
     with open(os.path.join(out, 'benchmark.json'), 'w') as f:
@@ -306,8 +329,9 @@ def plot_curve(name: str, summary: dict, path: str) -> None:
               ('tiles: budget', TILE_BUDGETS, '-o', '#c44e52', 'tiles (seamless), budget sweep'),
               ('tiles: calibrated', CALIBRATED_BUDGETS, '-v', '#1f77b4',
                'tiles, calibrated (class errors), budget sweep'),
-              ('tiles: variance signal', SIGNAL_BUDGETS, ':x', '#937860', 'tiles, variance as the signal'),
-              ('tiles: learned', LEARNED_BUDGETS, '-.P', '#17becf', 'tiles, learned error predictor (boosted trees)'),
+              ('tiles: learned', LEARNED_BUDGETS, '-P', '#17becf', 'tiles, learned (error predictor), budget sweep'),
+              ('tiles: learned max_loss', LEARNED_LOSSES, ':X', '#0b5563',
+               'tiles, learned, quality target (max_loss dB)'),
               ('tiles: ARM eta', TILE_ETAS, '-s', '#55a868', 'tiles, ARM eta sweep'),
               ('tiles: oracle', TILE_TOLERANCES, '--^', '#8172b2', 'tiles, oracle tolerance sweep')]
     for prefix, values, fmt, color, label in series:
@@ -342,10 +366,12 @@ def table_rows(summary: dict) -> list[str]:
 
 
 def wall_time(net, scale: int, projection, arm_table, images: list[TestImage], repeats: int,
-              budgets: dict[str, list[float]], fixed_subnets: bool) -> list[dict]:
-    """Seconds per image of the main modes (:func:`time_modes`), with their FLOPs ratio and time ratio."""
+              budgets: dict[str, list[float]], fixed_subnets: bool, routing=None,
+              learned: Sequence[dict] = ()) -> list[dict]:
+    """Seconds per image of the main modes (:func:`time_modes`), with their FLOPs ratio, time ratio and PSNR on the
+    timed images; ``learned``: points of the learned mode to time (its predictor's time included)."""
     def router(**options) -> Router:
-        return Router(net, RoutingOptions(**options), scale, projection, arm_table)
+        return Router(net, RoutingOptions(**options), scale, projection, arm_table, routing)
 
     modes = {'full': (router(mode='full'), None), 'full (timed again)': (router(mode='full'), None),
              f'fixed {net.num_subnets - 1} (the same network)': (router(mode='fixed', subnet=net.num_subnets - 1),
@@ -356,9 +382,11 @@ def wall_time(net, scale: int, projection, arm_table, images: list[TestImage], r
         modes[f'{scheme}: ARM eta 1.0'] = (router(mode='arm', scheme=scheme), None)
         modes.update({f'{scheme}: budget {b}': (router(mode='budget', budget=b, scheme=scheme), None)
                       for b in budgets[scheme]})
-    if projection is not None and projection.class_mse is not None:
+    if routing is not None and routing.class_errors is not None:
         modes.update({f'tiles: calibrated {b}': (router(mode='calibrated', budget=b, scheme='tiles'), None)
                       for b in budgets['tiles']})
+    modes.update({f"tiles: {MODES['learned'].label(point)}": (router(mode='learned', **point), None)
+                  for point in learned})
     if fixed_subnets:
         modes.update({f'fixed {i} (w{w} d{d})': (router(mode='fixed', subnet=i), None)
                       for i, (w, d) in enumerate(net.subnets[:-1])})
@@ -366,7 +394,7 @@ def wall_time(net, scale: int, projection, arm_table, images: list[TestImage], r
         seconds = time_modes(modes, images, repeats, progress=bar.update)
     summaries = {label: evaluate(r, images, assign_for=a) for label, (r, a) in modes.items()}
     rows = [{'mode': label, 'seconds': seconds[label], 'time_vs_full': seconds[label] / seconds['full'],
-             'ratio_whole': summaries[label]['ratio_whole']} for label in modes]
+             'ratio_whole': summaries[label]['ratio_whole'], 'psnr': summaries[label]['psnr']} for label in modes]
     if fixed_subnets:
         # What a tiles mode would take if every tile ran at its subnet's whole-image speed (the subnets' shares of
         # the LR pixels times their measured time ratios): the gap to it is the executor's own cost (gathers,
@@ -377,6 +405,18 @@ def wall_time(net, scale: int, projection, arm_table, images: list[TestImage], r
             if row['mode'].startswith('tiles:'):
                 row['ideal_executor'] = float(np.dot(summaries[row['mode']]['shares'], per_subnet))
     return rows
+
+
+def parse_point(word: str) -> dict:
+    """``budget=0.5,cost=seconds`` -> ``{'budget': 0.5, 'cost': 'seconds'}``."""
+    point = {}
+    for item in word.split(','):
+        key, _, value = item.partition('=')
+        try:
+            point[key] = float(value)
+        except ValueError:
+            point[key] = value
+    return point
 
 
 def train_options(data: str) -> dict:
@@ -524,9 +564,13 @@ def main(argv: Optional[list] = None) -> int:
     parser.add_argument('--time-budgets', type=float, nargs='*', default=None,
                         help='budgets timed (default: each scheme\'s lowest budget within 0.05 dB on Urban100)')
     parser.add_argument('--time-fixed', action='store_true', help='also time every subnet on the whole image')
+    parser.add_argument('--time-learned', nargs='*', default=[], metavar='OPTION=VALUE',
+                        help='points of the learned mode to time, e.g. budget=0.5 max_loss=0.05 cost=seconds (one '
+                        'point per word; a word may join options with commas: budget=0.5,cost=seconds)')
     parser.add_argument('--skip-costs', action='store_true')
-    parser.add_argument('--signals', default=None, help="bench/oracle_gap.py's records.npz: adds the curves of the "
-                        'variance signal and of the learned error predictor')
+    parser.add_argument('--modes', nargs='+', default=None,
+                        help='evaluate only these: full, fixed, patches (the full network on the patches), oracle and '
+                        f'registered routing modes ({", ".join(MODES)}); the default is all of them')
     parser.add_argument('--other-projection', action='store_true',
                         help='also route Eq. 15 with the other difficulty projection (pca / sum), fitted on train291')
     parser.add_argument('--part', default=None, help='K/N: evaluate only images K, K+N, K+2N, ... of each set '
@@ -543,7 +587,11 @@ def main(argv: Optional[list] = None) -> int:
     if not args.model:
         parser.error('--model is required (except with --merge)')
     os.makedirs(args.out, exist_ok=True)
-    net, scale, projection = load_model(args.model)
+    net, scale, projection, routing = load_model(args.model)
+    known = {'full', 'fixed', 'patches', 'oracle', *MODES}
+    if args.modes is not None and set(args.modes) - known:
+        parser.error(f'--modes: unknown {sorted(set(args.modes) - known)}; known: {sorted(known)}')
+    only = set(args.modes) if args.modes is not None else None
     machine = (f'{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, '
                f'torch {torch.__version__}')
     if args.tile_sizes:
@@ -562,13 +610,12 @@ def main(argv: Optional[list] = None) -> int:
     arm_table = build_arm_table(probe, ((im.lq, gt_tensor(im)) for im in lut_images), source='Set5+Set14')
     arm_table.save(os.path.join(args.out, 'arm_table.npz'))
     alternative = alternative_projection(args.data, projection) if args.other_projection else None
-    signals = PoolSignals(args.signals) if args.signals else None
     md = [f"# Routing benchmark\n\nModel: `{args.model}`; machine: {report['machine']}.\n",
           HEADER]
     for name in args.sets:
         print(f'{name}:', flush=True)
         images = load_test_set(os.path.join(args.data, name), scale)[part[0]::part[1]]
-        summary, check = evaluate_set(net, scale, projection, arm_table, images, alternative, signals)
+        summary, check = evaluate_set(net, scale, projection, arm_table, images, routing, alternative, only)
         bicubic = bicubic_summary(images, scale)
         report['sets'][name] = {'summary': summary, 'bicubic': bicubic, 'cache_check_max_abs': check,
                                 'images': len(images)}
@@ -581,13 +628,16 @@ def main(argv: Optional[list] = None) -> int:
         found = report['sets'].get('Urban100', {}).get('lowest_budget_within_0.05dB', {})
         budgets = {scheme: args.time_budgets if args.time_budgets is not None else
                    ([found[scheme]['budget']] if found.get(scheme) else []) for scheme in ('patches', 'tiles')}
-        timing = wall_time(net, scale, projection, arm_table, timing_images, args.repeats, budgets, args.time_fixed)
+        learned = [parse_point(word) for word in args.time_learned]
+        timing = wall_time(net, scale, projection, arm_table, timing_images, args.repeats, budgets, args.time_fixed,
+                           routing, learned)
         report['wall_time'] = timing
         md += [f'## Wall time, Urban100 first {len(timing_images)} images, median of {args.repeats} interleaved runs\n',
-               '| mode | s / image | time vs full | FLOPs % vs full on image | time vs full if every tile ran at its '
-               "subnet's whole-image speed |", '|---|---|---|---|---|']
+               '| mode | s / image | time vs full | FLOPs % vs full on image | PSNR-Y on these images | time vs full '
+               "if every tile ran at its subnet's whole-image speed |", '|---|---|---|---|---|---|']
         md += [f"| {r['mode']} | {r['seconds']:.3f} | {r['time_vs_full']:.2f} | {100 * r['ratio_whole']:.1f} | "
-               + (f"{r['ideal_executor']:.2f} |" if 'ideal_executor' in r else ' |') for r in timing] + ['']
+               f"{r['psnr']:.3f} | " + (f"{r['ideal_executor']:.2f} |" if 'ideal_executor' in r else ' |')
+               for r in timing] + ['']
     if not args.skip_costs:
         report['costs'] = costs(args.data, args.repeats)
         md += ['## Costs\n', '| what | value |', '|---|---|']

@@ -50,7 +50,6 @@ SCALE = 4
 SOURCES = (('train/T91', 'train291'), ('train/BSD200', 'train291'), ('test/B100/HR', 'B100'),
            ('test/Urban100/HR', 'Urban100'))
 TEST_SETS = ('B100', 'Urban100')
-TILE_BUDGETS = (0.5, 0.7, 0.9)
 #: The dry run's network: the test suite's tiny supernet.
 TINY_NETWORK = {'type': 'WBSRSRResNet', 'num_in_ch': 3, 'num_out_ch': 3, 'num_feat': 16, 'num_block': 4,
                 'upscale': SCALE, 'widths': [8, 12, 16], 'depths': [1, 2, 4]}
@@ -277,26 +276,33 @@ def _metrics(sr: np.ndarray, gt: np.ndarray) -> tuple[float, float]:
             calculate_ssim(sr, gt, crop_border=SCALE, test_y_channel=True))
 
 
-def bench_modes(net, projection) -> dict:
-    """``label -> RoutingOptions`` of every row: full, fixed subnets, tiles Eq. 15 and budgets, patches Eq. 15."""
+def bench_modes(net, projection, routing=None) -> dict:
+    """``label -> RoutingOptions`` of every row: full, fixed subnets, patches Eq. 15, and under tiles the ``quick``
+    points of every registered routing mode whose checkpoint artefacts are there."""
     from wbsr_models.router import RoutingOptions
+    from wbsr_models.routing.modes import MODES
     modes = {'full': RoutingOptions(mode='full')}
     for i, (w, d) in enumerate(getattr(net, 'subnets', [])):
         modes[f'fixed {i} (w{w} d{d})'] = RoutingOptions(mode='fixed', subnet=i)
-    modes['tiles: Eq. 15'] = RoutingOptions(mode='wbsr', scheme='tiles')
-    modes.update({f'tiles: budget {b}': RoutingOptions(mode='budget', budget=b, scheme='tiles') for b in TILE_BUDGETS})
+    have = {'class_errors': routing is not None and routing.class_errors is not None,
+            'predictor': routing is not None and routing.predictor is not None, 'arm_table': False}
+    for name, mode in MODES.items():
+        if mode.whole_image or not all(have.get(need, True) for need in mode.needs):
+            continue
+        modes.update({f'tiles: {mode.label(point)}': RoutingOptions(mode=name, scheme='tiles', **point)
+                      for point in mode.quick})
     modes['patches: Eq. 15'] = RoutingOptions(mode='wbsr', scheme='patches')
     return modes
 
 
-def evaluate_modes(net, projection, images, modes: dict, pool) -> dict:
+def evaluate_modes(net, projection, images, modes: dict, pool, routing=None) -> dict:
     """Mean PSNR-Y, SSIM-Y, GFLOPs and FLOPs ratios of every mode; metrics computed by ``pool`` meanwhile."""
     from basicsr.utils import tensor2img
     from wbsr_models.router import Router
     pending: dict[str, list] = {}
     costs: dict[str, list] = {}
     for label, options in modes.items():
-        router = Router(net, options, SCALE, projection)
+        router = Router(net, options, SCALE, projection, routing=routing)
         for image in images:
             result = router(image.lq)
             sr = tensor2img([result.output[0].detach().float().cpu()])
@@ -312,11 +318,12 @@ def evaluate_modes(net, projection, images, modes: dict, pool) -> dict:
     return summary
 
 
-def time_rows(net, projection, images, modes: dict, repeats: int) -> list[dict]:
+def time_rows(net, projection, images, modes: dict, repeats: int, routing=None) -> list[dict]:
     """Seconds per image (CUDA-synchronised, warmed, interleaved medians) and images/s of every mode."""
     from wbsr_models.evaluation import time_modes
     from wbsr_models.router import Router
-    routers = {label: (Router(net, options, SCALE, projection), None) for label, options in modes.items()}
+    routers = {label: (Router(net, options, SCALE, projection, routing=routing), None)
+               for label, options in modes.items()}
     seconds = time_modes(routers, images, repeats)
     return [{'mode': label, 'seconds': s, 'images_per_s': 1 / s, 'time_vs_full': s / seconds['full']}
             for label, s in seconds.items()]
@@ -407,11 +414,11 @@ def bench(datasets: str, model: Optional[str], reference: Optional[str], out: st
         report['sets'][name] = {'images': len(images), 'bicubic': bicubic_summary(images, SCALE)}
     per_call: dict[str, float] = {}
     for key, checkpoint in checkpoints.items():
-        net, scale, projection = load_model(checkpoint, device=device)
-        modes = bench_modes(net, projection)
+        net, scale, projection, routing = load_model(checkpoint, device=device)
+        modes = bench_modes(net, projection, routing)
         for name, images in sets.items():
             start = time.perf_counter()
-            report['sets'][name][key] = evaluate_modes(net, projection, images, modes, pool)
+            report['sets'][name][key] = evaluate_modes(net, projection, images, modes, pool, routing)
             per_call[f'{key}/{name}'] = (time.perf_counter() - start) / (len(modes) * len(images))
             print(f"bench: {key} {name}: {len(modes)} modes x {len(images)} images evaluated in "
                   f"{time.perf_counter() - start:.1f} s; full {report['sets'][name][key]['full']['psnr']:.3f} dB, "
@@ -419,8 +426,8 @@ def bench(datasets: str, model: Optional[str], reference: Optional[str], out: st
             write()
     timed = 'new' if 'new' in checkpoints else 'reference'
     if timed in checkpoints:
-        net, scale, projection = load_model(checkpoints[timed], device=device)
-        modes = bench_modes(net, projection)
+        net, scale, projection, routing = load_model(checkpoints[timed], device=device)
+        modes = bench_modes(net, projection, routing)
         for name, images in sets.items():
             images = images[:time_images]
             estimate = per_call[f'{timed}/{name}'] * len(modes) * len(images) * (repeats + 1)
@@ -430,7 +437,7 @@ def bench(datasets: str, model: Optional[str], reference: Optional[str], out: st
                 print(f"bench: {report['notes'][-1]}", flush=True)
                 continue
             start = time.perf_counter()
-            report['timing'].setdefault(name, {})[timed] = time_rows(net, projection, images, modes, repeats)
+            report['timing'].setdefault(name, {})[timed] = time_rows(net, projection, images, modes, repeats, routing)
             report['batched'].setdefault(name, {})[timed] = batched_throughput(net, sets[name], 16, repeats)
             print(f'bench: {timed} {name}: timed on {len(images)} images in {time.perf_counter() - start:.1f} s '
                   f'(estimated {estimate:.0f} s)', flush=True)

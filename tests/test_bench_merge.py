@@ -61,10 +61,31 @@ def test_later_parts_complete_an_earlier_merge(tmp_path, urban):
 def test_merge_refuses_overlapping_or_mismatched_parts(tmp_path, urban):
     merged = _report(tmp_path / 'merged', {'Urban100': urban})
     again = _report(tmp_path / 'again', {'Urban100': _shifted(urban, 25, 0.0)}, part=[2, 4])
-    with pytest.raises(SystemExit, match=r'the parts of Urban100 overlap: \[\(0, 4\), \(2, 4\), \(2, 4\)\]'):
+    with pytest.raises(SystemExit, match=r"the parts of Urban100 overlap in 'full': \[\(0, 4\), \(2, 4\)\] and "
+                       r'\[\(2, 4\)\]'):
         benchmark.merge_parts([merged, again], str(tmp_path / 'out'))
     fewer = _shifted(urban, 25, 0.0)
     del fewer['summary']['tiles: oracle 0.2']
     other = _report(tmp_path / 'other', {'Urban100': fewer}, part=[1, 4])
-    with pytest.raises(SystemExit, match=r"the parts of Urban100 hold different rows: \['tiles: oracle 0.2'\]"):
+    with pytest.raises(SystemExit, match=r"'tiles: oracle 0.2' of Urban100 covers parts \[\(0, 4\), \(2, 4\)\], not "
+                       r'all of \[\(0, 4\), \(1, 4\), \(2, 4\)\]'):
         benchmark.merge_parts([merged, other], str(tmp_path / 'out'))
+
+
+def test_rows_of_another_run_over_the_same_images_join_the_merge(tmp_path, urban):
+    """A run of new rows (``--modes``) over the images of an earlier merge adds them; the full network, run again
+    beside them, must agree with the merge's."""
+    merged = _report(tmp_path / 'merged', {'Urban100': urban})
+    new = {key: row for key, row in _shifted(urban, 50, 0.0)['summary'].items() if key == 'full'}
+    new['tiles: learned max_loss 0.05'] = dict(urban['summary']['tiles: Eq. 15'], psnr=24.6)
+    later = dict(_shifted(urban, 50, 0.0), summary=new, parts=[[0, 4], [2, 4]])
+    rows = _report(tmp_path / 'rows', {'Urban100': later})
+    assert benchmark.merge_parts([merged, rows], str(tmp_path / 'out')) == 0
+    out = json.loads((tmp_path / 'out' / 'benchmark.json').read_text())['sets']['Urban100']
+    assert out['summary']['tiles: learned max_loss 0.05']['psnr'] == 24.6 and out['images'] == 50
+    assert out['summary']['full']['psnr'] == pytest.approx(urban['summary']['full']['psnr'])
+    assert set(urban['summary']) < set(out['summary'])
+    new['full'] = dict(new['full'], psnr=new['full']['psnr'] + 0.01)  # a full network that disagrees is refused
+    rows = _report(tmp_path / 'rows2', {'Urban100': dict(later, summary=new)})
+    with pytest.raises(SystemExit, match="overlap in 'full'"):
+        benchmark.merge_parts([merged, rows], str(tmp_path / 'out2'))

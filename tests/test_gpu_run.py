@@ -14,6 +14,8 @@ import cv2
 import numpy as np
 import pytest
 
+from wbsr_models.routing.modes import MODES
+
 from basicsr.models import build_model
 from wbsr_data.hes_dataset import check_option_keys
 from wbsr_data.pairs import decode_image
@@ -146,7 +148,12 @@ def test_benchmark_and_summary_steps(tmp_path):
     net = model.net_g
     for name in ('B100', 'Urban100'):
         rows = report['sets'][name]['new']
-        assert len(rows) == 1 + 9 + 1 + 3 + 1 and rows == report['sets'][name]['reference']
+        # full, 9 fixed subnets, patches Eq. 15, and the quick points of every registered mode this checkpoint can
+        # run (no class errors, predictor or ARM table in it)
+        region = sum(len(m.quick) for m in MODES.values() if not m.whole_image and
+                     not set(m.needs) & {'class_errors', 'predictor', 'arm_table'})
+        assert len(rows) == 1 + 9 + 1 + region and rows.keys() == report['sets'][name]['reference'].keys()
+        assert {'tiles: Eq. 15', 'tiles: budget 0.5', 'tiles: budget 0.9'} <= set(rows) and region == 4
         assert rows['full']['ratio_whole'] == 1.0
         lr = [cv2.imread(str(p)).shape[:2] for p in sorted((datasets / name / 'LR_bicubic' / 'X4').iterdir())]
         for i in range(9):
@@ -154,7 +161,7 @@ def test_benchmark_and_summary_steps(tmp_path):
             assert rows[f'fixed {i} (w{net.subnets[i][0]} d{net.subnets[i][1]})']['ratio_whole'] == \
                 pytest.approx(expected, rel=1e-12)
         timing = report['timing'][name]
-        assert list(timing) == ['new'] and len(timing['new']) == 15  # only the new checkpoint is timed
+        assert list(timing) == ['new'] and len(timing['new']) == len(rows)  # only the new checkpoint is timed
         assert all(r['images_per_s'] * r['seconds'] == pytest.approx(1.0) for r in timing['new'])
     assert report['verdict'] == {'beats_reference': False, 'psnr_gain_db': {
         name: {'full': 0.0, 'tiles: Eq. 15': 0.0, 'patches: Eq. 15': 0.0} for name in ('B100', 'Urban100')}}
