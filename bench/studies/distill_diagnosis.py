@@ -1,6 +1,6 @@
 """Why the L1 distillation term collapsed training: short runs with and without it, looked at as they train.
 
-    python bench/distill_diagnosis.py [--iters 500] [--data datasets] [--out bench_out/distill_diagnosis]
+    python bench/studies/distill_diagnosis.py [--iters 500] [--data datasets] [--out bench_out/distill_diagnosis]
 
 Trains the recipe of ``bench/train_sweeps.py`` (small supernet, pool without its validation split, ``routed``
 sampling, BDLoss) for ``--iters`` iterations three times: without distillation, with the L1 term at weight 0.05,
@@ -22,11 +22,11 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from wbsr_models.calibrate import gt_tensor
+from wbsr_models.evaluation import gt_tensor
 from wbsr_models.evaluation import load_test_set
 from wbsr_models.infer import load_model
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # bench/, for train_sweeps
 from train_sweeps import base_options, run_key, split_pool, train, with_overrides  # noqa: E402
 
 RUNS = {'no distillation': {'split': True},
@@ -45,7 +45,7 @@ def psnr(sr: torch.Tensor, gt: torch.Tensor) -> float:
 
 
 def look(checkpoint: str, images) -> dict:
-    net, _, _ = load_model(checkpoint)
+    net, _, _, _ = load_model(checkpoint)
     bias = net.conv_last.bias.detach().view(1, 3, 1, 1)
     out = {'bias': bias.flatten().tolist()}
     with torch.no_grad():
@@ -62,7 +62,7 @@ def look(checkpoint: str, images) -> dict:
 
 def gradient_ratios(checkpoint: str, images) -> list[tuple[int, str, float]]:
     """``|grad of L1(student, teacher)| / |grad of L1(student, gt)|`` per student and shared layer."""
-    net, _, _ = load_model(checkpoint)
+    net, _, _, _ = load_model(checkpoint)
     rng = np.random.default_rng(0)
     xs, ys = [], []
     for image in images[:16]:
@@ -104,7 +104,7 @@ def main() -> int:
             lambda label: train(options[label], os.path.join(out, 'runs', run_key(options[label])))[0], options)))
     torch.set_num_threads(int(os.environ.get('OMP_NUM_THREADS', 2)))
     images = load_test_set(os.path.join(data, 'val291'), 4)
-    lines = [f'# Distillation diagnosis\n\n`python bench/distill_diagnosis.py --iters {args.iters}`: '
+    lines = [f'# Distillation diagnosis\n\n`python bench/studies/distill_diagnosis.py --iters {args.iters}`: '
              "the sweeps' recipe (BDLoss, `routed`), RGB PSNR (dB, 4-pixel border) on the first six val291 images.\n",
              '| run | iteration | largest subnet | largest, output bias removed | smallest subnet '
              '| output bias (RGB) |',

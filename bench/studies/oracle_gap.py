@@ -1,6 +1,6 @@
 """Where the oracle gap goes: how well the difficulty signal predicts what a larger subnet buys, on training images.
 
-    python bench/oracle_gap.py --model checkpoints/wbsr_srresnet_x4_train291.pth [--data datasets] [--out DIR]
+    python bench/studies/oracle_gap.py --model checkpoints/wbsr_srresnet_x4_train291.pth [--data datasets] [--out DIR]
 
 Everything here is measured on the 291-image training pool (``datasets/train291``), never on the test sets:
 
@@ -130,7 +130,7 @@ def main(argv: Optional[list] = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(int(os.environ.get('OMP_NUM_THREADS', 2)))
     os.makedirs(args.out, exist_ok=True)
-    net, scale, projection = load_model(args.model)
+    net, scale, projection, _ = load_model(args.model)
     images = load_test_set(os.path.join(args.data, 'train291'), scale, limit=args.images)
     router = Router(net, RoutingOptions(scheme='tiles', tile_size=args.tile_size), scale, projection)
     cache = os.path.join(args.out, 'records.npz')

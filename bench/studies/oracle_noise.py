@@ -1,15 +1,15 @@
 """How much of the per-tile oracle's lead any router could reach: the oracle choosing on half of each tile's pixels.
 
-    python bench/oracle_noise.py --model checkpoints/wbsr_srresnet_x4_train291.pth [--data datasets] [--out DIR]
+    python bench/studies/oracle_noise.py --model checkpoints/wbsr_srresnet_x4_train291.pth [--data datasets] [--out DIR]
 
-The oracle of ``bench/oracle_gap.py`` picks each tile's subnet from that tile's own errors and is scored on the same
-pixels, so part of its lead is selection on the errors' noise: no predictor, however good, can know which subnet
-happens to land closer to the ground truth on these very pixels. Here every tile's pixels are split into two
-interleaved halves (a checkerboard of 8x8 HR blocks): an allocation that uses errors chooses on one half and is
-scored on the other (both ways, the two PSNRs averaged), beside the oracle that chooses and is scored on the same
-half. The rules are those of ``bench/oracle_gap.py`` on the 291-image training pool (never the test sets), at the
-same budgets, per image: the budget rule, the calibrated allocation (class errors from the choosing half), and the
-per-tile oracle.
+The oracle of ``bench/studies/oracle_gap.py`` picks each tile's subnet from that tile's own errors and is scored on
+the same pixels, so part of its lead is selection on the errors' noise: no predictor, however good, can know which
+subnet happens to land closer to the ground truth on these very pixels. Here every tile's pixels are split into two
+interleaved halves (a checkerboard of 8x8 HR blocks): an allocation that uses errors chooses on one half and is scored
+on the other (both ways, the two PSNRs averaged), beside the oracle that chooses and is scored on the same half. The
+rules are those of ``bench/studies/oracle_gap.py`` on the 291-image training pool (never the test sets), at the same
+budgets, per image: the budget rule, the calibrated allocation (class errors from the choosing half), and the per-tile
+oracle.
 
 Writes ``oracle_noise.md`` and ``oracle_noise.json`` under ``--out``.
 """
@@ -25,7 +25,8 @@ import torch
 from tqdm import tqdm
 
 from wbsr_data.difficulty import gradient_vectors, luminance
-from wbsr_models.calibrate import RegionRecords, gt_tensor
+from wbsr_models.calibrate import RegionRecords
+from wbsr_models.evaluation import gt_tensor
 from wbsr_models.evaluation import load_test_set
 from wbsr_models.infer import load_model
 from wbsr_models.router import Router, RoutingOptions, budget_subnets, calibrated_subnets
@@ -87,7 +88,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(int(os.environ.get('OMP_NUM_THREADS', 2)))
     os.makedirs(args.out, exist_ok=True)
-    net, scale, projection = load_model(args.model)
+    net, scale, projection, _ = load_model(args.model)
     router = Router(net, RoutingOptions(scheme='tiles', tile_size=args.tile_size), scale, projection)
     cache = os.path.join(args.out, 'halves.npz')
     if os.path.isfile(cache):

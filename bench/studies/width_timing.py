@@ -1,6 +1,6 @@
 """Wall time of each subnet against its FLOPs, for two width sets: the spec's 36/52/64 and 32/48/64.
 
-    python bench/width_timing.py [--data datasets] [--images 6] [--repeats 3]
+    python bench/studies/width_timing.py [--data datasets] [--images 6] [--repeats 3]
 
 Times every subnet of a freshly initialised x4 ``WBSRSRResNet`` (time does not depend on the weights) on
 the whole image of the first ``--images`` Urban100 LR images, median of ``--repeats`` runs, relative to
