@@ -122,8 +122,9 @@ def set_modes(net, scale: int, projection, arm_table, store: dict, routing=None,
 
     largest = net.num_subnets - 1
     modes = {}
-    if wanted('full'):
-        modes['full'] = ('whole', cached(mode='full'), None)
+    if wanted('full'):  # from every subnet's whole-image output where those are made anyway, else run alone
+        reuse = wanted('fixed') or wanted('oracle')
+        modes['full'] = ('whole', cached(mode='full') if reuse else real(mode='full'), None)
     if wanted('fixed'):
         for i, (w, d) in enumerate(net.subnets):
             modes[f'fixed {i} (w{w} d{d})'] = ('whole', cached(mode='fixed', subnet=i), None)
@@ -165,7 +166,8 @@ def evaluate_set(net, scale: int, projection, arm_table, images: list[TestImage]
     # what the rows read from the store: every subnet on every patch (cached patch rows, the patch oracle), every
     # subnet on the whole image (whole-image rows, the tile oracle); a run of a few rows computes only what they read
     need_patches = any(scheme == 'patches' for scheme, _, _ in modes.values())
-    need_whole = any(scheme == 'whole' or key.startswith('tiles: oracle') for key, (scheme, _, _) in modes.items())
+    need_whole = any((scheme == 'whole' and isinstance(router, CachedRouter)) or key.startswith('tiles: oracle')
+                     for key, (scheme, router, _) in modes.items())
     for n, image in enumerate(tqdm(images, desc='images', leave=False)):
         gt = gt_tensor(image)
         if need_patches:
@@ -205,6 +207,49 @@ def lowest_budget_within(summary: dict, prefix: str, budgets, reference: float) 
     return None
 
 
+#: The curves of the table of FLOPs at the 0.05-dB point: ``label -> row-key prefix`` (``fixed``: the fixed subnets,
+#: as their upper concave hull: the best that running one of two fixed subnets on each image reaches).
+CURVES = {'tiles: budget rule': 'tiles: budget ', 'tiles: calibrated': 'tiles: calibrated ',
+          'tiles: learned (budget sweep)': 'tiles: learned 0',
+          'tiles: learned (quality target)': 'tiles: learned max_loss',
+          'tiles: ARM': 'tiles: ARM eta', 'tiles: oracle': 'tiles: oracle', 'patches: budget rule': 'patches: budget ',
+          'patches: oracle': 'patches: oracle', 'fixed subnets (upper concave hull)': 'fixed '}
+
+
+def concave_hull(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The upper concave hull of (FLOPs, PSNR) points, in order of FLOPs: what mixing them (image by image) reaches."""
+    hull: list[tuple[float, float]] = []
+    for p in sorted(points):
+        while len(hull) >= 2 and ((hull[-1][0] - hull[-2][0]) * (p[1] - hull[-2][1]) -
+                                  (hull[-1][1] - hull[-2][1]) * (p[0] - hull[-2][0])) >= 0:
+            hull.pop()
+        hull.append(p)
+    return hull
+
+
+def flops_within(summary: dict, prefix: str, reference: float, within: float = WITHIN_DB,
+                 hull: bool = False) -> Optional[float]:
+    """FLOPs share (of the whole-image full network) at which the curve of the rows starting with ``prefix`` first
+    comes within ``within`` dB of ``reference``, interpolated linearly between its points in order of FLOPs
+    (the curve is first made its upper envelope, or with ``hull`` its upper concave hull); None if it never does,
+    or has no rows."""
+    points = sorted((r['ratio_whole'], r['psnr']) for k, r in summary.items() if k.startswith(prefix))
+    if not points:
+        return None
+    if hull:
+        points = concave_hull(points)
+    target, best, previous = reference - within, -np.inf, None
+    for flops, psnr in points:
+        psnr = best = max(best, psnr)
+        if psnr >= target:
+            if previous is None or previous[1] >= target:
+                return flops
+            f0, p0 = previous
+            return f0 + (flops - f0) * (target - p0) / (psnr - p0)
+        previous = (flops, psnr)
+    return None
+
+
 def set_section(name: str, entry: dict, out: str) -> list[str]:
     """A set's markdown section and plot from its ``entry`` (summary, bicubic, cache check, images); adds the lowest
     budgets within :data:`WITHIN_DB` to ``entry``."""
@@ -217,6 +262,8 @@ def set_section(name: str, entry: dict, out: str) -> list[str]:
         if f'tiles: {title} {budgets[0]}' in summary:
             lowest[f'tiles {title}'] = lowest_budget_within(summary, f'tiles: {title}', budgets, full)
     entry['lowest_budget_within_0.05dB'] = {k: v and {'budget': v[0], **v[1]} for k, v in lowest.items()}
+    entry['flops_within_0.05dB'] = {label: flops_within(summary, prefix, full, hull=prefix == 'fixed ')
+                                    for label, prefix in CURVES.items() if any(k.startswith(prefix) for k in summary)}
     note = ' (ARM table in-sample)' if name in ('Set5', 'Set14') else ''
     parts = entry.get('parts') or []
     if parts and sum(1 / n for _, n in parts) < 1 - 1e-9:  # a subset of the set: say which
@@ -229,6 +276,19 @@ def set_section(name: str, entry: dict, out: str) -> list[str]:
                   f'({full:.3f} dB): ' + (f"{found[0]} ({found[1]['psnr']:.3f} dB at "
                                           f"{100 * found[1]['ratio_whole']:.1f}% of its FLOPs)"
                                           if found else 'none of the budgets'))
+    md += ['', f'FLOPs (% of the whole-image full network) where each curve first comes within {WITHIN_DB} dB of it '
+           '(linear interpolation between its points, along its upper envelope; - : never):', '',
+           '| curve | FLOPs % |', '|---|---|']
+    md += [f'| {label} | ' + ('-' if f is None else f'{100 * f:.1f}') + ' |'
+           for label, f in entry['flops_within_0.05dB'].items()]
+    quality = [(k, r) for k, r in summary.items() if 'max_loss' in k and 'predicted_loss_db' in r]
+    if quality:
+        md += ['', 'Quality target (learned mode, `max_loss`): loss against the whole-image full network, mean over '
+               'the images and its spread (sd), measured and predicted:', '',
+               '| row | measured loss (dB) | sd | predicted loss (dB) | sd | FLOPs % |', '|---|---|---|---|---|---|']
+        md += [f"| {k} | {full - r['psnr']:.3f} | {r.get('loss_db_sd', float('nan')):.3f} | "
+               f"{r['predicted_loss_db']:.3f} | {r.get('predicted_loss_db_sd', float('nan')):.3f} | "
+               f"{100 * r['ratio_whole']:.1f} |" for k, r in quality]
     return md + [''] + table_rows(summary) + ['', f'![{name}](curve_{name}.png)', '']
 
 

@@ -89,3 +89,19 @@ def test_rows_of_another_run_over_the_same_images_join_the_merge(tmp_path, urban
     rows = _report(tmp_path / 'rows2', {'Urban100': dict(later, summary=new)})
     with pytest.raises(SystemExit, match="overlap in 'full'"):
         benchmark.merge_parts([merged, rows], str(tmp_path / 'out2'))
+
+
+def test_flops_within_interpolates_along_the_upper_envelope():
+    rows = {'tiles: x 0.4': {'ratio_whole': 0.4, 'psnr': 27.0}, 'tiles: x 0.5': {'ratio_whole': 0.5, 'psnr': 27.2},
+            'tiles: x 0.6': {'ratio_whole': 0.6, 'psnr': 27.1}, 'tiles: x 0.7': {'ratio_whole': 0.7, 'psnr': 27.4}}
+    # target 27.3 (0.05 dB under 27.35): between 0.6, where 27.1 counts as the envelope's 27.2, and 0.7 at 27.4
+    assert benchmark.flops_within(rows, 'tiles: x', 27.35) == pytest.approx(0.65)
+    assert benchmark.flops_within(rows, 'tiles: x', 27.2) == pytest.approx(0.475)  # 27.15: 3/4 from 27.0 to 27.2
+    assert benchmark.flops_within(rows, 'tiles: x', 27.0) == 0.4  # the first point already
+    assert benchmark.flops_within(rows, 'tiles: x', 28.0) is None and benchmark.flops_within(rows, 'nothing', 1) is None
+
+    hull = {'fixed 0': {'ratio_whole': 0.2, 'psnr': 26.0}, 'fixed 1': {'ratio_whole': 0.6, 'psnr': 27.0},
+            'fixed 2': {'ratio_whole': 0.7, 'psnr': 27.0}, 'fixed 3': {'ratio_whole': 1.0, 'psnr': 27.4}}
+    # w/o the hull the crossing of 27.2 lies between 0.7 and 1.0; with it, between 0.6 and 1.0 (0.7 is under the line)
+    assert benchmark.flops_within(hull, 'fixed', 27.25) == pytest.approx(0.85)
+    assert benchmark.flops_within(hull, 'fixed', 27.25, hull=True) == pytest.approx(0.8)

@@ -4,12 +4,14 @@
    protocol of spec section 9 (mod-crop, MATLAB bicubic x4).
 2. Trains a small WBSR supernet (HES sampling, BDLoss, 3 widths x 3 depths) through BasicSR's training
    pipeline (``python -m wbsr_models.train``), on the GPU when there is one.
-3. Tests the checkpoint with gradient-projection dynamic inference (the seamless ``tiles`` scheme, and the
-   papers' ``patches`` for comparison), with the full network and with every fixed subnet, and prints the
+3. Measures every subnet on the training photographs and fits the learned mode's error predictor
+   (``wbsr-calibrate --predictor``).
+4. Tests the checkpoint with gradient-projection dynamic inference (the seamless ``tiles`` scheme, and the
+   papers' ``patches`` for comparison), with the learned mode, the full network and every fixed subnet, and prints the
    table: PSNR/SSIM (Y channel), FLOPs against the full network run once on the whole image (and on the
    same patches), seconds per image measured under the same conditions for every row
    (:func:`~wbsr_models.evaluation.time_modes`), and a check that two runs of the same network time alike.
-4. Writes the subnet allocation maps, the SR images and a PSNR-vs-FLOPs curve (PNG), and the table as
+5. Writes the subnet allocation maps, the SR images and a PSNR-vs-FLOPs curve (PNG), and the table as
    Markdown and JSON, under ``--out`` (default ``wbsr_demo``).
 """
 from __future__ import annotations
@@ -111,19 +113,35 @@ def train(option_file: str, cwd: str, iters: int) -> str:
     return os.path.join(cwd, 'experiments', 'wbsr_demo', 'models', 'net_g_latest.pth')
 
 
+def calibrate_demo(checkpoint: str, train_dir: str, out: str) -> str:
+    """``wbsr-calibrate --predictor`` on the demo's training photographs: class errors and the error predictor of
+    the learned mode, in a new checkpoint beside the trained one."""
+    from .calibrate import main as calibrate_main
+    target = os.path.join(out, 'net_g_calibrated.pth')
+    print('wbsr-demo: measuring every subnet on the training photographs and fitting the error predictor', flush=True)
+    if calibrate_main(['--model', checkpoint, '--data', train_dir, '--out', target, '--predictor']) != 0:
+        raise RuntimeError('wbsr-calibrate failed')
+    return target
+
+
 def evaluate_demo(checkpoint: str, test_dir: str, out: str, device: str, repeats: int) -> list[dict]:
-    """The table's rows: full network, Eq. 15 and a budget sweep on seamless tiles, Eq. 15 on the papers'
-    patches, and every fixed subnet; quality and FLOPs from one run each, seconds from :func:`time_modes`."""
+    """The table's rows: full network, Eq. 15, a budget sweep and the learned mode (budget and quality target) on
+    seamless tiles, Eq. 15 on the papers' patches, and every fixed subnet; quality and FLOPs from one run each,
+    seconds from :func:`time_modes`."""
     keep_freed_memory()
-    net, scale, projection, _ = load_model(checkpoint, device=device)
+    net, scale, projection, routing = load_model(checkpoint, device=device)
     largest = len(net.subnets) - 1
     modes = [('full', {'mode': 'full'}), ('tiles: wbsr (Eq. 15)', {'mode': 'wbsr'})]
     modes += [(f'tiles: budget {b}', {'mode': 'budget', 'budget': b}) for b in (0.8, 0.65, 0.5)]
+    if routing.predictor is not None:
+        modes += [(f'tiles: learned {b}', {'mode': 'learned', 'budget': b}) for b in (0.65, 0.5)]
+        modes += [('tiles: learned max_loss 0.05', {'mode': 'learned', 'max_loss': 0.05})]
     modes += [('patches: wbsr (Eq. 15)', {'mode': 'wbsr', 'scheme': 'patches'})]
     modes += [(f'fixed {w}/{d}' + (' (= full)' if i == largest else ''), {'mode': 'fixed', 'subnet': i})
               for i, (w, d) in enumerate(net.subnets)]
     images = load_test_set(test_dir, scale, device)
-    routers = {label: Router(net, RoutingOptions(**options), scale, projection) for label, options in modes}
+    routers = {label: Router(net, RoutingOptions(**options), scale, projection, routing=routing)
+               for label, options in modes}
 
     def save(label: str):
         def on_image(image, result, sr):
@@ -184,6 +202,10 @@ def plot_curve(rows: list[dict], path: str, title: str) -> None:
             label='fixed subnets (whole image)')
     ax.plot([100 * r['ratio_whole'] for r in budget], [r['psnr'] for r in budget], '-s', color='#4c72b0',
             label='WBSR budget sweep (tiles)')
+    learned = sorted([r for r in rows if r['mode'].startswith('tiles: learned')], key=lambda r: r['ratio_whole'])
+    if learned:
+        ax.plot([100 * r['ratio_whole'] for r in learned], [r['psnr'] for r in learned], '-P', color='#17becf',
+                label='learned mode (tiles)')
     for r in rows:
         if r['mode'] == 'full' or r['mode'].endswith('(Eq. 15)'):
             ax.plot(100 * r['ratio_whole'], r['psnr'], 'D' if r['mode'] == 'full' else '*', ms=11, label=r['mode'])
@@ -216,7 +238,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     with open(option_file, 'w', encoding='utf-8') as f:
         yaml.safe_dump(demo_options(data, args.iters), f, sort_keys=False)
     try:
-        checkpoint = train(option_file, out, args.iters)
+        checkpoint = calibrate_demo(train(option_file, out, args.iters), os.path.join(data, 'train'), out)
     except RuntimeError as exc:
         print(f'wbsr-demo: {exc}', file=sys.stderr)
         return 1
