@@ -3,11 +3,14 @@
 Every refusal is one line naming the file or flag (no traceback), and nothing the run read is overwritten.
 """
 import errno
+import importlib
 import io
 import json
 import os
+import shutil
 import stat
 import struct
+import subprocess
 import sys
 import zipfile
 import zlib
@@ -505,21 +508,23 @@ def test_bad_output_folders_are_refused_before_the_model_is_loaded(tmp_path, che
                                                  'denied)')
 
 
+def full_disk_for(monkeypatch, name: str) -> None:
+    """``fsync`` of the temporary file of ``name`` fails with ENOSPC, as a full disk makes it fail."""
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        if os.path.basename(os.readlink(f'/proc/self/fd/{fd}')).startswith(f'.{name}.'):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, 'fsync', fsync)
+
+
 def test_a_full_disk_stops_the_run_naming_the_file_and_keeps_what_is_written(tmp_path, checkpoint, capsys,
                                                                              monkeypatch):
     inputs = write_images(tmp_path / 'in', ['a.png', 'b.png', 'c.png'])
     out = tmp_path / 'out'
-    real_write = fileio.write_bytes
-
-    def write(path, data):
-        if os.path.basename(path) == 'b.png':
-            with fileio.atomic_path(path) as tmp:
-                with open(tmp, 'wb') as f:
-                    f.write(data[:10])
-                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        real_write(path, data)
-
-    monkeypatch.setattr(infer, 'write_bytes', write)
+    full_disk_for(monkeypatch, 'b.png')
     assert infer.main(['-i', str(inputs), '-o', str(out), '--model', str(checkpoint)]) == 2
     assert one_line(capsys.readouterr().err) == (f'wbsr-infer: cannot write {out}/b.png (No space left on device); '
                                                  f'stopped, 1 of 3 images written to {out}')
@@ -585,3 +590,563 @@ def test_atomic_writes_respect_the_umask(tmp_path, writer, umask, mode):
         os.umask(old)
     assert oct(stat.S_IMODE((tmp_path / 'file').stat().st_mode)) == oct(mode)
     assert [p.name for p in tmp_path.iterdir()] == ['file']  # no temporary file left
+
+
+# ---- 8. second round: untrusted checkpoints, late failures, true counts ------------------------------------------
+def option_file(folder: Path, stem: str, data: dict, train: bool = True, **changes) -> Path:
+    """A tiny wbsr-train (or, ``train=False``, wbsr-test) option file ``<stem>.yml`` of the run ``stem``; ``changes``
+    set dotted keys (``None`` removes one)."""
+    opt = {'name': stem, 'model_type': 'WBSRModel', 'scale': 4, 'num_gpu': 0, 'manual_seed': 0,
+           'network_g': dict(TINY_NET),
+           'datasets': {'train': {'name': 'tiny', 'type': 'HESPairedImageDataset', **data, 'io_backend': {'type': 'disk'},
+                                  'gt_size': 32, 'use_hflip': True, 'use_rot': True, 'num_worker_per_gpu': 0,
+                                  'batch_size_per_gpu': 2, 'index_cache': str(folder / 'cache')},
+                        'val': {'name': 'tinyval', 'type': 'PairedImageDataset', **data, 'io_backend': {'type': 'disk'}}},
+           'path': {'pretrain_network_g': None, 'strict_load_g': True, 'resume_state': None},
+           'train': {'optim_g': {'type': 'Adam', 'lr': 1e-3, 'betas': [0.9, 0.99]},
+                     'scheduler': {'type': 'MultiStepLR', 'milestones': [100], 'gamma': 0.5},
+                     'total_iter': 2, 'warmup_iter': -1, 'pixel_opt': {'type': 'L1Loss', 'loss_weight': 1.0}},
+           'val': {'val_freq': 2, 'save_img': False, 'routing': {'mode': 'wbsr'},
+                   'metrics': {'psnr': {'type': 'calculate_psnr', 'crop_border': 4}}},
+           'logger': {'print_freq': 1, 'save_checkpoint_freq': 1, 'use_tb_logger': False}}
+    if not train:
+        opt['datasets'] = {'test_1': opt['datasets']['val']}
+        del opt['train']
+    for key, value in changes.items():
+        *parents, last = key.split('.')
+        node = opt
+        for parent in parents:
+            node = node[parent]
+        if value is None:
+            node.pop(last, None)
+        else:
+            node[last] = value
+    path = folder / f'{stem}.yml'
+    path.write_text(yaml.safe_dump(opt))
+    return path
+
+
+@pytest.fixture
+def run_folder(tmp_path, monkeypatch):
+    """A working folder with two image pairs (20 HES candidates each), experiments/ and results/ made under it."""
+    monkeypatch.chdir(tmp_path)
+    return tmp_path, write_pair_folder(tmp_path / 'data', n=2)
+
+
+class CountingOpen:
+    """``open`` for one module that counts the bytes read through the files it opens."""
+
+    def __init__(self) -> None:
+        self.read = 0
+
+    def __call__(self, *args, **kwargs):
+        f = open(*args, **kwargs)
+        counter, real_read = self, f.read
+
+        def read(size=-1):
+            data = real_read(size)
+            counter.read += len(data)
+            return data
+
+        f.read = read
+        return f
+
+
+def padded_png(path: Path, size: int, side: int = 10) -> Path:
+    """A valid ``side`` x ``side`` PNG followed by zeros up to ``size`` bytes (a sparse file: no disk used)."""
+    cv2.imwrite(str(path), textured_image(side, side, seed=3))
+    os.truncate(path, size)
+    return path
+
+
+def test_row1_a_padded_file_is_refused_by_its_size_before_it_is_read(tmp_path, checkpoint, capsys, monkeypatch):
+    inputs = tmp_path / 'in'
+    inputs.mkdir()
+    padded_png(inputs / 'padded.png', 1536 << 20)  # 1.5 GiB, a 10x10 image
+    from wbsr_data import pairs
+    counting = CountingOpen()
+    monkeypatch.setattr(pairs, 'open', counting, raising=False)
+    assert infer.main(['-i', str(inputs), '-o', str(tmp_path / 'out'), '--model', str(checkpoint),
+                       '--max-pixels', '10000']) == 1
+    assert (f'padded.png: skipped ({inputs}/padded.png: the file is 1536.0 MiB, more than an image of --max-pixels '
+            '10000 pixels can take (64.2 MiB); not read)') in capsys.readouterr().out
+    assert counting.read == 0
+    assert make_lr.main(['--hr', str(inputs), '--out', str(tmp_path / 'ds'), '--max-pixels', '10000']) == 2
+    assert (f'wbsr-make-lr: skipped {inputs}/padded.png: the file is 1536.0 MiB, more than an image of --max-pixels '
+            '10000 pixels can take (64.2 MiB); not read') in capsys.readouterr().err
+    assert counting.read == 0
+    # within --max-pixels' bound (16777216 pixels: 320 MiB), but not within what its header declares: only the
+    # header is read
+    padded_png(inputs / 'padded.png', 200 << 20)
+    assert infer.main(['-i', str(inputs), '-o', str(tmp_path / 'out'), '--model', str(checkpoint)]) == 1
+    assert (f'padded.png: skipped ({inputs}/padded.png: the file is 200.0 MiB, more than its declared 10x10 pixels '
+            'can take (64.0 MiB); not read)') in capsys.readouterr().out
+    assert 0 < counting.read < 1 << 16
+
+
+def nan_checkpoint(path: Path, value: float, name: str = 'body.1.conv1.weight') -> Path:
+    net = randomise(tiny_srresnet())
+    with torch.no_grad():
+        dict(net.named_parameters())[name].view(-1)[3] = value
+    return tiny_checkpoint(path, net=net)
+
+
+def test_row2_a_non_finite_weight_is_refused_at_load_and_a_non_finite_output_is_not_an_image(
+        tmp_path, run_folder, capsys, monkeypatch):
+    inputs = write_images(tmp_path / 'in', ['a.png', 'b.png'])
+    for value in (float('nan'), float('inf')):
+        ckpt = nan_checkpoint(tmp_path / 'bad.pth', value)
+        assert infer.main(['-i', str(inputs), '-o', str(tmp_path / 'out'), '--model', str(ckpt)]) == 2
+        assert one_line(capsys.readouterr().err) == (f'wbsr-infer: {ckpt}: the weight body.1.conv1.weight has NaN or '
+                                                     'infinite values; the network would output garbage')
+        test_file = option_file(tmp_path, 'nan', run_folder[1], train=False, **{'path.pretrain_network_g': str(ckpt)})
+        code, err = run_cli(runners.test_main, ['-opt', str(test_file)], monkeypatch, capsys)
+        assert (code, one_line(err)) == (2, f'wbsr-test: {ckpt}: the weight body.1.conv1.weight has NaN or infinite '
+                                         'values; the network would output garbage')
+    assert not (tmp_path / 'out').exists() and not (tmp_path / 'results').exists()
+    huge = randomise(tiny_srresnet())  # finite weights whose products overflow: the output is infinite
+    with torch.no_grad():
+        for p in huge.parameters():
+            p.fill_(1e30)
+    ckpt = tiny_checkpoint(tmp_path / 'huge.pth', net=huge)
+    assert infer.main(['-i', str(inputs), '-o', str(tmp_path / 'out'), '--model', str(ckpt)]) == 1
+    printed = capsys.readouterr().out
+    for name in ('a.png', 'b.png'):
+        assert (f'{name}: skipped (the SR output has NaN or infinite values (the network overflows on this image); '
+                'nothing written)') in printed
+    assert f'wbsr-infer: 0 of 2 images written to {tmp_path}/out' in printed
+    assert list((tmp_path / 'out').iterdir()) == []
+
+
+@pytest.mark.parametrize('change', [{'num_block': 200000, 'depths': [1, 2, 200000]},
+                                    {'num_feat': 4096, 'widths': [8, 12, 4096]}])
+def test_row3_checkpoint_network_options_are_compared_with_its_weights_before_anything_is_allocated(
+        tmp_path, monkeypatch, change):
+    ckpt = tiny_checkpoint(tmp_path / 'lying.pth', network_opt=dict(TINY_NET, **change))
+    devices = []
+    build = infer.build_network
+
+    def recording_build(opt):
+        devices.append(str(torch.get_default_device()))
+        return build(opt)
+
+    monkeypatch.setattr(infer, 'build_network', recording_build)
+    with pytest.raises(CorruptFileError) as refused:
+        infer.load_model(str(ckpt))
+    state = tiny_srresnet().state_dict()
+    assert str(refused.value) == (f"{ckpt}: its 'wbsr' entry: its network options describe a network larger than its "
+                                  f'weights ({len(state)} tensors, {sum(v.numel() for v in state.values())} values)')
+    assert devices == ['meta']  # stopped while being built on the meta device: nothing was allocated
+
+
+def test_row3_a_network_that_does_not_fit_is_refused_before_it_is_built_for_real(tmp_path, monkeypatch):
+    ckpt = tiny_checkpoint(tmp_path / 'other.pth', network_opt=dict(TINY_NET, num_block=5, depths=[1, 2, 5]))
+    devices = []
+    build = infer.build_network
+    monkeypatch.setattr(infer, 'build_network',
+                        lambda opt: devices.append(str(torch.get_default_device())) or build(opt))
+    with pytest.raises(CorruptFileError, match=r"its weights do not match its own network options: Missing key\(s\) "
+                       r'in state_dict: "body.4.conv1.weight"'):
+        infer.load_model(str(ckpt))
+    assert devices == ['meta']
+
+
+WRONG_TYPES = [
+    ({'val.routing': {'mode': 'budget', 'budget': '0.5'}}, "val.routing.budget must be a finite number, got '0.5'"),
+    ({'val.routing': {'mode': 'fixed', 'subnet': '1'}}, "val.routing.subnet must be an integer >= 0, got '1'"),
+    ({'val.routing': {'mode': 'wbsr', 'tile_size': 1.5}}, 'val.routing.tile_size must be an integer >= 1, got 1.5'),
+    ({'val.routing': {'mode': 'wbsr', 'tile_size': '32'}}, "val.routing.tile_size must be an integer >= 1, got '32'"),
+    ({'train.optim_g.lr': '2e-4'}, "train.optim_g.lr must be a finite number >= 0, got the string '2e-4' (YAML reads "
+     'a number like 2e-4 without a dot as text: write 2.0e-4)'),
+    ({'train.optim_g.betas': [0.9, '0.99']}, "train.optim_g.betas[1] must be a finite number in [0, 1), got the string "
+     "'0.99' (remove the quotes)"),
+    ({'train.total_iter': 2.5}, 'train.total_iter must be an integer >= 1, got 2.5'),
+    ({'train.scheduler.milestones': ['100']}, "train.scheduler.milestones[0] must be an integer >= 0, got the string "
+     "'100' (remove the quotes)"),
+    ({'train.wbsr': {'distill': float('nan')}}, 'train.wbsr.distill must be a finite number, got nan'),
+    ({'train.wbsr': {'tile_size': 2}}, 'train.wbsr.tile_size must be an integer >= 3, got 2'),
+    ({'manual_seed': 'abc'}, "manual_seed must be an integer >= 0, got 'abc'"),
+    ({'datasets.train.batch_size_per_gpu': 2.0}, 'datasets.train.batch_size_per_gpu must be an integer >= 1, got 2.0'),
+    ({'datasets.train.gt_size': '32'}, "datasets.train.gt_size must be an integer >= 1, got the string '32' (remove "
+     'the quotes)'),
+    ({'datasets.train.delta': True}, 'datasets.train.delta must be a finite number in (0, 1], got True'),
+    ({'val.val_freq': 5000.5}, 'val.val_freq must be an integer >= 1, got 5000.5'),
+    ({'network_g.num_feat': '16'}, "network_g.num_feat must be an integer >= 0, got the string '16' (remove the "
+     'quotes)'),
+    ({'network_g.num_fet': 16}, 'network_g.num_fet: not an option of WBSRSRResNet (did you mean num_feat?); its '
+     'options: num_in_ch, num_out_ch, num_feat, num_block, upscale, widths, depths'),
+    ({'val.routing': {'mode': 'alpha', 'alpha': float('inf')}}, 'val.routing.alpha must be a finite number, got inf'),
+    ({'name': '../elsewhere'}, "name '../elsewhere': a path separator (or . / ..) in a name would write outside its "
+     'folder'),
+]
+
+
+@pytest.mark.parametrize('changes,message', WRONG_TYPES, ids=[next(iter(c)) for c, _ in WRONG_TYPES])
+def test_row4_numbers_of_the_wrong_type_are_refused_at_start_up(run_folder, monkeypatch, capsys, changes, message):
+    folder, data = run_folder
+    path = option_file(folder, 'typed', data, **changes)
+    code, err = run_cli(runners.train_main, ['-opt', str(path)], monkeypatch, capsys)
+    assert (code, one_line(err)) == (2, f'wbsr-train: {path}: {message}')
+    assert not (folder / 'experiments').exists()  # refused before BasicSR made any folder
+
+
+NETWORK_DEPENDENT = [
+    ({'mode': 'budget', 'budget': 1e-9}, "val.routing.budget=1e-09 is below the cheapest subnet's cost share 0.235; "
+     'no allocation can meet it'),
+    ({'mode': 'calibrated', 'budget': 0.6}, 'val.routing.mode calibrated needs the measured error of every subnet on '
+     'every difficulty class in the checkpoint (run wbsr-calibrate on it)'),
+    ({'mode': 'fixed', 'subnet': 99}, 'val.routing.subnet=99 out of range 0..8'),
+    ({'mode': 'wbsr', 'tile_size': 2}, 'val.routing.tile_size 2: regions under 3x3 LR pixels have no gradient, so wbsr '
+     'mode would give every one the cheapest subnet; use 3 or more'),
+]
+
+
+@pytest.mark.parametrize('routing,message', NETWORK_DEPENDENT, ids=[r['mode'] for r, _ in NETWORK_DEPENDENT])
+def test_row5_what_depends_on_the_network_is_refused_before_training(run_folder, monkeypatch, capsys, routing,
+                                                                      message):
+    folder, data = run_folder
+    path = option_file(folder, 'routed', data, **{'val.routing': routing})
+    code, err = run_cli(runners.train_main, ['-opt', str(path)], monkeypatch, capsys)
+    assert (code, one_line(err)) == (2, f'wbsr-train: {path}: {message}')
+    assert not (folder / 'experiments').exists()
+
+
+def test_row5_basicsr_train_gets_the_same_refusal_from_the_model(tmp_path):
+    """Under ``basicsr/train.py`` the model itself builds the router against the network at start-up."""
+    opt = model_options(tmp_path, write_pair_folder(tmp_path / 'data', n=1))
+    opt['val']['routing'] = {'mode': 'fixed', 'subnet': 99}
+    with pytest.raises(ValueError, match=r'^val.routing.subnet=99 out of range 0..8$'):
+        build_model(opt)
+
+
+def test_row6_a_training_set_that_fills_no_batch_refuses_to_start(tmp_path, run_folder, monkeypatch, capsys,
+                                                                   basicsr_log):
+    folder, _ = run_folder
+    one = write_pair_folder(folder / 'one', n=1, size=(64, 64))  # 3 x 3 crops of 32 at stride 16: 9 candidates
+    path = option_file(folder, 'small', one, **{'datasets.train.batch_size_per_gpu': 16})
+    code, err = run_cli(runners.train_main, ['-opt', str(path)], monkeypatch, capsys)
+    assert (code, one_line(err)) == (2, f'wbsr-train: {path}: datasets.train: 9 candidate patches make no batch of '
+                                     'batch_size_per_gpu=16 (the last, incomplete batch is dropped, so no training '
+                                     'step would run); lower batch_size_per_gpu or add images')
+    assert not (folder / 'experiments').exists()
+    opt = model_options(tmp_path, one)  # basicsr/train.py: the model warns, and refuses to save an untrained latest
+    opt['datasets']['train']['batch_size_per_gpu'] = 16
+    model = build_model(opt)
+    assert ('datasets.train: 9 candidate patches (1 images) make no batch of batch_size_per_gpu=16'
+            in basicsr_log.text)
+    with pytest.raises(ValueError, match=r'^the run ends without a training step \(datasets.train fills no batch of '
+                       r'batch_size_per_gpu\); the untrained network is not saved as net_g_latest.pth$'):
+        model.save(epoch=-1, current_iter=-1)  # what basicsr/train.py calls at "End of training"
+    assert list(Path(opt['path']['models']).iterdir()) == []
+
+
+def test_row7_a_second_run_with_the_same_name_refuses_to_start_and_archives_nothing(run_folder, monkeypatch,
+                                                                                     capsys):
+    from wbsr_models.checks import RunLockedError, lock_run_folder
+    folder, data = run_folder
+    running = folder / 'experiments' / 'same'
+    (running / 'models').mkdir(parents=True)
+    (running / 'models' / 'net_g_1.pth').write_bytes(b'the first run is writing here')
+    holder = subprocess.Popen([sys.executable, '-c', LOCK_HOLDER, str(folder / 'experiments' / '.same.lock')],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == 'locked'
+        path = option_file(folder, 'same', data)
+        code, err = run_cli(runners.train_main, ['-opt', str(path)], monkeypatch, capsys)
+        assert (code, one_line(err)) == (2, f'wbsr-train: {running} is in use by another run (process {holder.pid}): '
+                                         'wait for it to end, or give this run another name')
+        assert sorted(p.name for p in (folder / 'experiments').iterdir()) == ['.same.lock', 'same']
+        assert (running / 'models' / 'net_g_1.pth').read_bytes() == b'the first run is writing here'
+    finally:
+        holder.kill()
+        holder.wait()
+    lock = lock_run_folder(str(running))  # a killed run's lock does not block: the kernel released it
+    try:
+        with pytest.raises(RunLockedError, match=f'^{running} is in use by another run \\(process {os.getpid()}\\)'):
+            lock_run_folder(str(running))
+    finally:
+        lock.release()
+
+
+LOCK_HOLDER = '''import fcntl, os, sys, time
+fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT, 0o666)
+fcntl.flock(fd, fcntl.LOCK_EX)
+os.write(fd, b'%d\\n' % os.getpid())
+print('locked', flush=True)
+time.sleep(600)
+'''
+
+
+@pytest.mark.parametrize('flags,message', [
+    (['--alpha', 'inf'], '--alpha must be a finite number, got inf'),
+    (['--alpha', 'nan'], '--alpha must be a finite number, got nan'),
+    (['--alpha', '1e300'], '--alpha must be at most 1e+06, got 1e+300 (a larger value changes nothing but can '
+     'overflow the allocation)'),
+    (['--budget', 'nan'], '--budget must be a finite number, got nan'),
+    (['--mode', 'arm', '--arm-eta', '1e308', '--arm-lut', 'x.npz'], '--arm-eta must be at most 1e+06, got 1e+308 (a '
+     'larger value changes nothing but can overflow the allocation)'),
+    (['--max-loss', '1e300'], '--max-loss must be at most 100, got 1e+300 (a larger value changes nothing but can '
+     'overflow the allocation)'),
+])
+def test_row8_trade_offs_must_be_finite_and_bounded(tmp_path, checkpoint, capsys, flags, message):
+    inputs = write_images(tmp_path / 'in', ['a.png'])
+    assert infer.main(['-i', str(inputs), '-o', str(tmp_path / 'out'), '--model', str(checkpoint)] + flags) == 2
+    assert one_line(capsys.readouterr().err) == f'wbsr-infer: {message}'
+    assert not (tmp_path / 'out').exists()
+
+
+def test_row9_calibrate_checks_its_flags_and_output_before_any_work(tmp_path, checkpoint, capsys, monkeypatch):
+    from wbsr_models import calibrate
+    data = write_pair_folder(tmp_path / 'data', n=1)
+    read_only = read_only_folder(tmp_path)
+    common = ['--model', str(checkpoint), '--data', str(Path(data['dataroot_gt']).parent)]
+    refusals = [
+        (['--out', str(tmp_path)], f'--out {tmp_path}: is a folder; give the file to write'),
+        (['--out', str(read_only / 'x.pth')], f'--out {read_only}/x.pth: cannot write into {read_only} (Permission '
+         'denied)'),
+        (['--out', str(tmp_path / 'o.pth'), '--tile-size', '0'], '--tile-size must be >= 3, got 0 (regions under 3x3 LR '
+         'pixels have no gradient to classify them by)'),
+        (['--out', str(tmp_path / 'o.pth'), '--images', '-1'], '--images must be >= 1, got -1'),
+        (['--out', str(tmp_path / 'o.pth'), '--epochs', '0'], '--epochs must be >= 1, got 0'),
+        (['--out', str(tmp_path / 'o.pth'), '--transforms', '9'], '--transforms must be in 1..8, got 9'),
+    ]
+    real_load = calibrate.__dict__.get('load_model')
+    monkeypatch.setattr('wbsr_models.infer.load_model', lambda *a, **k: pytest.fail('the model was loaded'))
+    for flags, message in refusals:
+        assert calibrate.main(common + flags) == 2
+        assert one_line(capsys.readouterr().err) == f'wbsr-calibrate: {message}'
+    monkeypatch.undo()
+    assert real_load is None
+    plain = tmp_path / 'plain.pth'
+    torch_save({'params': tiny_srresnet().state_dict()}, str(plain))
+    assert calibrate.main(['--model', str(plain), '--data', common[3], '--out', str(tmp_path / 'o.pth')]) == 2
+    assert one_line(capsys.readouterr().err) == (
+        f'wbsr-calibrate: {plain}: no network options inside (not written by WBSRModel); wbsr-calibrate needs a '
+        'checkpoint written by WBSRModel (network options and difficulty thresholds)')
+    assert sorted(p.name for p in tmp_path.iterdir() if p.suffix == '.pth') == ['plain.pth']
+
+
+def test_row10_inspect_checks_its_count_and_output_before_building_the_index(run_folder, capsys, monkeypatch):
+    from wbsr_data import inspect as hes_inspect
+    folder, data = run_folder
+    path = option_file(folder, 'inspect', data)
+    (folder / 'file').write_text('x')
+    read_only = read_only_folder(folder)
+    monkeypatch.setattr(hes_inspect, 'load_or_build_index', lambda *a: pytest.fail('the index was built'))
+    refusals = [
+        (['--per-class', '-1'], '--per-class must be in 1..256, got -1'),
+        (['--per-class', '100000'], '--per-class must be in 1..256, got 100000'),
+        (['--out', str(folder / 'file')], f'--out {folder}/file: exists and is not a folder'),
+        (['--out', str(read_only)], f'--out {read_only}: cannot write there (Permission denied)'),
+    ]
+    for flags, message in refusals:
+        assert hes_inspect.main(['-opt', str(path)] + flags) == 2
+        assert one_line(capsys.readouterr().err) == f'wbsr-inspect: {message}'
+    bad = option_file(folder, 'inspect_bad', data, **{'datasets.train.gt_size': '32'})
+    assert hes_inspect.main(['-opt', str(bad)]) == 2
+    assert one_line(capsys.readouterr().err) == (f"wbsr-inspect: {bad}: datasets.train.gt_size must be an integer >= "
+                                                 "1, got the string '32' (remove the quotes)")
+    assert not (folder / 'hes_inspect').exists()
+
+
+def test_row10_the_contact_sheet_is_as_wide_as_the_largest_class(run_folder, capsys):
+    from wbsr_data import inspect as hes_inspect
+    folder, data = run_folder
+    path = option_file(folder, 'sheet', data)
+    assert hes_inspect.main(['-opt', str(path), '--out', str(folder / 'o'), '--per-class', '256']) == 0
+    counts = hes_inspect.load_or_build_index(hes_inspect.train_dataset_options(str(path))).class_counts()
+    assert len(counts) == 10 and counts.sum() == 40 and 4 <= counts.max() < 10
+    sheet = cv2.imread(str(folder / 'o' / 'hes_classes.png'))
+    assert sheet.shape[1] == 90 + counts.max() * 100 + 4  # as many columns as the largest class, not 256
+
+
+def test_row11_and_row12_a_test_run_needs_weights_and_names_without_separators(run_folder, checkpoint, monkeypatch,
+                                                                               capsys, basicsr_log):
+    folder, data = run_folder
+    cases = [
+        ({}, 'path.pretrain_network_g is not set: a test run would evaluate an untrained network; name the checkpoint '
+         'to test'),
+        ({'path.pretrain_network_g': str(checkpoint), 'val.suffix': '../../evil'},
+         "val.suffix '../../evil': a path separator (or . / ..) in a name would write outside its folder"),
+        ({'path.pretrain_network_g': str(checkpoint), 'datasets.test_1.name': 'a/b'},
+         "datasets.test_1.name 'a/b': a path separator (or . / ..) in a name would write outside its folder"),
+    ]
+    for changes, message in cases:
+        path = option_file(folder, 'tested', data, train=False, **changes)
+        code, err = run_cli(runners.test_main, ['-opt', str(path)], monkeypatch, capsys)
+        assert (code, one_line(err)) == (2, f'wbsr-test: {path}: {message}')
+    assert not (folder / 'results').exists()
+    build_model(model_options(folder, data, is_train=False))  # basicsr/test.py: the model says so in the log
+    assert 'path.pretrain_network_g is not set: this test model has untrained weights' in basicsr_log.text
+
+
+def test_row13_a_removed_output_folder_stops_the_run_and_counts_are_true(tmp_path, checkpoint, capsys, monkeypatch):
+    inputs = write_images(tmp_path / 'in', ['a.png', 'b.png', 'c.png'])
+    out = tmp_path / 'out'
+    call = infer.Router.__call__
+
+    def routed(router, lq, *args):
+        if out.exists() and len(list(out.iterdir())) == 1:  # the second image: someone removes the folder
+            shutil.rmtree(out)
+        return call(router, lq, *args)
+
+    monkeypatch.setattr(infer.Router, '__call__', routed)
+    assert infer.main(['-i', str(inputs), '-o', str(out), '--model', str(checkpoint)]) == 2
+    assert one_line(capsys.readouterr().err) == (f'wbsr-infer: the output folder {out} was removed during the run; '
+                                                 'stopped, 1 of 3 images had been written to it')
+    assert not out.exists()  # not made again
+    monkeypatch.undo()
+    full_disk_for(monkeypatch, 'b_alloc.png')  # the map of the second image cannot be written
+    assert infer.main(['-i', str(inputs), '-o', str(out), '--model', str(checkpoint), '--save-map']) == 2
+    assert one_line(capsys.readouterr().err) == (f'wbsr-infer: cannot write {out}/b_alloc.png (No space left on '
+                                                 f'device); stopped, 1 of 3 images written to {out}')
+    assert sorted(p.name for p in out.iterdir()) == ['a.png', 'a_alloc.png']  # b.png is not there without its map
+
+
+def test_row13_make_lr_stops_when_an_output_folder_is_removed(tmp_path, capsys, monkeypatch):
+    hr = write_images(tmp_path / 'hr', ['a.png', 'b.png'], size=(24, 24))
+    out = tmp_path / 'ds'
+    bicubic = make_lr.bicubic_lr
+
+    def removing(img, scale):
+        if (out / 'HR' / 'a.png').exists():
+            shutil.rmtree(out / 'LR_bicubic')
+        return bicubic(img, scale)
+
+    monkeypatch.setattr(make_lr, 'bicubic_lr', removing)
+    assert make_lr.main(['--hr', str(hr), '--out', str(out), '--scales', '2']) == 2
+    assert one_line(capsys.readouterr().err) == (f'wbsr-make-lr: cannot write {out}/LR_bicubic/X2/b.png (its folder was '
+                                                 'removed during the run); stopped, the 1 images written before are '
+                                                 'complete')
+    assert sorted(p.name for p in (out / 'HR').iterdir()) == ['a.png'] and not (out / 'LR_bicubic').exists()
+
+
+def test_write_files_is_all_or_nothing_when_a_rename_fails(tmp_path, monkeypatch):
+    real_replace = os.replace
+
+    def replace(src, dst):
+        if dst.endswith('second.png'):
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, 'replace', replace)
+    with pytest.raises(OSError) as failed:
+        fileio.write_files({str(tmp_path / 'first.png'): b'1', str(tmp_path / 'second.png'): b'2'})
+    assert failed.value.filename == str(tmp_path / 'second.png')
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize('entry,reason', [
+    ({'axis': [float('nan'), 0.5, 0.5, 0.5]}, "the difficulty projection's mean and axis must be finite, the axis not "
+     'zero'),
+    ({'score_range': [float('nan'), 1.0]}, 'the difficulty score range must be finite and ordered, got (nan, 1.0)'),
+    ({'score_range': [2.0, 1.0]}, 'the difficulty score range must be finite and ordered, got (2.0, 1.0)'),
+])
+def test_row14_damaged_thresholds_are_refused_by_infer_and_test(tmp_path, run_folder, monkeypatch, capsys, entry,
+                                                                 reason):
+    ckpt = tiny_checkpoint(tmp_path / 'thresholds.pth')
+    saved = torch.load(str(ckpt), weights_only=True)
+    saved['wbsr']['difficulty'].update(entry)
+    torch_save(saved, str(ckpt))
+    inputs = write_images(tmp_path / 'in', ['a.png'])
+    assert infer.main(['-i', str(inputs), '-o', str(tmp_path / 'out'), '--model', str(ckpt)]) == 2
+    assert one_line(capsys.readouterr().err) == f'wbsr-infer: {ckpt}: bad difficulty thresholds ({reason})'
+    path = option_file(tmp_path, 'thresholds', run_folder[1], train=False, **{'path.pretrain_network_g': str(ckpt)})
+    code, err = run_cli(runners.test_main, ['-opt', str(path)], monkeypatch, capsys)
+    assert (code, one_line(err)) == (2, f'wbsr-test: {ckpt}: {reason}')
+    assert not (tmp_path / 'out').exists() and not (tmp_path / 'results').exists()
+
+
+def test_row15_fit_gmm_names_an_image_too_small_for_the_blur(tmp_path, capsys):
+    fit_gmm = importlib.import_module('wbsr_losses.fit_gmm')  # the package exports a function of that name
+    data = write_pair_folder(tmp_path / 'data', n=1)
+    cv2.imwrite(str(Path(data['dataroot_gt']) / 'thin.png'), textured_image(2, 48, seed=1)[:1])  # 48 wide, 1 tall
+    cv2.imwrite(str(Path(data['dataroot_lq']) / 'thin.png'), textured_image(2, 12, seed=1)[:1])
+    opt = {'datasets': {'train': {'name': 't', 'type': 'HESPairedImageDataset', **data, 'io_backend': {'type': 'disk'},
+                                  'gt_size': 32}},
+           'train': {'pixel_opt': {'type': 'BDLoss', 'num_components': 2, 'gmm_pixels': 500}}}
+    (tmp_path / 'gmm.yml').write_text(yaml.safe_dump(opt))
+    assert fit_gmm.main(['-opt', str(tmp_path / 'gmm.yml'), '--out', str(tmp_path / 'g.npz')]) == 2
+    assert one_line(capsys.readouterr().err) == (
+        f"wbsr-fit-gmm: error: {data['dataroot_gt']}/thin.png: 48x1 is too small for the detail label space "
+        '(blur_sigma=1.5 needs more than 5 pixels a side); remove it or use label_space: rgb')
+    for flags, message in ((['--out', str(tmp_path)], f'--out {tmp_path}: is a folder; give the file to write'),
+                           (['--components', '0'], '--components must be >= 1, got 0')):
+        assert fit_gmm.main(['-opt', str(tmp_path / 'gmm.yml')] + flags) == 2
+        assert one_line(capsys.readouterr().err) == f'wbsr-fit-gmm: error: {message}'
+    opt['train']['pixel_opt']['num_components'] = '2'
+    (tmp_path / 'gmm.yml').write_text(yaml.safe_dump(opt))
+    assert fit_gmm.main(['-opt', str(tmp_path / 'gmm.yml')]) == 2
+    assert one_line(capsys.readouterr().err) == (f"wbsr-fit-gmm: error: {tmp_path}/gmm.yml: train.pixel_opt."
+                                                 "num_components must be an integer >= 1, got the string '2' (remove "
+                                                 'the quotes)')
+    assert not (tmp_path / 'g.npz').exists()
+
+
+def test_row16_a_killed_write_leaves_a_temporary_file_that_the_next_write_removes(tmp_path):
+    target = tmp_path / 'net_calibrated.pth'
+    dead = subprocess.Popen([sys.executable, '-c', 'pass'])
+    dead.wait()  # its process id now names no running writer
+    alive = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)'])
+    try:
+        host = fileio._HOST
+        killed = tmp_path / f'.{target.name}.{dead.pid}-{host}-0123abcd.tmp'
+        killed.write_bytes(b'x' * 4096)
+        killed_save = tmp_path / f'.{target.name}.{dead.pid}-{host}-4567abcd.tmp'  # a BasicSR save's folder
+        (killed_save / 'inner').mkdir(parents=True)
+        writing = tmp_path / f'.{target.name}.{alive.pid}-{host}-89abcdef.tmp'  # a write in progress elsewhere
+        writing.write_bytes(b'y')
+        other_host = tmp_path / f'.{target.name}.{dead.pid}-ffffff-00000000.tmp'
+        other_host.write_bytes(b'z')
+        old = tmp_path / f'.{target.name}.a1b2c3d4.tmp'  # an earlier version's name, untouched for two hours
+        old.write_bytes(b'w')
+        os.utime(old, (os.path.getmtime(old) - 7200,) * 2)
+        torch_save({'params': {}}, str(target))
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted([target.name, writing.name, other_host.name])
+    finally:
+        alive.kill()
+        alive.wait()
+
+
+def animated(path: Path, fmt: str, frames: int = 3) -> Path:
+    images = [Image.fromarray(textured_image(12, 10, seed=i)) for i in range(frames)]
+    images[0].save(str(path), format=fmt, save_all=True, append_images=images[1:])
+    return path
+
+
+def test_row17_animations_and_pages_are_refused_and_tiles_need_three_pixels(tmp_path, checkpoint, capsys):
+    inputs = write_images(tmp_path / 'in', ['still.png'])
+    animated(inputs / 'anim.webp', 'WEBP')
+    animated(inputs / 'pages.tiff', 'TIFF', frames=2)
+    animated(inputs / 'apng.png', 'PNG')
+    out = tmp_path / 'out'
+    assert infer.main(['-i', str(inputs), '-o', str(out), '--model', str(checkpoint)]) == 1
+    printed = capsys.readouterr().out
+    for name, frames, fmt in (('anim.webp', 3, 'WEBP'), ('pages.tiff', 2, 'TIFF'), ('apng.png', 3, 'PNG')):
+        assert (f'{name}: skipped ({inputs}/{name}: {frames} frames (an animation or a multi-page {fmt} file); only '
+                'single-frame images are read, not the first frame of several)') in printed
+    assert sorted(p.name for p in out.iterdir()) == ['still.png']
+    assert make_lr.main(['--hr', str(inputs), '--out', str(tmp_path / 'ds'), '--scales', '2']) == 1
+    assert f'wbsr-make-lr: skipped {inputs}/anim.webp: 3 frames' in capsys.readouterr().err
+    common = ['-i', str(inputs / 'still.png'), '-o', str(tmp_path / 'o2'), '--model', str(checkpoint)]
+    for flags, message in ((['--tile-size', '1'], '--tile-size 1: regions under 3x3 LR pixels have no gradient, so '
+                             'wbsr mode would give every one the cheapest subnet; use 3 or more'),
+                           (['--tile-size', '2', '--budget', '0.6'], '--tile-size 2: regions under 3x3 LR pixels have '
+                            'no gradient, so budget mode would give every one the cheapest subnet; use 3 or more'),
+                           (['--scheme', 'patches', '--patch-size', '2', '--step', '1'], '--patch-size 2: regions '
+                            'under 3x3 LR pixels have no gradient, so wbsr mode would give every one the cheapest '
+                            'subnet; use 3 or more')):
+        assert infer.main(common + flags) == 2
+        assert one_line(capsys.readouterr().err) == f'wbsr-infer: {message}'
+    assert not (tmp_path / 'o2').exists()
+    assert infer.main(common + ['--tile-size', '2', '--mode', 'full']) == 0  # one subnet on the whole image: fine
+
+
+def test_an_output_name_longer_than_the_file_system_takes_is_refused_before_any_work(tmp_path, checkpoint, capsys):
+    inputs = write_images(tmp_path / 'in', ['a.png'])
+    suffix = 'x' * 240
+    assert infer.main(['-i', str(inputs), '-o', str(tmp_path / 'out'), '--model', str(checkpoint), '--suffix',
+                       suffix]) == 2
+    assert one_line(capsys.readouterr().err) == (f'wbsr-infer: {tmp_path}/out/a{suffix}.png: the file name is longer '
+                                                 'than 225 bytes; use a shorter --suffix')
+    assert not (tmp_path / 'out').exists()

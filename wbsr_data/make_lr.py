@@ -9,18 +9,19 @@ them, and the EXIF orientation is applied as image viewers apply it (one line pe
 
 Nothing is ever written over an input: an output folder that is an ``--hr`` folder, or two inputs that
 would be written under one name (``a.jpg`` and ``a.png``, or ``x.png`` in two ``--hr`` folders), are
-refused before any work. An image that is unreadable, larger than ``--max-pixels`` (checked on its header,
-before decoding) or too small for the scales is reported and skipped; every image written has all its
-files (HR and each LR are computed first, then written atomically together).
+refused before any work. An image that is unreadable, larger than ``--max-pixels`` (checked on its file size
+before reading and on its header before decoding), an animation or a multi-page file, or too small for the scales is
+reported and skipped; every image written has all its files (HR and each LR are computed first, then written
+atomically together), and an output folder removed during the run stops it.
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
 import math
 import os
 import sys
 from collections import defaultdict
+from numbers import Integral
 from typing import Callable, Optional, Sequence
 
 import cv2
@@ -33,8 +34,8 @@ wbsr_hook.prepare_basicsr_import()
 
 from basicsr.utils.matlab_functions import imresize  # noqa: E402
 
-from .fileio import atomic_path, ensure_writable_dir, first_line  # noqa: E402
-from .pairs import ImageFileError, ImageTooLargeError, decode_image  # noqa: E402
+from .fileio import atomic_path, ensure_writable_dir, first_line, write_files  # noqa: E402
+from .pairs import FileTooLargeError, ImageFileError, ImageTooLargeError, read_image_file  # noqa: E402
 
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff', '.webp')
 # HR pixels. A 4096x4096 image peaked at 1680 MB resident, 713 MB above the bare process (measured); at this
@@ -67,16 +68,16 @@ def write_png(path: str, img: np.ndarray) -> None:
             f.write(data)
 
 
-def write_together(files: dict[str, bytes]) -> None:
-    """Write every ``path: bytes`` atomically; the renames happen only once every file is on disk."""
-    with contextlib.ExitStack() as stack:
-        for path, data in files.items():
-            tmp = stack.enter_context(atomic_path(path))
-            try:
-                with open(tmp, 'wb') as f:
-                    f.write(data)
-            except OSError as exc:
-                raise OutputWriteError(f'cannot write {path} ({exc.strerror or first_line(exc)})') from None
+def write_together(files: dict[str, bytes], create_folder: bool = True) -> None:
+    """Write every ``path: bytes`` atomically, all or none (:func:`~wbsr_data.fileio.write_files`); a failure is an
+    :class:`OutputWriteError` naming the file (and the folder, when it was removed during the run)."""
+    try:
+        write_files(files, create_folder=create_folder)
+    except OSError as exc:
+        path = exc.filename or next(iter(files))
+        if not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+            raise OutputWriteError(f'cannot write {path} (its folder was removed during the run)') from None
+        raise OutputWriteError(f'cannot write {path} ({exc.strerror or first_line(exc)})') from None
 
 
 def list_images(folder: str) -> list[str]:
@@ -127,7 +128,7 @@ def check_outputs(hr_dirs: Sequence[str], files: Sequence[str], out: str, scales
 
 def skip_reason(path: str, exc: BaseException) -> str:
     """One line saying why an input was skipped, naming it (and ``--max-pixels`` for an oversized one)."""
-    if isinstance(exc, ImageTooLargeError):
+    if isinstance(exc, (ImageTooLargeError, FileTooLargeError)):
         return exc.describe('--max-pixels')
     if isinstance(exc, ImageFileError):
         return str(exc)
@@ -143,11 +144,12 @@ def make_dataset(hr_dirs: Sequence[str], out: str, scales: Sequence[int], quiet:
     Raises ``ValueError`` / ``OSError`` before any work for bad arguments (see the module docstring), and
     :class:`OutputWriteError` when a write fails midway (the images written before it are complete).
     """
+    if not scales or any(isinstance(s, bool) or not isinstance(s, Integral) or s < 1 for s in scales):
+        raise ValueError(f'--scales must be positive integers, got {list(scales)}')
     scales = sorted({int(s) for s in scales})
-    if not scales or scales[0] < 1:
-        raise ValueError(f'--scales must be positive integers, got {scales}')
-    if max_pixels is not None and max_pixels < 1:
-        raise ValueError(f'--max-pixels must be >= 1, got {max_pixels}')
+    if max_pixels is not None and (isinstance(max_pixels, bool) or not isinstance(max_pixels, Integral) or
+                                   max_pixels < 1):
+        raise ValueError(f'--max-pixels must be an integer >= 1, got {max_pixels}')
     mod = math.lcm(*scales)
     files = []
     for folder in hr_dirs:
@@ -158,14 +160,15 @@ def make_dataset(hr_dirs: Sequence[str], out: str, scales: Sequence[int], quiet:
         raise ValueError(f'no images ({", ".join(IMAGE_EXTENSIONS)}) in {", ".join(hr_dirs)}')
     check_outputs(hr_dirs, files, out, scales)
     ensure_writable_dir(out, '--out')
+    for folder in ['HR'] + [os.path.join('LR_bicubic', f'X{s}') for s in scales]:
+        os.makedirs(os.path.join(out, folder), exist_ok=True)  # made once: one removed later stops the run
     written = skipped = 0
     min_hr = max(mod, MIN_LR_SIDE * scales[-1])
     for path in tqdm(files, desc=f'making LR x{"/".join(map(str, scales))}', unit='img', disable=quiet or None):
         name = os.path.splitext(os.path.basename(path))[0] + '.png'
         notes: list[str] = []
         try:
-            with open(path, 'rb') as f:
-                hr = decode_image(f.read(), path, max_pixels=max_pixels, notes=notes)
+            hr = read_image_file(path, max_pixels=max_pixels, notes=notes)
             h, w = hr.shape[0] - hr.shape[0] % mod, hr.shape[1] - hr.shape[1] % mod
             if min(h, w) < min_hr:
                 raise ImageFileError(f'{path}: {hr.shape[1]}x{hr.shape[0]} is too small for x{scales[-1]} (the '
@@ -180,7 +183,7 @@ def make_dataset(hr_dirs: Sequence[str], out: str, scales: Sequence[int], quiet:
             continue
         del hr
         try:
-            write_together(files_out)
+            write_together(files_out, create_folder=False)
         except OutputWriteError as exc:
             raise OutputWriteError(f'{exc}; stopped, the {written} images written before are complete') from None
         for text in notes:

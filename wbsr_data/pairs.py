@@ -5,7 +5,9 @@ The path listing is BasicSR's own (``paired_paths_from_folder`` / ``_from_lmdb``
 crash deep inside OpenCV: an empty folder, an unreadable file, a missing lmdb key, an LR/GT pair whose
 sizes do not match the scale. Grayscale, RGBA and 16-bit files are converted to 3-channel float32 BGR
 in [0, 1] with a note; the EXIF orientation is applied as image viewers apply it; the size an image
-declares in its header can be checked against a limit before anything is decoded.
+declares in its header can be checked against a limit before anything is decoded, and a file on disk is read
+only when its size is what such an image can take. Animations and multi-page files (WebP, TIFF, APNG, GIF with
+more than one frame) are refused by name rather than read as their first frame.
 """
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ import io
 import os
 import re
 import warnings
-from typing import Any, Mapping, Optional
+from typing import Any, BinaryIO, Mapping, Optional, Union
 
 import cv2
 import numpy as np
@@ -40,6 +42,41 @@ class ImageTooLargeError(ImageFileError):
         size = f'{self.size[0]}x{self.size[1]} is {self.pixels} pixels' if self.size else None
         what = size or f'declares {self.pixels} pixels'
         return f'{self.name}: {what}, more than {limit} {self.max_pixels}'
+
+
+class FileTooLargeError(ImageFileError):
+    """An image file is larger than any image within the pixel limit (or its declared size) can be; not read."""
+
+    def __init__(self, name: str, size: int, limit: int, max_pixels: int, declared: Optional[tuple[int, int]] = None):
+        self.name, self.size, self.limit, self.max_pixels, self.declared = name, size, limit, max_pixels, declared
+        super().__init__(self.describe('the limit of'))
+
+    def describe(self, limit: str) -> str:
+        """The message with the pixel limit named as ``limit`` (a command-line tool names its flag)."""
+        if self.declared:
+            within = f'its declared {self.declared[0]}x{self.declared[1]} pixels'
+        else:
+            within = f'an image of {limit} {self.max_pixels} pixels'
+        return (f'{self.name}: the file is {_size(self.size)}, more than {within} can take ({_size(self.limit)}); '
+                'not read')
+
+
+def _size(n: int) -> str:
+    return f'{n} bytes' if n < 1 << 20 else f'{n / (1 << 20):.1f} MiB'
+
+
+#: Bytes per pixel no accepted image needs more than: 16-bit RGBA stored uncompressed is 8; twice that leaves room for
+#: a second stored image (a JPEG's embedded preview) and container overhead.
+MAX_BYTES_PER_PIXEL = 16
+#: Bytes of metadata (ICC profiles, EXIF, XMP, text) allowed beyond the pixels.
+METADATA_BYTES = 64 << 20
+#: Formats whose extra frames are pages or animation frames (a JPEG's extra frames are previews: not counted).
+MULTI_FRAME_FORMATS = ('PNG', 'WEBP', 'TIFF', 'GIF')
+
+
+def max_file_bytes(pixels: int) -> int:
+    """The largest file an image of ``pixels`` pixels can legitimately be (see :data:`MAX_BYTES_PER_PIXEL`)."""
+    return int(pixels) * MAX_BYTES_PER_PIXEL + METADATA_BYTES
 
 
 EXIF_ORIENTATION = 0x0112
@@ -90,18 +127,20 @@ def make_file_client(opt: Mapping[str, Any]) -> FileClient:
     return FileClient(kind, **backend)
 
 
-def _header(content: bytes, name: str, max_pixels: Optional[int]) -> Optional[tuple[int, int, int]]:
-    """``(width, height, EXIF orientation)`` read from the image header alone, or ``None`` for a format PIL
-    does not know (OpenCV then decodes it, under its own 2^30-pixel limit).
+def _header(content: Union[bytes, BinaryIO], name: str,
+            max_pixels: Optional[int]) -> Optional[tuple[int, int, int]]:
+    """``(width, height, EXIF orientation)`` read from the image header alone (of the bytes, or of an open file),
+    or ``None`` for a format PIL does not know (OpenCV then decodes it, under its own 2^30-pixel limit).
 
     Raises :class:`ImageTooLargeError` for more than ``max_pixels`` before anything else is read: PIL's
     ``open`` parses the header only, and the EXIF block is read without decoding pixels (``Image.getexif``
     of the base class: PNG's own would decode the whole image to look for an eXIf chunk after the data).
+    An animation or a multi-page file is an :class:`ImageFileError` naming its frame count.
     """
     with warnings.catch_warnings():
         warnings.simplefilter('ignore', Image.DecompressionBombWarning)
         try:
-            img = Image.open(io.BytesIO(content))
+            img = Image.open(io.BytesIO(content) if isinstance(content, (bytes, bytearray)) else content)
         except Image.DecompressionBombError as exc:  # over PIL's own limit (about 179 M pixels), size not given
             found = re.search(r'\((\d+) pixels\)', str(exc))
             pixels = int(found.group(1)) if found else 2 * (Image.MAX_IMAGE_PIXELS or 0) + 1
@@ -118,7 +157,60 @@ def _header(content: bytes, name: str, max_pixels: Optional[int]) -> Optional[tu
             orientation = int(Image.Image.getexif(img).get(EXIF_ORIENTATION) or 1)
         except Exception:  # noqa: BLE001  (a damaged EXIF block: shown as stored, as viewers do)
             orientation = 1
+        frames = _frames(img)
+    if frames > 1:
+        raise ImageFileError(f'{name}: {frames} frames (an animation or a multi-page {img.format} file); only '
+                             'single-frame images are read, not the first frame of several')
     return width, height, orientation if 1 <= orientation <= 8 else 1
+
+
+def _frames(img: Image.Image) -> int:
+    """Frames of an animation or pages of a multi-page file; 1 where PIL cannot count them."""
+    if img.format not in MULTI_FRAME_FORMATS:
+        return 1
+    try:
+        return max(1, int(getattr(img, 'n_frames', 1)))
+    except Exception:  # noqa: BLE001  (a damaged frame table: OpenCV reads what it can, as before)
+        return 1
+
+
+def image_size(path: str) -> Optional[tuple[int, int]]:
+    """``(width, height)`` of an image file as viewers show it (EXIF orientation applied), from its header alone;
+    ``None`` where PIL cannot read the header (an error for whoever decodes it later)."""
+    try:
+        with open(path, 'rb') as f:
+            header = _header(f, path, None)
+    except (OSError, ImageFileError):
+        return None
+    if header is None:
+        return None
+    width, height, orientation = header
+    return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
+
+
+def read_image_file(path: str, max_pixels: Optional[int] = None, notes: Optional[list[str]] = None,
+                    name: Optional[str] = None) -> np.ndarray:
+    """:func:`decode_image` of a file, whose reads are bounded before they happen.
+
+    With ``max_pixels``, a file larger than any image of that many pixels can be (:func:`max_file_bytes`) is refused
+    from its size alone, and one larger than its own declared size can be is refused after reading its header only:
+    :class:`FileTooLargeError`, nothing else read (a small PNG padded to gigabytes is never loaded).
+    """
+    name = name or path
+    try:
+        size = os.path.getsize(path)
+        if max_pixels is not None and size > max_file_bytes(max_pixels):
+            raise FileTooLargeError(name, size, max_file_bytes(max_pixels), max_pixels)
+        with open(path, 'rb') as f:
+            header = _header(f, name, max_pixels) if max_pixels is not None else None
+            if header is not None and size > max_file_bytes(header[0] * header[1]):
+                raise FileTooLargeError(name, size, max_file_bytes(header[0] * header[1]), max_pixels,
+                                        declared=header[:2])
+            f.seek(0)
+            content = f.read()
+    except OSError as exc:
+        raise ImageFileError(f'{name}: cannot read ({exc.strerror or exc})') from None
+    return decode_image(content, name, max_pixels=max_pixels, notes=notes)
 
 
 def apply_orientation(img: np.ndarray, orientation: int) -> np.ndarray:

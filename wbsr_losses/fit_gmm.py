@@ -4,19 +4,24 @@ The data come from ``datasets.train`` (its ``dataroot_gt``), the GMM options fro
 (which must be a BDLoss); ``--label-space`` and ``--components`` override them. The file is written to
 ``--out``, else to the options' ``gmm_path``, else to ``bd_gmm_<label_space>.npz`` in the current folder.
 Also installed as ``wbsr-fit-gmm``.
+
+Before the fit: the BDLoss options are checked by type and range, the output file for writing, and (``detail`` label
+space) every GT image's size from its header, so that an image too small for the blur is refused by name.
 """
 from __future__ import annotations
 
 import argparse
 import os
 import sys
-from typing import Any, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 import yaml
+from PIL import Image
 
 from basicsr.utils.options import ordered_yaml
-from wbsr_losses.gmm import LABEL_SPACES, fit_gmm, gmm_fit_options, save_gmm
+from wbsr_data.fileio import ensure_writable_file
+from wbsr_losses.gmm import LABEL_SPACES, fit_gmm, gaussian_kernel1d, gmm_fit_options, list_gt_images, save_gmm
 
 
 class OptionError(ValueError):
@@ -41,7 +46,30 @@ def read_options(path: str) -> tuple[dict[str, Any], dict[str, Any]]:
     if not isinstance(loss_opt, dict) or loss_opt.get('type') != 'BDLoss':
         raise OptionError(f'{path}: train.pixel_opt must be of type BDLoss, got '
                           f'{loss_opt.get("type") if isinstance(loss_opt, dict) else loss_opt!r}')
+    from wbsr_models.checks import BDLOSS_OPTIONS, check_table
+    try:
+        check_table(loss_opt, BDLOSS_OPTIONS, 'train.pixel_opt')
+    except ValueError as exc:
+        raise OptionError(f'{path}: {exc}') from None
     return dict(loss_opt), dict(dataset_opt)
+
+
+def check_image_sizes(dataset_opt: Mapping[str, Any], label_space: str, blur_sigma: float) -> None:
+    """Refuse, by name and before the fit, a GT image too small for the ``detail`` label space's blur (reflect padding
+    needs more pixels a side than the blur radius). Sizes come from the headers; only disk folders are scanned."""
+    if label_space != 'detail' or dict(dataset_opt.get('io_backend') or {}).get('type', 'disk') != 'disk':
+        return
+    radius = gaussian_kernel1d(float(blur_sigma)).numel() // 2
+    for path in list_gt_images(dataset_opt):
+        try:
+            with Image.open(path) as img:
+                width, height = img.size
+        except Exception:  # noqa: BLE001  (an unreadable image is reported by the fit itself, by name)
+            continue
+        if min(width, height) <= radius:
+            raise ValueError(f'{path}: {width}x{height} is too small for the detail label space (blur_sigma='
+                             f'{blur_sigma:g} needs more than {radius} pixels a side); remove it or use label_space: '
+                             'rgb')
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -65,9 +93,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.label_space:
             loss_opt['label_space'] = args.label_space
         if args.components is not None:
+            if args.components < 1:
+                raise OptionError(f'--components must be >= 1, got {args.components}')
             loss_opt['num_components'] = args.components
         fit_opt = gmm_fit_options(loss_opt)
         out = args.out or loss_opt.get('gmm_path') or f'bd_gmm_{fit_opt["label_space"]}.npz'
+        ensure_writable_file(out, '--out' if args.out else 'train.pixel_opt.gmm_path' if loss_opt.get('gmm_path')
+                             else 'the GMM file')
+        check_image_sizes(dataset_opt, fit_opt['label_space'], fit_opt['blur_sigma'])
         print(f'Fitting a {fit_opt["label_space"]} GMM ({fit_opt["num_components"]} {fit_opt["covariance_type"]} '
               f'components) on up to {fit_opt["num_pixels"]} pixels of {dataset_opt["dataroot_gt"]}')
         gmm = fit_gmm(dataset_opt, **fit_opt)

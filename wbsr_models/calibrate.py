@@ -31,7 +31,7 @@ import wbsr_hook
 
 wbsr_hook.prepare_basicsr_import()
 
-from wbsr_data.fileio import CorruptFileError, torch_load, torch_save  # noqa: E402
+from wbsr_data.fileio import CorruptFileError, ensure_writable_file, first_line, torch_load, torch_save  # noqa: E402
 
 from .baselines import region_psnr_table  # noqa: E402
 from .evaluation import TestImage, gt_tensor, load_test_set  # noqa: E402
@@ -120,6 +120,29 @@ def gains_db(class_mse: np.ndarray) -> np.ndarray:
     return 10 * np.log10(class_mse[:, :1] / class_mse)
 
 
+def check_arguments(args: argparse.Namespace) -> None:
+    """Every flag by type and range, and the output file, before the model is loaded (``UsageError`` / ``OSError``
+    naming the flag)."""
+    from .checks import MIN_REGION_SIDE, UsageError
+    if os.path.abspath(args.out) == os.path.abspath(args.model):
+        raise UsageError(f'--out {args.out} is --model: write the calibrated checkpoint to another file')
+    if args.predictor and args.scheme != 'tiles':
+        raise UsageError('--predictor learns from whole-image runs: use it with --scheme tiles')
+    bounds = {'images': (1, None), 'tile_size': (MIN_REGION_SIDE, None), 'transforms': (1, 8), 'epochs': (1, None),
+              'width': (1, 4096), 'stride': (1, None), 'seed': (0, None)}
+    for name, (lo, hi) in bounds.items():
+        value = getattr(args, name)
+        if value is not None and not (lo <= value and (hi is None or value <= hi)):
+            flag = '--' + name.replace('_', '-')
+            within = f'in {lo}..{hi}' if hi is not None else f'>= {lo}'
+            why = (f' (regions under {MIN_REGION_SIDE}x{MIN_REGION_SIDE} LR pixels have no gradient to classify them '
+                   'by)') if name == 'tile_size' else ''
+            raise UsageError(f'{flag} must be {within}, got {value}{why}')
+    if not os.path.isdir(args.data):
+        raise UsageError(f'--data {args.data}: not a folder (it needs HR/ and LR_bicubic/X<scale>/)')
+    ensure_writable_file(args.out, '--out')
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     from .infer import UsageError, load_model
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -141,21 +164,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     start = time.perf_counter()
     try:
-        if os.path.abspath(args.out) == os.path.abspath(args.model):
-            raise UsageError(f'--out {args.out} is --model: write the calibrated checkpoint to another file')
-        if args.predictor and args.scheme != 'tiles':
-            raise UsageError('--predictor learns from whole-image runs: use it with --scheme tiles')
-        if not 1 <= args.transforms <= 8:
-            raise UsageError(f'--transforms must be in 1..8, got {args.transforms}')
-        net, scale, projection, routing = load_model(args.model)
+        check_arguments(args)
+        net, scale, projection, routing = load_model(
+            args.model, no_options_hint='wbsr-calibrate needs a checkpoint written by WBSRModel (network options and '
+            'difficulty thresholds)')
         if projection is None:
             raise UsageError(f'--model {args.model} has no difficulty thresholds (not written by WBSRModel)')
         images = load_test_set(args.data, scale, limit=args.images)
+        router = Router(net, RoutingOptions(scheme=args.scheme, tile_size=args.tile_size), scale, projection)
     except (OSError, ValueError) as exc:
         print(f'wbsr-calibrate: {exc}', file=sys.stderr)
         return 2
     torch.set_num_threads(int(os.environ.get('OMP_NUM_THREADS', torch.get_num_threads())))
-    router = Router(net, RoutingOptions(scheme=args.scheme, tile_size=args.tile_size), scale, projection)
     maps: Optional[list] = [] if args.predictor else None
     records = measure_regions(router, images, maps=maps)
     class_mse = records.class_mse(projection.num_classes)
@@ -182,12 +202,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             report['quality'] = {'requested_db': list(predictor.quality[0]), 'threshold_db': list(predictor.quality[1])}
         predictor.fit_info = report
         routing.predictor = predictor
-    checkpoint = torch_load(args.model)
-    if not isinstance(checkpoint.get('wbsr'), dict):
-        raise CorruptFileError(args.model, "no 'wbsr' entry")
-    checkpoint['wbsr']['difficulty'] = projection.to_dict()
-    checkpoint['wbsr']['routing'] = routing.to_dict()
-    torch_save(checkpoint, args.out)
+    try:
+        checkpoint = torch_load(args.model)
+        if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get('wbsr'), dict):
+            raise CorruptFileError(args.model, "no 'wbsr' entry (the file changed during the run)")
+        checkpoint['wbsr']['difficulty'] = projection.to_dict()
+        checkpoint['wbsr']['routing'] = routing.to_dict()
+        torch_save(checkpoint, args.out)
+    except (OSError, ValueError) as exc:  # a full disk at the end: nothing half-written (the write is atomic)
+        print(f'wbsr-calibrate: cannot write {args.out} ({getattr(exc, "strerror", None) or first_line(exc)}); '
+              'nothing was written', file=sys.stderr)
+        return 2
     gains = gains_db(class_mse)
     print('class | regions | PSNR gain (dB) of each subnet over the smallest')
     for k in range(projection.num_classes):

@@ -9,9 +9,12 @@ and the seconds.
 
 Hostile input is refused with one line naming the file or flag, before any work where it can be: an output
 folder that holds an input, two inputs that would be written under one name, a folder that cannot be
-written, a corrupt checkpoint or option file, flags that do not fit the mode, a missing GPU. Inside a
-folder, one bad image (unreadable, larger than ``--max-pixels`` by its header, out of memory) is skipped by
-name and the others are written; the EXIF orientation is applied as image viewers apply it.
+written, a corrupt checkpoint or option file, a checkpoint whose network options do not fit its weights (compared
+before the network is built) or whose weights are not finite, flags that do not fit the mode or the network, a
+missing GPU. Inside a folder, one bad image (unreadable, larger than ``--max-pixels`` by its header or by its file
+size, an animation, out of memory, an SR output that is not finite) is skipped by name and the others are written;
+the EXIF orientation is applied as image viewers apply it. An image counts as written when all its files are; an
+output folder removed during the run stops it.
 """
 from __future__ import annotations
 
@@ -24,7 +27,6 @@ from typing import Any, NamedTuple, Optional, Sequence
 
 import numpy as np
 import torch
-import yaml
 from tqdm import tqdm
 
 import wbsr_hook
@@ -32,13 +34,14 @@ import wbsr_hook
 wbsr_hook.prepare_basicsr_import()
 
 from basicsr.archs import build_network  # noqa: E402
-from basicsr.utils.options import ordered_yaml  # noqa: E402
 
 import wbsr_models  # noqa: E402,F401  (registration)
 from wbsr_data.difficulty import DifficultyProjection  # noqa: E402
-from wbsr_data.fileio import CorruptFileError, ensure_writable_dir, first_line, torch_load, write_bytes  # noqa: E402
+from wbsr_data.fileio import (NAME_MAX, CorruptFileError, ensure_writable_dir, first_line, torch_load,  # noqa: E402
+                              write_files)
 from wbsr_data.make_lr import IMAGE_EXTENSIONS, encode_png, list_images, output_collisions  # noqa: E402
-from wbsr_data.pairs import ImageFileError, ImageTooLargeError, decode_image  # noqa: E402
+from wbsr_data.pairs import (FileTooLargeError, ImageFileError, ImageTooLargeError, decode_image,  # noqa: E402,F401
+                             read_image_file)  # decode_image: re-exported
 
 from .evaluation import keep_freed_memory  # noqa: E402
 from .baselines import ArmTable  # noqa: E402
@@ -46,40 +49,15 @@ from .router import Router, RoutingOptions  # noqa: E402
 from .routing.artefacts import RoutingArtefacts  # noqa: E402
 from .routing.modes import MODES, OPTIONS, modes_reading  # noqa: E402
 from .visualize import allocation_map, subnet_labels  # noqa: E402
+from .checks import (OptionFileError, UsageError, check_finite_weights, check_network_fits,  # noqa: E402,F401
+                     check_network_options, check_routing, read_option_file)
 
 DEFAULT_MAX_PIXELS = 4096 * 4096  # LR pixels; the x4 output alone is then 3.2 GB as float32
 BAND_PIXELS = 1 << 22  # output pixels converted to 8 bits at a time
 
 
-class UsageError(ValueError):
-    """A command-line argument does not fit; the message names the flag."""
-
-
-class OptionFileError(ValueError):
-    """An option file is unreadable or its options do not fit; the message names the file and the key."""
-
-    def __init__(self, path: str, reason: str) -> None:
-        super().__init__(f'{path}: {reason}')
-        self.path, self.reason = path, reason
-
-
-def read_option_file(path: str) -> dict:
-    """A YAML option file as BasicSR reads it, with one-line errors naming it."""
-    if not os.path.isfile(path):
-        raise OptionFileError(path, 'no such option file')
-    try:
-        with open(path, encoding='utf-8') as f:
-            opt = yaml.load(f, Loader=ordered_yaml()[0])
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, 'problem_mark', None)
-        where = f' at line {mark.line + 1}, column {mark.column + 1}' if mark is not None else ''
-        raise OptionFileError(path, f'not valid YAML ({getattr(exc, "problem", None) or first_line(exc)}{where})') \
-            from None
-    except UnicodeDecodeError:
-        raise OptionFileError(path, 'not a text file') from None
-    if not isinstance(opt, Mapping):
-        raise OptionFileError(path, 'not a mapping of options')
-    return dict(opt)
+class NonFiniteOutputError(RuntimeError):
+    """The network's output for an image has NaN or infinite values (a black PNG otherwise)."""
 
 
 def network_option_problem(opt: Mapping[str, Any]) -> Optional[str]:
@@ -115,14 +93,19 @@ class LoadedModel(NamedTuple):
     routing: RoutingArtefacts  # class errors and error predictor, where the checkpoint has them
 
 
-def load_model(checkpoint_path: str, option_file: Optional[str] = None, device: str = 'cpu') -> LoadedModel:
+def load_model(checkpoint_path: str, option_file: Optional[str] = None, device: str = 'cpu', *,
+               no_options_hint: str = 'pass -opt with the option file it was trained with') -> LoadedModel:
     """The network, its scale, its difficulty projection and its routing artefacts, from a checkpoint (and optionally
     its option file).
 
-    Every problem is one exception naming the file it comes from: :class:`CorruptFileError` for the
+    The checkpoint is untrusted data: its network options are compared with its weights' names and shapes before the
+    network is built (:func:`~wbsr_models.checks.check_network_fits`: options that outgrow the weights are refused
+    without allocating them), its weights must be finite, and so must its thresholds, projection and routing
+    artefacts. Every problem is one exception naming the file it comes from: :class:`CorruptFileError` for the
     checkpoint (also when its own ``'wbsr'`` entry does not fit its weights), :class:`OptionFileError` for
     the option file (broken YAML, no ``network_g``, ``scale`` against ``network_g.upscale``, options that do
-    not match the checkpoint's weights), ``FileNotFoundError`` for a missing file.
+    not match the checkpoint's weights), ``FileNotFoundError`` for a missing file. ``no_options_hint`` ends the
+    error for a checkpoint without network options (a tool without ``-opt`` says what it needs instead).
     """
     checkpoint = torch_load(checkpoint_path)
     if not isinstance(checkpoint, dict):
@@ -139,8 +122,8 @@ def load_model(checkpoint_path: str, option_file: Optional[str] = None, device: 
     else:
         network_opt, scale = extras.get('network'), extras.get('scale')
         if not network_opt or not scale:
-            raise ValueError(f'{checkpoint_path}: no network options inside (not written by WBSRModel); pass -opt '
-                             'with the option file it was trained with')
+            raise ValueError(f'{checkpoint_path}: no network options inside (not written by WBSRModel); '
+                             f'{no_options_hint}')
         problem = network_option_problem({'network_g': network_opt, 'scale': scale})
         if problem:
             raise CorruptFileError(checkpoint_path, f"its 'wbsr' entry: {problem}")
@@ -150,24 +133,36 @@ def load_model(checkpoint_path: str, option_file: Optional[str] = None, device: 
             return OptionFileError(option_file, reason)
         return CorruptFileError(checkpoint_path, f"its 'wbsr' entry: {reason}")
 
-    try:
-        net = build_network(dict(network_opt))
-    except Exception as exc:  # noqa: BLE001  (any failure to build from these options is an options error)
-        raise options_error(f'cannot build network_g ({first_line(exc)})') from None
     key = 'params_ema' if 'params_ema' in checkpoint else 'params'
     params = checkpoint.get(key)
     if not isinstance(params, Mapping) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
                                                   for k, v in params.items()):
         raise CorruptFileError(checkpoint_path, f"no {key!r} state dict (keys: {sorted(map(str, checkpoint))})")
     state = {k[7:] if k.startswith('module.') else k: v for k, v in params.items()}
+
+    def mismatch(exc: RuntimeError) -> ValueError:
+        if option_file:
+            return OptionFileError(option_file, f'network_g does not match {checkpoint_path}: '
+                                   f'{state_dict_mismatch(exc)}')
+        return CorruptFileError(checkpoint_path, f'its weights do not match its own network options: '
+                                f'{state_dict_mismatch(exc)}')
+
+    try:  # before anything is built: the options' types, then their shapes against the weights (on 'meta')
+        check_network_options(network_opt)
+        problem = check_network_fits(network_opt, state, build_network)
+    except ValueError as exc:
+        raise options_error(first_line(exc)) from None
+    if problem is not None:
+        raise mismatch(problem)
+    check_finite_weights(state, checkpoint_path)
+    try:
+        net = build_network(dict(network_opt))
+    except Exception as exc:  # noqa: BLE001  (any failure to build from these options is an options error)
+        raise options_error(f'cannot build network_g ({first_line(exc)})') from None
     try:
         net.load_state_dict(state, strict=True)
     except RuntimeError as exc:
-        if option_file:
-            raise OptionFileError(option_file, f'network_g does not match {checkpoint_path}: '
-                                  f'{state_dict_mismatch(exc)}') from None
-        raise CorruptFileError(checkpoint_path, f'its weights do not match its own network options: '
-                               f'{state_dict_mismatch(exc)}') from None
+        raise mismatch(exc) from None
     difficulty = extras.get('difficulty')
     try:
         projection = DifficultyProjection.from_dict(difficulty) if difficulty else None
@@ -246,7 +241,9 @@ def resolve_mode(args: argparse.Namespace) -> str:
     return mode
 
 
-def check_numbers(args: argparse.Namespace) -> None:
+def check_numbers(args: argparse.Namespace, mode: Optional[str] = None) -> None:
+    """The flags' numbers by range (argparse has checked their types); with ``mode``, also the region size the mode
+    needs and the bounds of its trade-off flags (:func:`~wbsr_models.checks.check_routing`)."""
     if args.tile_size < 1:
         raise UsageError(f'--tile-size must be >= 1, got {args.tile_size}')
     if args.patch_size < 1 or not 1 <= args.step <= args.patch_size:
@@ -258,6 +255,13 @@ def check_numbers(args: argparse.Namespace) -> None:
         raise UsageError(f'--max-pixels must be >= 1, got {args.max_pixels}')
     if os.sep in args.suffix or (os.altsep and os.altsep in args.suffix):
         raise UsageError(f'--suffix {args.suffix}: a path separator would write outside the output folder')
+    if mode is not None:
+        options = argparse.Namespace(mode=mode, scheme=args.scheme, tile_size=args.tile_size,
+                                     patch_size=args.patch_size, **{n: getattr(args, n, None) for n in OPTIONS})
+        try:
+            check_routing(options, flag=lambda name: '--' + name.replace('_', '-'))
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
 
 
 def check_network_flags(net: torch.nn.Module, mode: str, args: argparse.Namespace) -> None:
@@ -308,6 +312,11 @@ def plan_outputs(files: Sequence[str], input_arg: str, out: str, suffix: str,
         stem = os.path.splitext(os.path.basename(path))[0] + suffix
         return [f'{stem}.png'] + ([f'{stem}_alloc.png'] if save_map else [])
 
+    for path in files[:1]:
+        for name in names(path):
+            if len(os.fsencode(name)) > NAME_MAX - 30:  # the temporary file's name adds up to 30 bytes
+                raise UsageError(f'{os.path.join(out, name)}: the file name is longer than {NAME_MAX - 30} bytes; '
+                                 'use a shorter --suffix')
     clashes = output_collisions(files, names)
     if clashes:
         more = f' (and {len(clashes) - 3} more)' if len(clashes) > 3 else ''
@@ -328,20 +337,27 @@ def to_uint8(output: torch.Tensor) -> np.ndarray:
     """``(1, C, H, W)`` RGB in [0, 1] to uint8 HxWx3 BGR (or HxW), converted in bands of rows.
 
     The same numbers as BasicSR's ``tensor2img`` (clamp, x255, round half to even), without its float
-    copies of the whole image: besides ``output`` only the uint8 result and one band are held.
+    copies of the whole image: besides ``output`` only the uint8 result and one band are held. An output with a
+    NaN or an infinity is a :class:`NonFiniteOutputError` (clamping would make it a black or white image).
     """
     _, c, h, w = output.shape
     result = np.empty((h, w, 3) if c == 3 else (h, w), np.uint8)
     rows = max(1, BAND_PIXELS // max(1, w))
     for top in range(0, h, rows):
-        band = output[0, :, top:top + rows].detach().float().clamp(0, 1).mul(255).round().to(torch.uint8).cpu()
+        band = output[0, :, top:top + rows].detach().float()
+        if not bool(torch.isfinite(band).all()):
+            raise NonFiniteOutputError('the SR output has NaN or infinite values (the network overflows on this '
+                                       'image); nothing written')
+        band = band.clamp(0, 1).mul(255).round().to(torch.uint8).cpu()
         result[top:top + rows] = (band.flip(0).permute(1, 2, 0) if c == 3 else band[0]).numpy()
     return result
 
 
 def _skip_reason(exc: BaseException) -> str:
-    if isinstance(exc, ImageTooLargeError):
+    if isinstance(exc, (ImageTooLargeError, FileTooLargeError)):
         return exc.describe('--max-pixels')
+    if isinstance(exc, NonFiniteOutputError):
+        return str(exc)
     if isinstance(exc, ImageFileError):
         return str(exc)
     if isinstance(exc, MemoryError) or 'memory' in str(exc).lower() or 'alloc' in str(exc).lower():
@@ -373,7 +389,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     created = not os.path.exists(args.output)
     try:
         mode = resolve_mode(args)
-        check_numbers(args)
+        check_numbers(args, mode)
         device = resolve_device(args.device)
         files = list_inputs(args.input)
         if not files:
@@ -398,8 +414,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         name = os.path.basename(path)
         notes: list[str] = []
         try:
-            with open(path, 'rb') as f:
-                img = decode_image(f.read(), path, max_pixels=args.max_pixels, notes=notes)
+            img = read_image_file(path, max_pixels=args.max_pixels, notes=notes)
             lq = torch.from_numpy(np.ascontiguousarray(img[..., ::-1].transpose(2, 0, 1))).unsqueeze(0).to(device)
             start = time.perf_counter()
             result = router(lq)
@@ -417,15 +432,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             tqdm.write(f'{name}: skipped ({_skip_reason(exc)})')
             failed += 1
             continue
-        for target, data in ((out_path, png), (map_path, map_png)):
-            if data is None:
-                continue
-            try:
-                write_bytes(target, data)
-            except OSError as exc:  # a full disk or a vanished folder: every later image would fail the same way
-                print(f'wbsr-infer: cannot write {target} ({exc.strerror or first_line(exc)}); stopped, {written} of '
-                      f'{len(files)} images written to {args.output}', file=sys.stderr)
-                return 2
+        outputs = {out_path: png, **({map_path: map_png} if map_path else {})}
+        try:  # the image and its map together: an image counts as written when all its files are
+            write_files(outputs, create_folder=False)
+        except OSError as exc:  # a full disk or a vanished folder: every later image would fail the same way
+            if not os.path.isdir(args.output):
+                print(f'wbsr-infer: the output folder {args.output} was removed during the run; stopped, {written} '
+                      f'of {len(files)} images had been written to it', file=sys.stderr)
+            else:
+                print(f'wbsr-infer: cannot write {exc.filename or out_path} ({exc.strerror or first_line(exc)}); '
+                      f'stopped, {written} of {len(files)} images written to {args.output}', file=sys.stderr)
+            return 2
         written += 1
         for text in notes:
             tqdm.write(f'{name}: {text}')

@@ -12,8 +12,13 @@ run ``basicsr.train.train_pipeline`` / ``basicsr.test.test_pipeline`` with these
 - ``--launcher pytorch`` on a machine without CUDA uses the gloo backend (BasicSR's ``init_dist`` assumes
   NCCL and a GPU per rank), so DDP runs, and is tested, on CPUs;
 - a bad option file (broken YAML, a missing key, no ``network_g``, ``scale`` against ``network_g.upscale``,
-  ``num_gpu`` > 0 without a GPU, a network that does not match its checkpoint), a corrupt checkpoint or an
-  unreadable image ends the run with one line naming the file and the key, exit status 2, no traceback.
+  ``num_gpu`` > 0 without a GPU, a network that does not match its checkpoint, a number of the wrong type or range,
+  a name with a path separator: :mod:`wbsr_models.checks`), a corrupt checkpoint or an unreadable image ends the
+  run with one line naming the file and the key, exit status 2, no traceback, at start-up: the file is checked as
+  read and again as BasicSR parsed it, before any folder is made;
+- the experiment (``wbsr-train``) or results (``wbsr-test``) folder is locked for the run: a second run with the same
+  name refuses to start instead of archiving the first run's folder and writing into it;
+- a training set that cannot fill one batch, and a test run without ``pretrain_network_g``, refuse to start.
 """
 from __future__ import annotations
 
@@ -40,9 +45,12 @@ import wbsr_models  # noqa: E402,F401  (registration)
 from wbsr_data.fileio import CorruptFileError, first_line, torch_load  # noqa: E402
 from wbsr_data.pairs import ImageFileError  # noqa: E402
 
+from .checks import (RunLock, RunLockedError, check_one_batch, check_option_file, check_run_start,  # noqa: E402
+                     check_test_weights, lock_run_folder)
 from .infer import OptionFileError, state_dict_mismatch, network_option_problem, read_option_file  # noqa: E402
 
 _parse_options = basicsr_options.parse_options
+_create_train_val_dataloader = basicsr.train.create_train_val_dataloader
 _current: dict[str, Any] = {}  # the option file and dict of this run, for error messages
 
 
@@ -145,7 +153,8 @@ def parse_options(root_path: str, is_train: bool = True) -> tuple[dict, argparse
     opt_file = arg_parser.parse_known_args()[0].opt
     _current['opt_file'] = opt_file
     if opt_file:
-        read_option_file(opt_file)  # YAML errors and non-mappings, named
+        raw = read_option_file(opt_file)  # YAML errors and non-mappings, named
+        _check(raw, opt_file, is_train)  # before BasicSR's parsing, which does arithmetic on some of them
     try:
         opt, args = _parse_options(root_path, is_train=is_train)
     except KeyError as exc:
@@ -154,11 +163,46 @@ def parse_options(root_path: str, is_train: bool = True) -> tuple[dict, argparse
     problem = network_option_problem(opt)
     if problem:
         raise OptionFileError(opt_file, problem)
+    _check(opt, opt_file, is_train)  # again with --force_yml's changes
     num_gpu = opt.get('num_gpu')
     if isinstance(num_gpu, int) and num_gpu > 0 and not torch.cuda.is_available():
         raise OptionFileError(opt_file, f'num_gpu is {num_gpu} but there is no CUDA GPU on this machine; to run on '
                               'the CPU set num_gpu: 0 (or add --force_yml num_gpu=0)')
+    try:  # the network, its checkpoint, the router and one batch: before any folder is made
+        check_run_start(opt, is_train)
+    except CorruptFileError:
+        raise
+    except ValueError as exc:
+        raise OptionFileError(opt_file, str(exc)) from None
+    if opt.get('rank', 0) == 0:  # before BasicSR makes (and archives) the folder
+        folder = opt['path']['experiments_root'] if is_train else opt['path']['results_root']
+        _current['lock'] = lock_run_folder(folder)
     return opt, args
+
+
+def _check(opt: dict, opt_file: Optional[str], is_train: bool) -> None:
+    """:func:`~wbsr_models.checks.check_option_file`, and weights for a test run; errors name the option file."""
+    try:
+        check_option_file(opt, is_train)
+        if not is_train:
+            check_test_weights(opt)
+    except ValueError as exc:
+        raise OptionFileError(opt_file, str(exc)) from None
+
+
+def create_train_val_dataloader(opt: dict, logger: Any) -> tuple:
+    """BasicSR's, refusing a training set that fills no batch (the run would end at iteration 0, untrained)."""
+    result = _create_train_val_dataloader(opt, logger)
+    loader = result[0]
+    if loader is not None and len(loader) == 0:
+        dataset_opt = opt['datasets']['train']
+        try:
+            check_one_batch(len(loader.dataset), int(dataset_opt['batch_size_per_gpu']), opt.get('world_size', 1),
+                            dataset_opt.get('dataset_enlarge_ratio', 1), what='training samples')
+        except ValueError as exc:
+            raise OptionFileError(_current.get('opt_file'), str(exc)) from None
+        raise OptionFileError(_current.get('opt_file'), 'datasets.train makes no batch; no training step would run')
+    return result
 
 
 def init_dist(launcher: str, backend: str = 'nccl', **kwargs) -> None:
@@ -172,6 +216,7 @@ def init_dist(launcher: str, backend: str = 'nccl', **kwargs) -> None:
 def _patch_basicsr() -> None:
     basicsr.train.load_resume_state = load_resume_state
     basicsr.train.parse_options = parse_options
+    basicsr.train.create_train_val_dataloader = create_train_val_dataloader
     basicsr.test.parse_options = parse_options
     basicsr_options.init_dist = init_dist
 
@@ -179,7 +224,7 @@ def _patch_basicsr() -> None:
 def _error_line(exc: BaseException) -> Optional[str]:
     """One line for an error caused by the option file or a data file, or ``None`` (a real failure)."""
     opt_file = _current.get('opt_file')
-    if isinstance(exc, (OptionFileError, CorruptFileError, ImageFileError, FileNotFoundError)):
+    if isinstance(exc, (OptionFileError, CorruptFileError, ImageFileError, FileNotFoundError, RunLockedError)):
         return str(exc)
     if isinstance(exc, KeyError):
         key = exc.args[0] if exc.args else '?'
@@ -209,6 +254,10 @@ def _run(pipeline: Callable[[str], None], argv: Optional[Sequence[str]], prog: s
             raise
         print(f'{prog}: {line}', file=sys.stderr)
         return 2
+    finally:
+        lock: Optional[RunLock] = _current.pop('lock', None)
+        if lock is not None:
+            lock.release()
     return 0
 
 

@@ -23,6 +23,15 @@ Only what differs from ``SRModel`` is overridden:
   log table gains the average GFLOPs, both FLOPs ratios and the share of patches per subnet; with
   ``save_img`` an allocation map is written beside every SR image.
 
+Start-up checks (also under ``basicsr/train.py`` and ``basicsr/test.py``): every option the plugin knows is checked by
+type and range (:mod:`wbsr_models.checks`), the router is built once against the network (a subnet index, a budget
+below the cheapest subnet, a mode's missing checkpoint artefact fail before the first training step), and a loaded
+checkpoint must have finite weights. A training set that fills no batch and a test model without
+``pretrain_network_g`` are warned about when the model is built (``wbsr-train`` and ``wbsr-test`` refuse them before
+the run; a model is also built outside runs), and a run that ends without a training step refuses to save an
+untrained ``net_g_latest.pth``. An SR output that is not finite is an error naming the image in a test run, a warning during
+training's validation.
+
 Works with plain BasicSR networks too (one subnet): then this is "the network trained with WBSR" and
 routing is tiled inference.
 """
@@ -31,7 +40,6 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import tempfile
 import time
 from collections import OrderedDict
 from copy import deepcopy
@@ -49,11 +57,13 @@ from basicsr.utils.dist_util import master_only
 from wbsr_arch.supernet import TileAssignment
 from wbsr_arch.tiles import TileGrid
 from wbsr_data.difficulty import DifficultyProjection, gradient_vectors
-from wbsr_data.fileio import atomic_path, torch_load, torch_save
+from wbsr_data.fileio import CorruptFileError, atomic_path, new_temp_dir, torch_load, torch_save
 from wbsr_data.hes_dataset import set_train_progress
+from wbsr_data.pairs import ImageFileError
 from wbsr_data.patch_index import load_or_build_index
 
 from .baselines import ArmTable, build_arm_table
+from .checks import check_finite_weights, check_one_batch, check_option_file, check_router
 from .router import Router, RoutingOptions, RoutingResult, eq15_subnets
 from .routing.artefacts import RoutingArtefacts
 from .visualize import allocation_map, subnet_labels
@@ -93,6 +103,9 @@ class WBSRModel(SRModel):
     """SR model for WBSR training and dynamic inference (see the module docstring and the README)."""
 
     def __init__(self, opt: dict) -> None:
+        check_option_file(opt, bool(opt.get('is_train')))
+        if not opt.get('is_train') and not (opt.get('path') or {}).get('pretrain_network_g'):
+            get_root_logger().warning('path.pretrain_network_g is not set: this test model has untrained weights')
         wbsr_opt = dict((opt.get('train') or {}).get('wbsr') or {})
         self.subnet_sampling = str(wbsr_opt.pop('subnet_sampling', 'routed'))  # the README's sampling sweep
         self.sandwich_random = int(wbsr_opt.pop('sandwich_random', 2))
@@ -124,12 +137,27 @@ class WBSRModel(SRModel):
         self._route_log: list[dict[str, Any]] = []
         self._val_context: dict[str, Any] = {}
         self.lq_path = self.hes_phase = None
+        self._trained = False  # a training step ran in this process, or the run resumed from one
         super().__init__(opt)
         if self.is_train:
-            self.difficulty = load_or_build_index(opt['datasets']['train']).projection
+            train_set = opt['datasets']['train']
+            index = load_or_build_index(train_set)
+            self.difficulty = index.projection
+            if train_set.get('type') == 'HESPairedImageDataset':  # BasicSR's loop would end at iteration 0
+                try:
+                    check_one_batch(len(index), int(train_set['batch_size_per_gpu']), int(opt.get('world_size') or 1),
+                                    train_set.get('dataset_enlarge_ratio') or 1,
+                                    what=f'candidate patches ({len(index.pairs)} images)')
+                except ValueError as exc:
+                    get_root_logger().warning(str(exc))
         elif self.difficulty is None:
             get_root_logger().warning('the checkpoint holds no difficulty thresholds; routing fits them on each '
                                       "test image's own patches")
+        # what depends on the network (subnet index, budget, the mode's artefacts): now, not at the first validation
+        router = check_router(self.bare_net, self.routing, int(self.opt['scale']), self.difficulty, self.arm_table,
+                              self.routing_artefacts, arm_table_later=True)
+        if router is not None:
+            self._routers[id(self.bare_net)] = router
 
     # ---- helpers -------------------------------------------------------------------------------------
     @property
@@ -167,10 +195,13 @@ class WBSRModel(SRModel):
         super().init_training_settings()
 
     def _startup_gmm(self, pixel_opt: dict) -> str:
-        from wbsr_losses.gmm import DEFAULT_LABEL_SPACE, fit_gmm_for_options
+        from wbsr_losses.fit_gmm import check_image_sizes
+        from wbsr_losses.gmm import DEFAULT_BLUR_SIGMA, DEFAULT_LABEL_SPACE, fit_gmm_for_options
         label_space = pixel_opt.get('label_space', DEFAULT_LABEL_SPACE)
         path = osp.join(self.opt['path']['experiments_root'], f'bd_gmm_{label_space}.npz')
         if self.opt['rank'] == 0 and not osp.isfile(path):  # a resumed run reuses its own file
+            blur_sigma = float(pixel_opt.get('blur_sigma', DEFAULT_BLUR_SIGMA))
+            check_image_sizes(self.opt['datasets']['train'], label_space, blur_sigma)  # refused by name
             fit_gmm_for_options(pixel_opt, self.opt['datasets']['train'], path)
         if self.opt['dist']:
             torch.distributed.barrier()
@@ -234,6 +265,7 @@ class WBSRModel(SRModel):
         return TileAssignment(subnets.reshape(len(lq), *grid.shape), grid=grid)
 
     def optimize_parameters(self, current_iter: int) -> None:
+        self._trained = True
         repeats, subnets = self.training_plan(self.lq, current_iter)
         lq, gt = self.lq, self.gt
         if repeats > 1:
@@ -325,7 +357,7 @@ class WBSRModel(SRModel):
         BasicSR's methods write to ``opt['path'][path_key]``: for the call, the model's ``opt`` is a copy
         with that one path changed (the option dict itself is not touched). The folder is removed after.
         """
-        folder = tempfile.mkdtemp(prefix=f'.{osp.basename(target)}.', suffix='.tmp', dir=osp.dirname(target))
+        folder = new_temp_dir(target)  # named with this process's id: a killed save's folder is removed later
         original = self.opt
         self.opt = {**original, 'path': {**original['path'], path_key: folder}}
         try:
@@ -347,6 +379,14 @@ class WBSRModel(SRModel):
             with atomic_path(target) as tmp:
                 os.replace(written, tmp)
 
+    def save(self, epoch: int, current_iter: int) -> None:
+        """BasicSR's ``save``; at the end of a training run (BasicSR calls ``save(epoch=-1, current_iter=-1)``) that made
+        no training step (its data filled no batch), an error instead of an untrained ``net_g_latest.pth``."""
+        if epoch == -1 and current_iter == -1 and self.is_train and not self._trained:
+            raise ValueError('the run ends without a training step (datasets.train fills no batch of '
+                             'batch_size_per_gpu); the untrained network is not saved as net_g_latest.pth')
+        super().save(epoch, current_iter)
+
     @master_only
     def save_network(self, net, net_label, current_iter, param_key='params') -> None:
         """BasicSR's ``save_network``, plus the ``'wbsr'`` entry; the file appears atomically."""
@@ -364,16 +404,19 @@ class WBSRModel(SRModel):
         """
         checkpoint = torch_load(load_path)
         if not isinstance(checkpoint, dict):
-            raise ValueError(f'{load_path}: not a BasicSR checkpoint (a dict of state dicts)')
+            raise CorruptFileError(load_path, 'not a BasicSR checkpoint (a dict of state dicts)')
         extras = checkpoint.get('wbsr') if isinstance(checkpoint.get('wbsr'), dict) else {}
         try:
             if extras.get('difficulty') is not None:
                 self.difficulty = DifficultyProjection.from_dict(extras['difficulty'])
             self.routing_artefacts = RoutingArtefacts.from_checkpoint_entry(extras)
         except ValueError as exc:
-            raise ValueError(f'{load_path}: {exc}') from None
+            raise CorruptFileError(load_path, str(exc)) from None
         if param_key is not None and param_key not in checkpoint and 'params' not in checkpoint:
-            raise ValueError(f'{load_path}: no {param_key!r} entry (keys: {sorted(checkpoint)})')
+            raise CorruptFileError(load_path, f'no {param_key!r} entry (keys: {sorted(checkpoint)})')
+        params = checkpoint.get(param_key) if param_key in checkpoint else checkpoint.get('params', checkpoint)
+        if isinstance(params, dict):
+            check_finite_weights(params, load_path)  # NaN weights would give black images and a low PSNR, exit 0
         super().load_network(net, load_path, strict, param_key)
 
     @master_only
@@ -392,6 +435,7 @@ class WBSRModel(SRModel):
 
     def resume_training(self, resume_state) -> None:
         super().resume_training(resume_state)
+        self._trained = self._trained or int(resume_state.get('iter') or 0) > 0
         extras = resume_state.get('wbsr')
         if extras and self.optimizer_sigma is not None:
             with torch.no_grad():
@@ -420,11 +464,22 @@ class WBSRModel(SRModel):
         for i in range(self.lq.shape[0]):
             start = time.perf_counter()
             result = router(self.lq[i:i + 1])
+            if not bool(torch.isfinite(result.output).all()):
+                self._non_finite(i)
             self._record(result, time.perf_counter() - start, i)
             outputs.append(result.output)
         self.output = torch.cat(outputs, 0)
         if was_training:
             net.train()
+
+    def _non_finite(self, i: int) -> None:
+        """An SR output with NaN or infinite values: an error naming the image in a test run (its PSNR and its black
+        PNG would be meaningless), a warning during training's validation (the run goes on; the loss shows why)."""
+        name = self.lq_path[i] if self.lq_path else f'image {i}'
+        message = f'{name}: the SR output has NaN or infinite values (the network overflows on this image)'
+        if not self.opt['is_train']:
+            raise ImageFileError(message)
+        get_root_logger().warning(message)
 
     def _record(self, result: RoutingResult, seconds: float, i: int) -> None:
         self._route_log.append({'flops': result.flops, 'ratio_regions': result.ratio_regions,
