@@ -59,8 +59,8 @@ BASICSR_DATASET_KEYS = ('name', 'type', 'phase', 'scale', 'num_worker_per_gpu', 
                         'dataset_enlarge_ratio', 'prefetch_mode', 'num_prefetch_queue', 'pin_memory',
                         'persistent_workers', 'use_shuffle')
 # ... and HES's own (README: option reference).
-HES_KEYS = ('num_classes', 'delta', 'switch_ratio', 'patch_stride', 'projection', 'index_cache', 'skip_small_images',
-            'cache_images', 'cache_images_max_mb')
+HES_KEYS = ('num_classes', 'delta', 'switch_ratio', 'patch_stride', 'projection', 'index_cache', 'index_workers',
+            'skip_small_images', 'cache_images', 'cache_images_max_mb')
 ACCEPTED_KEYS = frozenset(PAIRED_IMAGE_DATASET_KEYS + BASICSR_DATASET_KEYS + HES_KEYS)
 DEFAULT_CACHE_MAX_MB = 4096
 
@@ -246,6 +246,8 @@ class HESPairedImageDataset(data.Dataset):
     - ``projection``: ``pca`` or ``sum`` (spec section 1). Default: ``pca``.
     - ``index_cache``: folder of the patch-index cache. Default: ``$WBSR_CACHE_DIR`` or
       ``~/.cache/wbsr/hes_index``.
+    - ``index_workers``: processes that read and score the images when the index is built (0: the main
+      process). Default: one per 64 images, at most one per CPU the process may use.
     - ``skip_small_images``: leave out (with a warning) images smaller than ``gt_size`` instead of
       refusing them. Default: false.
     - ``cache_images``: decode the training images once, at start-up, and keep them in memory instead of
