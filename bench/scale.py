@@ -496,7 +496,7 @@ def child_loader(args: argparse.Namespace) -> None:
 def measure_index(paths: dict[str, Path], work: Path, src: Optional[str], extra: dict[str, Any]) -> dict[str, Any]:
     out = {}
     for backend in ('disk', 'lmdb'):
-        cache = work / f'cache_index_{backend}'
+        cache = work / f'cache_{backend}'  # emptied for a cold build; what it leaves, the loader part reuses
         shutil.rmtree(cache, ignore_errors=True)
         cache.mkdir(parents=True)
         result = work / f'index_{backend}.json'
@@ -504,7 +504,6 @@ def measure_index(paths: dict[str, Path], work: Path, src: Optional[str], extra:
         run_child(['_child-index', '--opt', json.dumps(dataset_opt(paths, backend, str(cache), **extra)),
                    '--out', str(result)], src)
         out[backend] = json.loads(result.read_text())
-        shutil.rmtree(cache)
     return out
 
 
@@ -537,11 +536,9 @@ def measure_loader(paths: dict[str, Path], work: Path, src: Optional[str], worke
                    rounds: int, extra: dict[str, Any]) -> dict[str, Any]:
     """HES and PairedImageDataset alternated (A B, B A, ...) on the same files, for each backend and worker count."""
     out: dict[str, Any] = {}
-    cache = work / 'cache_loader'
-    shutil.rmtree(cache, ignore_errors=True)
     names = ('PairedImageDataset', 'HES')
     for backend in ('disk', 'lmdb'):
-        opt = json.dumps(dataset_opt(paths, backend, str(cache), **extra))
+        opt = json.dumps(dataset_opt(paths, backend, str(work / f'cache_{backend}'), **extra))
         run_child(['_child-index', '--opt', opt, '--out', str(work / 'loader_index.json')], src)  # index first
         out[backend] = {}
         for w in workers:
@@ -558,7 +555,6 @@ def measure_loader(paths: dict[str, Path], work: Path, src: Optional[str], worke
                 name: {'runs': runs[name], **{key: statistics.median(run[key] for run in runs[name]) for key in
                                               ('samples_per_s', 'cpu_ms_per_sample', 'item_wall_ms_per_sample')}}
                 for name in names}
-    shutil.rmtree(cache, ignore_errors=True)
     return out
 
 

@@ -8,8 +8,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from torch.utils.data import DataLoader
 
-from wbsr_data import patch_index
+from wbsr_data import hes_dataset, patch_index
 from wbsr_data.hes_dataset import HESPairedImageDataset
 from wbsr_data.pairs import ImageFileError
 
@@ -170,3 +171,27 @@ def test_harness_mosaic_fills_the_image_with_centre_crops():
     assert img[0, 0, 0] == 10 and img[0, 1024, 0] == 20 and img[512, 1024, 0] == 40 and img[2047, 2047, 0] == 40
     with pytest.raises(ValueError, match='width 1000 is not a multiple of 1024'):
         scale.mosaic(photos, 1000, 1000)
+
+
+class _AllocatorState:
+    """Items: whether the HES item made in this process had set the worker allocator (read in the worker)."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return 2
+
+    def __getitem__(self, i):
+        self.dataset[i]
+        return hes_dataset._worker_allocator_set
+
+
+def test_workers_keep_freed_memory_and_the_main_process_is_left_alone(tmp_path):
+    folders = write_pair_folder(tmp_path / 'data', n=2)
+    dataset = HESPairedImageDataset(hes_options(folders, tmp_path / 'cache'))
+    dataset[0]
+    assert hes_dataset._worker_allocator_set is False  # no worker here: glibc's defaults stay
+    loader = DataLoader(_AllocatorState(dataset), batch_size=None, num_workers=1)
+    assert [bool(v) for v in loader] == [True, True]
+    assert hes_dataset._worker_allocator_set is False
