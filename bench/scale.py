@@ -117,11 +117,31 @@ def child_env(src: Optional[str], threads: int = 1) -> dict[str, str]:
     return env
 
 
-def run_child(args: Sequence[str], src: Optional[str], threads: int = 1, timeout: float = 6 * 3600) -> None:
-    cmd = [sys.executable, str(Path(__file__).resolve()), *args]
-    done = subprocess.run(cmd, env=child_env(src, threads), timeout=timeout)
-    if done.returncode:
-        raise SystemExit(f'measurement failed (exit {done.returncode}): {" ".join(cmd)}')
+def run_child(args: Sequence[str], src: Optional[str], threads: int = 1, timeout: float = 6 * 3600,
+              out: Optional[Path] = None, cmd: Optional[Sequence[str]] = None) -> float:
+    """Run a measuring child (this script with ``args``, or ``cmd``) and return its wall seconds.
+
+    Its memory is sampled from here, so that the sampling's own cost (reading ``/proc/<pid>/smaps_rollup`` takes
+    the kernel time proportional to the memory mapped) is not charged to the child; with ``out``, the peaks are
+    added to the JSON the child wrote there.
+    """
+    cmd = list(cmd or [sys.executable, str(Path(__file__).resolve()), *args])
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, env=child_env(src, threads))
+    with PeakPss(proc.pid) as pss:
+        try:
+            code = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise SystemExit(f'measurement ran over {timeout:.0f} s: {" ".join(cmd)}') from None
+    seconds = time.perf_counter() - start
+    if code:
+        raise SystemExit(f'measurement failed (exit {code}): {" ".join(cmd)}')
+    if out is not None:
+        result = json.loads(out.read_text())
+        result.update(peak_pss_mb=pss.peak_mb, peak_private_mb=pss.peak_private_mb)
+        out.write_text(json.dumps(result, indent=1))
+    return seconds
 
 
 class PeakPss:
@@ -133,8 +153,9 @@ class PeakPss:
     ``peak_private_mb`` counts only anonymous and shared memory (``Pss_Anon + Pss_Shmem``), which it cannot.
     """
 
-    def __init__(self, period: float = 0.2) -> None:
-        self.period, self.peak_mb, self.peak_private_mb, self._stop = period, 0., 0., threading.Event()
+    def __init__(self, pid: int, period: float = 0.5) -> None:
+        self.pid, self.period, self.peak_mb, self.peak_private_mb = pid, period, 0., 0.
+        self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def __enter__(self) -> 'PeakPss':
@@ -173,7 +194,7 @@ class PeakPss:
         return fields.get('Pss', 0), fields.get('Pss_Anon', 0) + fields.get('Pss_Shmem', 0)
 
     def sample(self) -> None:
-        sizes = [self._pss_kb(p) for p in self._tree(os.getpid())]
+        sizes = [self._pss_kb(p) for p in self._tree(self.pid)]
         self.peak_mb = max(self.peak_mb, sum(total for total, _ in sizes) / 1024)
         self.peak_private_mb = max(self.peak_private_mb, sum(private for _, private in sizes) / 1024)
 
@@ -353,16 +374,14 @@ def child_index(args: argparse.Namespace) -> None:
     opt = json.loads(args.opt)
     options = patch_index.IndexOptions.from_dataset_opt(opt)
     readers = options.num_workers(len(patch_index.list_pairs(opt))) if hasattr(options, 'num_workers') else 0
-    with PeakPss() as pss:
-        cpu, start = cpu_seconds(), time.perf_counter()
-        index = patch_index.load_or_build_index(opt)
-        first, first_cpu = time.perf_counter() - start, cpu_seconds() - cpu
-        first_calls, first_seconds = dict(counted.calls), dict(counted.seconds)
-        rss_first = max_rss_mb()
-        cpu, start = cpu_seconds(), time.perf_counter()
-        again = patch_index.load_or_build_index(opt)  # WBSRModel's call
-        second, second_cpu = time.perf_counter() - start, cpu_seconds() - cpu
-        pss.sample()
+    cpu, start = cpu_seconds(), time.perf_counter()
+    index = patch_index.load_or_build_index(opt)
+    first, first_cpu = time.perf_counter() - start, cpu_seconds() - cpu
+    first_calls, first_seconds = dict(counted.calls), dict(counted.seconds)
+    rss_first = max_rss_mb()
+    cpu, start = cpu_seconds(), time.perf_counter()
+    again = patch_index.load_or_build_index(opt)  # WBSRModel's call
+    second, second_cpu = time.perf_counter() - start, cpu_seconds() - cpu
     assert np.array_equal(index.scores, again.scores)
     cache = Path(opt['index_cache'])
     out = {'candidates': len(index), 'images': len(index.pairs), 'reading_processes': readers,
@@ -370,7 +389,6 @@ def child_index(args: argparse.Namespace) -> None:
            'second_cpu_seconds': second_cpu, 'first_calls': first_calls, 'first_function_seconds': first_seconds,
            'all_calls': counted.calls, 'all_function_seconds': counted.seconds,
            'max_rss_mb': rss_first, 'max_rss_children_mb': max_rss_mb(resource.RUSAGE_CHILDREN),
-           'peak_pss_mb': pss.peak_mb, 'peak_private_mb': pss.peak_private_mb,
            'cache_bytes': sum(f.stat().st_size for f in cache.iterdir() if f.is_file()),
            'cache_files': sorted(f.name for f in cache.iterdir())}
     Path(args.out).write_text(json.dumps(out, indent=1))
@@ -481,11 +499,8 @@ def child_loader(args: argparse.Namespace) -> None:
         dataset = PairedImageDataset(copy.deepcopy(opt))  # it changes the dict it is given
     else:
         dataset = HESPairedImageDataset(opt)
-    with PeakPss() as pss:
-        out = loader_rate(dataset, opt, args.workers[0], args.batches, epoch=args.round)
-        pss.sample()
-    out.update(max_rss_mb=max_rss_mb(), max_rss_children_mb=max_rss_mb(resource.RUSAGE_CHILDREN),
-               peak_pss_mb=pss.peak_mb, peak_private_mb=pss.peak_private_mb)
+    out = loader_rate(dataset, opt, args.workers[0], args.batches, epoch=args.round)
+    out.update(max_rss_mb=max_rss_mb(), max_rss_children_mb=max_rss_mb(resource.RUSAGE_CHILDREN))
     Path(args.out).write_text(json.dumps(out, indent=1))
     # BasicSR's prefetch thread is still blocked on its full queue: leave without the interpreter's teardown.
     sys.stdout.flush()
@@ -493,16 +508,17 @@ def child_loader(args: argparse.Namespace) -> None:
 
 
 # ---- the size runs ----------------------------------------------------------------------------------------------
-def measure_index(paths: dict[str, Path], work: Path, src: Optional[str], extra: dict[str, Any]) -> dict[str, Any]:
+def measure_index(paths: dict[str, Path], work: Path, src: Optional[str], extra: dict[str, Any],
+                  backends: Sequence[str]) -> dict[str, Any]:
     out = {}
-    for backend in ('disk', 'lmdb'):
+    for backend in backends:
         cache = work / f'cache_{backend}'  # emptied for a cold build; what it leaves, the loader part reuses
         shutil.rmtree(cache, ignore_errors=True)
         cache.mkdir(parents=True)
         result = work / f'index_{backend}.json'
         print(f'index, {backend}:', flush=True)
         run_child(['_child-index', '--opt', json.dumps(dataset_opt(paths, backend, str(cache), **extra)),
-                   '--out', str(result)], src)
+                   '--out', str(result)], src, out=result)
         out[backend] = json.loads(result.read_text())
     return out
 
@@ -521,23 +537,22 @@ def measure_ddp(paths: dict[str, Path], work: Path, src: Optional[str], nproc: i
            str(Path(__file__).resolve()), '_child-ddp', '--opt',
            json.dumps(dataset_opt(paths, 'disk', str(cache), **extra)), '--out', str(out_dir)]
     print(f'ddp, {nproc} ranks:', flush=True)
-    start = time.perf_counter()
-    done = subprocess.run(cmd, env=child_env(src), timeout=6 * 3600)
-    wall = time.perf_counter() - start
-    if done.returncode:
-        raise SystemExit(f'torchrun failed (exit {done.returncode})')
+    summary = out_dir / 'all.json'
+    summary.write_text('{}')
+    wall = run_child([], src, cmd=cmd, out=summary)
     ranks = [json.loads((out_dir / f'rank{r}.json').read_text()) for r in range(nproc)]
     cache_files = sorted(f.name for f in cache.iterdir())
     shutil.rmtree(cache)
-    return {'nproc': nproc, 'wall_seconds': wall, 'ranks': ranks, 'cache_files': cache_files}
+    return {'nproc': nproc, 'wall_seconds': wall, 'ranks': ranks, 'cache_files': cache_files,
+            **json.loads(summary.read_text())}
 
 
 def measure_loader(paths: dict[str, Path], work: Path, src: Optional[str], workers: Sequence[int], batches: int,
-                   rounds: int, extra: dict[str, Any]) -> dict[str, Any]:
+                   rounds: int, extra: dict[str, Any], backends: Sequence[str]) -> dict[str, Any]:
     """HES and PairedImageDataset alternated (A B, B A, ...) on the same files, for each backend and worker count."""
     out: dict[str, Any] = {}
     names = ('PairedImageDataset', 'HES')
-    for backend in ('disk', 'lmdb'):
+    for backend in backends:
         opt = json.dumps(dataset_opt(paths, backend, str(work / f'cache_{backend}'), **extra))
         run_child(['_child-index', '--opt', opt, '--out', str(work / 'loader_index.json')], src)  # index first
         out[backend] = {}
@@ -547,7 +562,7 @@ def measure_loader(paths: dict[str, Path], work: Path, src: Optional[str], worke
                 for name in (names if r % 2 == 0 else names[::-1]):
                     result = work / 'loader_run.json'
                     run_child(['_child-loader', '--opt', opt, '--dataset', name, '--workers', str(w), '--batches',
-                               str(batches), '--round', str(r), '--out', str(result)], src)
+                               str(batches), '--round', str(r), '--out', str(result)], src, out=result)
                     runs[name].append(json.loads(result.read_text()))
                     print(f"  {backend}, {w} workers, round {r}, {name}: {runs[name][-1]['samples_per_s']:.1f} "
                           f"samples/s, {runs[name][-1]['cpu_ms_per_sample']:.2f} CPU ms/sample", flush=True)
@@ -562,9 +577,13 @@ def fmt(value: float, digits: int = 1) -> str:
     return f'{value:.{digits}f}'
 
 
-def size_report(label: str, n: int, made: dict[str, Any], results: dict[str, Any], command: str) -> str:
+def size_report(label: str, n: int, made: dict[str, Any], results: dict[str, Any]) -> str:
     gb = {k: v / 2**30 for k, v in made['bytes'].items()}
-    lines = [f'# Scale: {label} sub-images ({n})', '', f'Command: `{command}`', '',
+    commands: dict[str, list[str]] = {}
+    for part, command in results.get('commands', {}).items():
+        commands.setdefault(command, []).append(part)
+    lines = [f'# Scale: {label} sub-images ({n})', '', 'Commands (run from the repository root, `PYTHONPATH` on it):',
+             '', *[f'- {", ".join(parts)}: `{command}`' for command, parts in commands.items()], '',
              f"Machine: {results['machine']}." + (f" Code measured: `{results['src']}`." if results.get('src') else ''),
              '', f"Set: {n} sub-images of 480x480 (LR 120x120), 2x2 mosaics of crops of {made['pool_photographs']} "
              f"photographs; folder {gb['gt']:.2f} GB GT + {gb['lq']:.2f} GB LR, lmdb {gb['gt_lmdb']:.2f} GB + "
@@ -576,7 +595,7 @@ def size_report(label: str, n: int, made: dict[str, Any], results: dict[str, Any
                   'cache write), wall and CPU seconds (CPU: the process and its reading processes, which on 2 shared '
                   'cores is the steadier figure); "hashing": the part spent computing the content hash; "second '
                   'call": the model\'s call, cache present. Memory: peaks over the process and its reading processes '
-                  'together, sampled every 0.2 s; "private" leaves out file pages mapped into them (lmdb is read '
+                  'together, sampled every 0.5 s by the harness; "private" leaves out file pages mapped into them (lmdb is read '
                   'through such a mapping), "with mapped files" counts them.', '',
                   '| backend | candidates | reading processes | first call s | first call CPU s | of it hashing s | '
                   'second call s | peak private MB | peak with mapped files MB | cache MB |',
@@ -593,7 +612,8 @@ def size_report(label: str, n: int, made: dict[str, Any], results: dict[str, Any
     ddp = results.get('ddp')
     if ddp:
         lines += [f"## torchrun --nproc_per_node {ddp['nproc']} (gloo), folder", '',
-                  f"Whole launch {fmt(ddp['wall_seconds'])} s; files in the cache folder afterwards: "
+                  f"Whole launch {fmt(ddp['wall_seconds'])} s, peak private memory of all ranks together "
+                  f"{fmt(ddp.get('peak_private_mb', float('nan')), 0)} MB; files in the cache folder afterwards: "
                   f"{', '.join(ddp['cache_files'])}. Per rank: index builds, content-hash passes over the files, "
                   'seconds (wall, CPU) in the dataset\'s constructor and in the model\'s call, peak RSS, and a digest '
                   'of the index the rank got.', '',
@@ -645,21 +665,26 @@ def run_size(args: argparse.Namespace) -> None:
     paths, work = set_paths(root), Path(args.root) / f'work_{label}{"_" + args.tag if args.tag else ""}'
     work.mkdir(parents=True, exist_ok=True)
     extra = json.loads(args.extra) if args.extra else {}
-    results: dict[str, Any] = {'size': label, 'n': n, 'made': made, 'machine': machine(), 'tag': args.tag,
-                               'src': args.src, 'extra': extra}
-    parts = args.parts.split(',')
-    if 'index' in parts:
-        results['index'] = measure_index(paths, work, args.src, extra)
-    if 'ddp' in parts:
-        results['ddp'] = measure_ddp(paths, work, args.src, args.nproc, extra)
-    if 'loader' in parts:
-        results['loader'] = measure_loader(paths, work, args.src, args.workers, args.batches, args.rounds, extra)
     name = f'scale_{label}{"_" + args.tag if args.tag else ""}'
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    results: dict[str, Any] = {}
+    if (out / f'{name}.json').is_file():  # parts measured by an earlier command are kept, with that command
+        results = json.loads((out / f'{name}.json').read_text())
     command = 'python bench/scale.py ' + ' '.join(sys.argv[1:])
+    results.update(size=label, n=n, made=made, machine=machine(), tag=args.tag, src=args.src, extra=extra)
+    results.setdefault('commands', {})
+    parts = args.parts.split(',')
+    if 'index' in parts:
+        results['index'] = measure_index(paths, work, args.src, extra, args.backends)
+    if 'ddp' in parts:
+        results['ddp'] = measure_ddp(paths, work, args.src, args.nproc, extra)
+    if 'loader' in parts:
+        results['loader'] = measure_loader(paths, work, args.src, args.workers, args.batches, args.rounds, extra,
+                                           args.backends)
+    results['commands'].update({part: command for part in parts})
     (out / f'{name}.json').write_text(json.dumps(results, indent=1) + '\n')
-    (out / f'{name}.md').write_text(size_report(label, n, made, results, command) + '\n')
+    (out / f'{name}.md').write_text(size_report(label, n, made, results) + '\n')
     print(f'wrote {out / name}.md and .json')
 
 
@@ -806,7 +831,7 @@ def run_large(args: argparse.Namespace) -> None:
                        '--hr', str(root / image['hr']), '--mode', mode, '--out', str(out)]
                 if budget is not None:
                     cmd += ['--budget', str(budget)]
-                run_child(cmd, args.src, threads=args.threads)
+                run_child(cmd, args.src, threads=args.threads, out=out)
                 runs.setdefault(config_name(mode, budget), []).append(json.loads(out.read_text()))
         results['runs'][name] = runs
         Path(args.out).mkdir(parents=True, exist_ok=True)
@@ -882,6 +907,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                         'benchmark pool under ../shared/data)')
     parser.add_argument('--jobs', type=int, default=2, help='processes writing the set')
     parser.add_argument('--nproc', type=int, default=4, help='torchrun ranks of the ddp part')
+    parser.add_argument('--backends', nargs='+', choices=('disk', 'lmdb'), default=['disk', 'lmdb'],
+                        help='backends of the index and loader parts (the ddp part reads the folder)')
     parser.add_argument('--workers', type=int, nargs='+', default=[0, 4, 8], help='DataLoader workers to measure')
     parser.add_argument('--batches', type=int, default=32, help='timed batches per loader run')
     parser.add_argument('--rounds', type=int, default=3, help='alternated loader runs per dataset')
