@@ -595,8 +595,8 @@ def size_report(label: str, n: int, made: dict[str, Any], results: dict[str, Any
                   'cache write), wall and CPU seconds (CPU: the process and its reading processes, which on 2 shared '
                   'cores is the steadier figure); "hashing": the part spent computing the content hash; "second '
                   'call": the model\'s call, cache present. Memory: peaks over the process and its reading processes '
-                  'together, sampled every 0.5 s by the harness; "private" leaves out file pages mapped into them (lmdb is read '
-                  'through such a mapping), "with mapped files" counts them.', '',
+                  'together, sampled every 0.5 s by the harness; "private" leaves out file pages mapped into them '
+                  '(lmdb is read through such a mapping), "with mapped files" counts them.', '',
                   '| backend | candidates | reading processes | first call s | first call CPU s | of it hashing s | '
                   'second call s | peak private MB | peak with mapped files MB | cache MB |',
                   '|---|---|---|---|---|---|---|---|---|---|']
