@@ -198,7 +198,7 @@ def _read_all(opt: Mapping[str, Any], options: IndexOptions, pairs: list[dict[st
     items: Any = reader
     if workers > 0:
         items = torch.utils.data.DataLoader(reader, batch_size=None, num_workers=workers, prefetch_factor=8,
-                                            collate_fn=_as_numpy, worker_init_fn=_init_reader)
+                                            collate_fn=_unchanged, worker_init_fn=_init_reader)
     for item in tqdm(items, total=len(pairs), desc=desc, unit='img', leave=False, disable=None):
         if 'error' in item:
             raise ImageFileError(item['error'])
@@ -211,8 +211,8 @@ def _init_reader(worker_id: int) -> None:
     keep_freed_memory(32 << 20)
 
 
-def _as_numpy(item: dict[str, Any]) -> dict[str, Any]:
-    """DataLoader's collate for one item: kept as it is (numpy arrays and strings)."""
+def _unchanged(item: dict[str, Any]) -> dict[str, Any]:
+    """The DataLoader's collate function: the item as the reader made it (numpy arrays and strings)."""
     return item
 
 
