@@ -22,6 +22,9 @@ With ``cache_images: true`` the decoded training images are kept in memory (up t
 ``cache_images_max_mb``), in the narrowest of uint8, uint16 and float32 that gives back the decoded values, so
 samples are identical to reading from disk; forked DataLoader workers share the memory without copies.
 
+In a DataLoader worker, the dataset keeps freed memory blocks up to 32 MB for reuse (glibc's allocator, that worker
+process only), so that decoding a whole training image for every sample does not fault in fresh pages each time.
+
 Random draws use Python's ``random`` like BasicSR's own augmentation, so they are seeded per rank and per
 worker by BasicSR and a run is deterministic for a given seed.
 """
@@ -48,6 +51,22 @@ from .pairs import make_file_client, read_pair
 
 SAMPLE_LEVEL, CLASS_LEVEL = 0, 1
 _LIVE_DATASETS: 'weakref.WeakSet[HESPairedImageDataset]' = weakref.WeakSet()
+#: In a DataLoader worker, freed blocks up to this size stay in the process's heap for the next sample (glibc).
+#: Otherwise every decoded training image (2.8 MB as float32 for a 480x480 sub-image) is mapped and faulted in
+#: afresh: in docs/scale.md a worker took 10.7-11.3 CPU ms per sample that way, 7.7 with the blocks kept.
+WORKER_KEEP_FREED_BYTES = 32 << 20
+_worker_allocator_set = False
+
+
+def keep_freed_memory_in_worker() -> bool:
+    """In a DataLoader worker process, keep freed blocks up to :data:`WORKER_KEEP_FREED_BYTES` for reuse (once per
+    process; the main process's allocator is left as it is). True if this call changed the setting."""
+    global _worker_allocator_set
+    if _worker_allocator_set or data.get_worker_info() is None:
+        return False
+    _worker_allocator_set = True
+    from wbsr_models.evaluation import keep_freed_memory  # imported by then: the plugin registers all its packages
+    return keep_freed_memory(WORKER_KEEP_FREED_BYTES)
 
 # The option keys HESPairedImageDataset accepts; any other key is refused (a misspelt option must not be
 # silently ignored). PairedImageDataset's own keys (basicsr/data/paired_image_dataset.py) ...
@@ -59,8 +78,8 @@ BASICSR_DATASET_KEYS = ('name', 'type', 'phase', 'scale', 'num_worker_per_gpu', 
                         'dataset_enlarge_ratio', 'prefetch_mode', 'num_prefetch_queue', 'pin_memory',
                         'persistent_workers', 'use_shuffle')
 # ... and HES's own (README: option reference).
-HES_KEYS = ('num_classes', 'delta', 'switch_ratio', 'patch_stride', 'projection', 'index_cache', 'skip_small_images',
-            'cache_images', 'cache_images_max_mb')
+HES_KEYS = ('num_classes', 'delta', 'switch_ratio', 'patch_stride', 'projection', 'index_cache', 'index_workers',
+            'skip_small_images', 'cache_images', 'cache_images_max_mb')
 ACCEPTED_KEYS = frozenset(PAIRED_IMAGE_DATASET_KEYS + BASICSR_DATASET_KEYS + HES_KEYS)
 DEFAULT_CACHE_MAX_MB = 4096
 
@@ -246,6 +265,8 @@ class HESPairedImageDataset(data.Dataset):
     - ``projection``: ``pca`` or ``sum`` (spec section 1). Default: ``pca``.
     - ``index_cache``: folder of the patch-index cache. Default: ``$WBSR_CACHE_DIR`` or
       ``~/.cache/wbsr/hes_index``.
+    - ``index_workers``: processes that read and score the images when the index is built (0: the main
+      process). Default: one per 64 images, at most one per CPU the process may use.
     - ``skip_small_images``: leave out (with a warning) images smaller than ``gt_size`` instead of
       refusing them. Default: false.
     - ``cache_images``: decode the training images once, at start-up, and keep them in memory instead of
@@ -346,6 +367,7 @@ class HESPairedImageDataset(data.Dataset):
         return len(self.index)
 
     def __getitem__(self, idx: int) -> dict[str, Any]:
+        keep_freed_memory_in_worker()
         phase = self.current_phase()
         cand = self.draw_class_level() if phase == CLASS_LEVEL else int(idx)
         image = int(self.index.image[cand])
