@@ -9,7 +9,7 @@ from torch import nn
 from basicsr.archs.edsr_arch import EDSR
 
 from .executor import Executor, Feature
-from .supernet import SupernetMixin
+from .supernet import SupernetMixin, upsample_layers
 
 
 class WBSREDSR(SupernetMixin, EDSR):
@@ -70,10 +70,7 @@ class WBSREDSR(SupernetMixin, EDSR):
         return ex.conv(self.conv_after_body, feat, add=first)
 
     def head(self, ex: Executor, feat: Feature) -> Feature:
-        layers = list(self.upsample)
-        for conv, shuffle in zip(layers[::2], layers[1::2]):
-            feat = ex.conv(conv, feat, shuffle=shuffle.upscale_factor)
-        return ex.conv(self.conv_last, feat, slim=False)
+        return ex.conv(self.conv_last, upsample_layers(ex, feat, self.upsample), slim=False)
 
     def preprocess(self, x: torch.Tensor) -> torch.Tensor:
         return (x - self.mean.to(dtype=x.dtype, device=x.device)) * self.img_range

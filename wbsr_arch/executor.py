@@ -190,7 +190,8 @@ class WholeImage(Executor):
     def copy(self, feature: Feature) -> Feature:
         return Feature(feature.scale, feature.channels, feature.slim, feature.data)  # (values are never changed)
 
-    def _conv(self, conv, src, into, *, act, shuffle, slim, post, scale, add):
+    def _conv(self, conv: nn.Conv2d, src: Feature, into: Optional[Feature], *, act: Optional[str], shuffle: int,
+              slim: bool, post: Optional[PostHook], scale: float, add: Optional[Feature]) -> Feature:
         y = sliced_conv(conv, src.data, shuffle * shuffle * self.width if slim else None)
         if shuffle > 1:
             y = F.pixel_shuffle(y, shuffle)
@@ -233,7 +234,8 @@ class BandMargin(Executor):
     def copy(self, feature: Feature) -> Feature:
         return Feature(feature.scale, feature.channels, feature.slim, feature.data)
 
-    def _conv(self, conv, src, into, *, act, shuffle, slim, post, scale, add):
+    def _conv(self, conv: nn.Conv2d, src: Feature, into: Optional[Feature], *, act: Optional[str], shuffle: int,
+              slim: bool, post: Optional[PostHook], scale: float, add: Optional[Feature]) -> Feature:
         spoiled = Fraction(0) if src.data is None else src.data + Fraction(1, src.scale)
         if add is not None and add.data is not None:
             spoiled = max(spoiled, add.data)

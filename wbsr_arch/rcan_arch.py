@@ -10,7 +10,7 @@ from torch.nn import functional as F
 from basicsr.archs.rcan_arch import RCAN
 
 from .executor import ConvFn, Executor, Feature, PostHook
-from .supernet import SupernetMixin
+from .supernet import SupernetMixin, upsample_layers
 
 
 class WBSRRCAN(SupernetMixin, RCAN):
@@ -104,10 +104,7 @@ class WBSRRCAN(SupernetMixin, RCAN):
         return post
 
     def head(self, ex: Executor, feat: Feature) -> Feature:
-        layers = list(self.upsample)
-        for conv, shuffle in zip(layers[::2], layers[1::2]):
-            feat = ex.conv(conv, feat, shuffle=shuffle.upscale_factor)
-        return ex.conv(self.conv_last, feat, slim=False)
+        return ex.conv(self.conv_last, upsample_layers(ex, feat, self.upsample), slim=False)
 
     def preprocess(self, x: torch.Tensor) -> torch.Tensor:
         return (x - self.mean.to(dtype=x.dtype, device=x.device)) * self.img_range

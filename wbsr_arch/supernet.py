@@ -86,6 +86,15 @@ def check_choices(name: str, values: Sequence[int], maximum: int, maximum_name: 
     return values
 
 
+def upsample_layers(ex: Executor, feat: Feature, upsample: nn.Sequential) -> Feature:
+    """BasicSR's ``Upsample`` (3x3 convolutions to ``r * r`` times the channels, each followed by ``PixelShuffle(r)``)
+    on ``ex``: the upsampler of RCAN and EDSR."""
+    layers = list(upsample)
+    for conv, shuffle in zip(layers[::2], layers[1::2]):
+        feat = ex.conv(conv, feat, shuffle=shuffle.upscale_factor)
+    return feat
+
+
 #: Values of :attr:`SupernetMixin.tile_executor`.
 TILE_EXECUTORS = ('auto', 'maps', 'stores')
 

@@ -16,8 +16,9 @@ about a tenth of the convolution itself. Here the features live where the convol
 
 The halo holds what :mod:`wbsr_arch.tiles` documents: the buffer keeps zeros beyond a narrow tile's width, a tile
 that stopped leaves its last features there, and the inner activation of a tile that stopped is cleared once.
-So the output is the same as the map executor's, up to float rounding (tests/test_tiles.py). Used only without
-autograd; training keeps the map executor, whose gather and write have an indexed backward.
+So the output is the same as the map executor's, up to float rounding (tests/test_tiles.py). :class:`StoreExecutor`
+runs a supernet's layer sequence (:mod:`wbsr_arch.executor`) on stores and does all of this bookkeeping itself.
+Used only without autograd; training keeps the map executor, whose gather and write have an indexed backward.
 """
 from __future__ import annotations
 
@@ -28,8 +29,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .executor import Executor, Feature, sliced_conv
-from .tiles import MAX_CALL_PIXELS, PLAIN, Epilogue, FlopCount, TilePlan, gather, new_map, scatter
+from .executor import Feature, PostHook
+from .tiles import MAX_CALL_PIXELS, PLAIN, Epilogue, FlopCount, TileExecutor, TilePlan, gather, new_map, scatter
 
 
 class StoreLayout:
@@ -92,23 +93,20 @@ class StoreLayout:
             stores.append(tiles.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2))
         return stores
 
-    def scatter(self, stores: Sequence[torch.Tensor], fmap: torch.Tensor, scale: int, interior: bool = True) -> None:
-        """Write the stores' tiles (their interiors, unless ``interior`` is false) into a padded map."""
+    def scatter(self, stores: Sequence[torch.Tensor], fmap: torch.Tensor, scale: int) -> None:
+        """Write the interiors of the stores' tiles into a padded map."""
         for g, group in enumerate(self.groups):
-            tiles = stores[g][:, :, 1:-1, 1:-1] if interior else stores[g]
+            tiles = stores[g][:, :, 1:-1, 1:-1]
             if self.order[g] is not None:
                 tiles = tiles.index_select(0, torch.argsort(self.order[g]).to(tiles.device))
             scatter(self.plan, fmap, group, group.segments, scale, tiles)
 
-    def new_stores(self, scale: int, channels: Callable[[int], int], like: torch.Tensor,
-                   ring: bool = True) -> list[torch.Tensor]:
-        """Uninitialised stores ``(K, C, h + 2, w + 2)``, channels-last, at ``scale`` (``(K, C, h, w)`` without
-        ``ring``)."""
+    def new_stores(self, scale: int, channels: Callable[[int], int], like: torch.Tensor) -> list[torch.Tensor]:
+        """Uninitialised stores ``(K, C, h + 2, w + 2)``, channels-last, at ``scale``."""
         stores = []
-        pad = 2 if ring else 0
         for g, group in enumerate(self.groups):
             th, tw = self.tile_shape(g, scale)
-            stores.append(like.new_empty(len(self.tiles[g]), th + pad, tw + pad, channels(group.width))
+            stores.append(like.new_empty(len(self.tiles[g]), th + 2, tw + 2, channels(group.width))
                           .permute(0, 3, 1, 2))
         return stores
 
@@ -236,10 +234,10 @@ StorePost = Callable[[torch.Tensor, int, int, int], torch.Tensor]
 def conv_stores(layout: StoreLayout, src: Sequence[torch.Tensor], dst: Sequence[torch.Tensor], conv: nn.Conv2d,
                 counter: FlopCount, count: Sequence[int], *, in_channels: Optional[Callable[[int], int]] = None,
                 out_channels: Optional[Callable[[int], int]] = None, epilogue: Epilogue = PLAIN,
-                post: Optional[StorePost] = None, interior: bool = True) -> None:
+                post: Optional[StorePost] = None) -> None:
     """A 3x3 convolution over the first ``count[g]`` tiles of every store: read ``src`` with its halo, write the
-    interiors of ``dst`` through ``post`` and ``epilogue`` (or, with ``interior`` false, the whole of ``dst``'s tiles,
-    which then have no ring). Calls are cut to at most :data:`~wbsr_arch.tiles.MAX_CALL_PIXELS` output pixels."""
+    interiors of ``dst`` through ``post`` and ``epilogue``. Calls are cut to at most
+    :data:`~wbsr_arch.tiles.MAX_CALL_PIXELS` output pixels."""
     in_channels = in_channels or (lambda w: w)
     out_channels = out_channels or (lambda w: w)
     for g, group in enumerate(layout.groups):
@@ -259,7 +257,7 @@ def conv_stores(layout: StoreLayout, src: Sequence[torch.Tensor], dst: Sequence[
             if epilogue.shuffle > 1:
                 y = F.pixel_shuffle(y, epilogue.shuffle)
             target = dst[g][j:min(k, j + step)]
-            epilogue.write(y, target[:, :, 1:-1, 1:-1] if interior else target)
+            epilogue.write(y, target[:, :, 1:-1, 1:-1])
 
 
 
@@ -279,7 +277,7 @@ class _StoreState:
         return other
 
 
-class StoreExecutor(Executor):
+class StoreExecutor(TileExecutor):
     """Every tile at its own subnet, on per-tile stores (module docstring); no autograd (inference).
 
     A feature's ``data`` is its list of stores. Before a convolution reads a feature, the rings of the tiles that
@@ -297,9 +295,8 @@ class StoreExecutor(Executor):
     """
 
     def __init__(self, plan: TilePlan, counter: FlopCount, like: torch.Tensor, *, by_depth: bool) -> None:
-        super().__init__()
+        super().__init__(plan, counter, like)
         self.layout = StoreLayout(plan, by_depth=by_depth)
-        self.counter, self.like = counter, like
         self.every = self.layout.sizes()
         self._exchanges: dict[int, Exchange] = {}
         self._running: dict[int, list[int]] = {}
@@ -307,7 +304,7 @@ class StoreExecutor(Executor):
     def max_depth(self) -> int:
         if not self.layout.by_depth:
             raise RuntimeError('residual blocks on stores need the stores ordered by depth (by_depth=True)')
-        return int(self.layout.plan.depths.max())
+        return super().max_depth()
 
     def input(self, fmap: torch.Tensor, *, slim: bool) -> Feature:
         """``fmap``: a padded map of the band; its tiles are copied into stores with their halo (current rings)."""
@@ -317,7 +314,7 @@ class StoreExecutor(Executor):
 
     def result(self, feature: Feature) -> torch.Tensor:
         """The feature as a padded map (:func:`~wbsr_arch.tiles.new_map`)."""
-        fmap = new_map(self.layout.plan, feature.channels, feature.scale, self.like)
+        fmap = new_map(self.plan, feature.channels, feature.scale, self.like)
         self.layout.scatter(feature.data, fmap, feature.scale)
         return fmap
 
@@ -350,12 +347,8 @@ class StoreExecutor(Executor):
         state.rings = list(running) if any(changed) else [max(r, k) for r, k in zip(running, state.rings)]
         state.dirty = [0] * len(running)
 
-    def _counted(self, conv: nn.Conv2d, x: torch.Tensor, out_ch: Optional[int] = None) -> torch.Tensor:
-        y = sliced_conv(conv, x, out_ch)
-        self.counter.conv(y, conv.weight[:out_ch, :x.shape[1]])
-        return y
-
-    def _conv(self, conv, src, into, *, act, shuffle, slim, post, scale, add):
+    def _conv(self, conv: nn.Conv2d, src: Feature, into: Optional[Feature], *, act: Optional[str], shuffle: int,
+              slim: bool, post: Optional[PostHook], scale: float, add: Optional[Feature]) -> Feature:
         running = self._running_tiles()
         self._refresh(src, running)
         out_scale = src.scale * shuffle

@@ -21,7 +21,10 @@ of a tile beyond its width, which stays uninitialised). So where neighbours diff
 ``subnet_sampling: tiles`` in training builds these situations, so the network learns them.
 
 With every tile on subnet ``k`` the output is ``net(x, subnet=k)`` on the whole image (up to float
-rounding), for any tile size.
+rounding), for any tile size (for RCAN, whose channel attention pools over each tile, with one tile).
+
+:class:`MapExecutor` runs a supernet's layer sequence (:mod:`wbsr_arch.executor`) on such maps; it, not the
+architecture, zeroes what the halo rule says must read as zero.
 """
 from __future__ import annotations
 
@@ -33,7 +36,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .executor import Executor, Feature, sliced_conv
+from .executor import Executor, Feature, PostHook, sliced_conv
 
 #: Largest number of output pixels (at the layer's own resolution) one batched convolution produces; bounds the
 #: temporary gather and output buffers on large images.
@@ -473,18 +476,13 @@ def row_bands(bounds: Sequence[int], start: int, stop: int, limit_rows: int) -> 
     return bands
 
 
-class MapExecutor(Executor):
-    """Every tile at its own subnet, on whole-image maps (:func:`new_map`); autograd runs through it (training).
-
-    A feature's ``data`` is its padded map; its ``state`` says which tiles wrote it last: those deeper than
-    ``state`` (0: every tile). When a convolution overwrites a feature with fewer tiles than wrote it before (a
-    residual block's inner activation, from the block on which a tile stops), the tiles that no longer write it get
-    zero rings, what their neighbours' halos must read (the halo rule of this module's docstring).
+class TileExecutor(Executor):
+    """What both tile executors share: the plan they run, where FLOPs are counted, and counted convolutions.
 
     Args:
         plan: The tiles of the band and their widths and depths.
-        counter: Where the convolutions' FLOPs are added.
-        like: Dtype and device of the maps.
+        counter: Where the convolutions' FLOPs are added (as ``FlopCounterMode`` counts them).
+        like: Dtype and device of the features.
     """
 
     def __init__(self, plan: TilePlan, counter: FlopCount, like: torch.Tensor) -> None:
@@ -493,6 +491,22 @@ class MapExecutor(Executor):
 
     def max_depth(self) -> int:
         return int(self.plan.depths.max())
+
+    def _counted(self, conv: nn.Conv2d, x: torch.Tensor, out_ch: Optional[int] = None) -> torch.Tensor:
+        """:func:`~wbsr_arch.executor.sliced_conv`, its FLOPs counted: what a ``post`` hook is given."""
+        y = sliced_conv(conv, x, out_ch)
+        self.counter.conv(y, conv.weight[:out_ch, :x.shape[1]])
+        return y
+
+
+class MapExecutor(TileExecutor):
+    """Every tile at its own subnet, on whole-image maps (:func:`new_map`); autograd runs through it (training).
+
+    A feature's ``data`` is its padded map; its ``state`` says which tiles wrote it last: those deeper than
+    ``state`` (0: every tile). When a convolution overwrites a feature with fewer tiles than wrote it before (a
+    residual block's inner activation, from the block on which a tile stops), the tiles that no longer write it get
+    zero rings, what their neighbours' halos must read (the halo rule of this module's docstring).
+    """
 
     def input(self, fmap: torch.Tensor, *, slim: bool) -> Feature:
         """``fmap``: a padded map of the band (its border rows real where the band was cut)."""
@@ -505,12 +519,8 @@ class MapExecutor(Executor):
     def copy(self, feature: Feature) -> Feature:
         return Feature(feature.scale, feature.channels, feature.slim, feature.data.clone(), feature.state)
 
-    def _counted(self, conv: nn.Conv2d, x: torch.Tensor, out_ch: Optional[int] = None) -> torch.Tensor:
-        y = sliced_conv(conv, x, out_ch)
-        self.counter.conv(y, conv.weight[:out_ch, :x.shape[1]])
-        return y
-
-    def _conv(self, conv, src, into, *, act, shuffle, slim, post, scale, add):
+    def _conv(self, conv: nn.Conv2d, src: Feature, into: Optional[Feature], *, act: Optional[str], shuffle: int,
+              slim: bool, post: Optional[PostHook], scale: float, add: Optional[Feature]) -> Feature:
         plan, running = self.plan, 0 if self.block is None else self.block  # tiles deeper than `running` compute
         out_scale = src.scale * shuffle
         if into is None:
