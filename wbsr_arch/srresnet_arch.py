@@ -66,7 +66,8 @@ class WBSRSRResNet(SupernetMixin, MSRResNet):
         steps = [(self.upconv1, 2), (self.upconv2, 2)] if self.upscale == 4 else [(self.upconv1, self.upscale)]
         for conv, shuffle in steps:
             feat = ex.conv(conv, feat, act='lrelu', shuffle=shuffle)
-        return ex.conv(self.conv_last, ex.conv(self.conv_hr, feat, act='lrelu'), slim=False)
+        feat = ex.conv(self.conv_hr, feat, act='lrelu')  # (rebound: the upsampler's output is freed here)
+        return ex.conv(self.conv_last, feat, slim=False)
 
     def postprocess(self, x: torch.Tensor, y: torch.Tensor, top: int, bottom: int) -> torch.Tensor:
         # bilinear upsampling of rows top-1..bottom (one row of margin each side: exact for top:bottom) added to y
