@@ -38,7 +38,7 @@ def one_tile_size(cls, tile):
 
 
 @local
-@pytest.mark.parametrize('scale,tile', [(2, 8), (2, 64), (3, 13), (4, 8), (4, 13)])
+@pytest.mark.parametrize('scale,tile', [(2, 13), (3, 8), (4, 8), (4, 64)])
 def test_every_tile_on_subnet_k_is_subnet_k_on_the_whole_image(cls, scale, tile):
     net = exact(tiny(cls, scale), seed=scale)
     x = rand64(1, 3, 29, 35)  # not a multiple of any tile size
@@ -89,14 +89,14 @@ def test_flops_of_a_mixed_assignment_are_what_the_flop_counter_counts(cls):
 
 
 @by_name
-@pytest.mark.parametrize('executor', ['maps', 'stores'])
-def test_bands_give_the_same_image_and_pay_for_their_margins(cls, executor):
-    net = exact(tiny(cls, tile_executor=executor), seed=4)
-    x = rand64(1, 3, 37, 45)
-    assign = np.random.default_rng(1).integers(0, 9, grid_shape(37, 45, 8))
+def test_bands_give_the_same_image_and_pay_for_their_margins(cls):
+    """On stores (bands on maps give the stores' image: test_store_and_map_executors_give_the_same_image_and_flops)."""
+    net = exact(tiny(cls), seed=4)
+    x = rand64(1, 3, 37, 21)
+    assign = np.random.default_rng(1).integers(0, 9, grid_shape(37, 21, 8))
     with torch.no_grad():
         whole = net.forward_tiles(x, assign, tile_size=8)
-        head_bands = net.forward_tiles(x, assign, tile_size=8, max_pixels=8 * 45)  # upsampler a tile row at a time
+        head_bands = net.forward_tiles(x, assign, tile_size=8, max_pixels=8 * 21)  # upsampler a tile row at a time
         all_bands = net.forward_tiles(x, assign, tile_size=8, max_pixels=1)  # the trunk too, with its margins
     assert_equivalent(head_bands.output, whole.output)
     if cls.pools_over_tiles:
@@ -107,7 +107,7 @@ def test_bands_give_the_same_image_and_pay_for_their_margins(cls, executor):
     else:
         assert_equivalent(all_bands.output, whole.output)
     assert whole.flops < head_bands.flops < all_bands.flops
-    assert net.tile_flops((37, 45), assign, tile_size=8, max_pixels=1) == all_bands.flops
+    assert net.tile_flops((37, 21), assign, tile_size=8, max_pixels=1) == all_bands.flops
 
 
 @pytest.mark.parametrize('cls,margins', [('WBSRSRResNet', lambda d: 2 * d), ('WBSREDSR', lambda d: 2 * d + 1),
@@ -126,19 +126,20 @@ def test_one_row_less_of_band_margin_changes_the_image(cls, monkeypatch):
 
     Every tile runs the largest subnet (a shallower tile next to a band's edge spoils fewer rows), and tiles are one
     row high: margins are not rounded up to whole tiles, and channel attention pools along rows only, so that the
-    bands are exact for RCAN too."""
+    bands are exact for RCAN too. Two trunk bands of 24 rows (one cut, above RCAN's margin of 21 rows on each side),
+    head bands of one row."""
     net = exact(tiny(cls), seed=4)
-    x = rand64(1, 3, 24, 12)  # taller than the largest margin (RCAN's, 21 rows)
-    grid = TileGrid(tuple(range(25)), (0, 12))
+    x = rand64(1, 3, 48, 8)
+    grid = TileGrid(tuple(range(49)), (0, 8))
     assign = np.full(grid.shape, 8)
     with torch.no_grad():
         whole = net.forward_tiles(x, assign, grid=grid).output
-        assert_equivalent(net.forward_tiles(x, assign, grid=grid, max_pixels=1).output, whole)
+        assert_equivalent(net.forward_tiles(x, assign, grid=grid, max_pixels=12).output, whole)
         margins = net._band_margins
         for less in ((1, 0), (0, 1)):
             monkeypatch.setattr(net, '_band_margins', lambda d, less=less: tuple(
                 m - k for m, k in zip(margins(d), less)))
-            banded = net.forward_tiles(x, assign, grid=grid, max_pixels=1).output
+            banded = net.forward_tiles(x, assign, grid=grid, max_pixels=12).output
             assert (banded - whole).abs().max() > 1e-6 * whole.abs().max(), less
 
 
@@ -257,8 +258,8 @@ def test_no_uninitialised_feature_is_read(cls, executor, indexed, monkeypatch):
     image."""
     import wbsr_arch.tiles as tiles
     net = exact(tiny(cls, tile_executor=executor), seed=7)
-    x = rand64(1, 3, 29, 35)
-    assign = np.random.default_rng(3).integers(0, net.num_subnets, grid_shape(29, 35, 8))
+    x = rand64(1, 3, 21, 27)
+    assign = np.random.default_rng(3).integers(0, net.num_subnets, grid_shape(21, 27, 8))
     if indexed:
         monkeypatch.setattr(tiles, 'SEGMENT_LOOP_LIMIT', 0)
     with torch.no_grad():
@@ -288,7 +289,7 @@ def test_store_and_map_executors_give_the_same_image_and_flops(cls):
         x = rand64(2, 3, *size)
         assign = np.random.default_rng(size[0]).integers(0, 9, (2, *grid_shape(*size, tile)))
         with torch.no_grad():
-            for max_pixels in (None, 64):
+            for max_pixels in (None, 1) if scale == 4 else (None, ):  # 1: trunk and head in bands
                 net.tile_executor = 'maps'
                 maps = net.forward_tiles(x, assign, tile_size=tile, max_pixels=max_pixels)
                 net.tile_executor = 'auto'
