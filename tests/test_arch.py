@@ -165,8 +165,7 @@ def test_full_subnet_is_basicsr_rcan(scale):
         assert_equivalent(sup(x), ref(x))
 
 
-@pytest.mark.parametrize('scale', [2, 3, 4, 8])
-@pytest.mark.parametrize('res_scale', [1, 0.1])
+@pytest.mark.parametrize('scale,res_scale', [(2, 1), (3, 1), (4, 1), (4, 0.1), (8, 1)])
 def test_full_subnet_is_bit_identical_to_basicsr_edsr(scale, res_scale):
     """Same weights, same float32 input: the same bits, in either memory layout (the router feeds channels-last)."""
     ref = randomise(EDSR(3, 3, num_feat=16, num_block=4, upscale=scale, res_scale=res_scale), scale)
