@@ -1,27 +1,34 @@
-"""What every WBSR supernet can do, whatever its backbone.
+"""The supernet contract: what a WBSR architecture provides, and everything built on it.
 
-A supernet holds ``len(widths) x len(depths)`` subnets that share one set of weights. A subnet of
-width ``w`` and depth ``d`` uses the first ``w`` channels of every hidden layer (slimmable/ARM slicing,
-``weight[:w_out, :w_in]``) and the first ``d`` residual blocks (of every group, for RCAN). The largest
-subnet is the original BasicSR network: same state_dict keys, same output.
+A supernet holds ``len(widths) x len(depths)`` subnets that share one set of weights. A subnet of width ``w`` and
+depth ``d`` uses the first ``w`` channels of every hidden layer (slimmable/ARM slicing, ``weight[:w_out, :w_in]``)
+and the first ``d`` residual blocks (of every group, for RCAN). The largest subnet is the original BasicSR network:
+same state_dict keys, same output.
 
-Subnets are indexed in ascending order of measured FLOPs, which is not the (width, depth) order: for
-SRResNet x4, w64/d4 costs 3.38G and w52/d16 3.44G on a 32x32 input.
+An architecture is a subclass of :class:`SupernetMixin` and of the BasicSR network (``class WBSRSRResNet(
+SupernetMixin, MSRResNet)``) that states its layer sequence once, against :class:`~wbsr_arch.executor.Executor`
+(:meth:`SupernetMixin.trunk`, :meth:`SupernetMixin.head`); the plain forward, the two tile executors, the FLOPs
+count and the band margins all run that one sequence. docs/architectures.md walks through adding one.
+
+Subnets are indexed in ascending order of measured FLOPs, which is not the (width, depth) order: for SRResNet x4,
+w64/d4 costs 3.38G and w52/d16 3.44G on a 32x32 input.
 """
 from __future__ import annotations
 
+from abc import ABCMeta, abstractmethod
 from dataclasses import dataclass
 from functools import cached_property
 from numbers import Integral
-from typing import Any, NamedTuple, Optional, Sequence, Union
+from typing import Any, ClassVar, NamedTuple, Optional, Sequence, Union
 
 import numpy as np
 import torch
 from torch import nn
-from torch.nn import functional as F
 
+from .executor import BandMargin, Executor, Feature, WholeImage
 from .flops import count_flops
-from .tiles import FlopCount, TileGrid, TilePlan, pad_input, row_bands
+from .tile_store import StoreExecutor
+from .tiles import FlopCount, MapExecutor, TileGrid, TilePlan, pad_input, row_bands
 
 #: Default tile side (LR pixels) of the seamless tile scheme.
 DEFAULT_TILE_SIZE = 32
@@ -62,13 +69,6 @@ ORDERING_LR_SIZE = (32, 32)
 AFFINE_LR_SIZE = (16, 16)
 
 
-def sliced_conv(conv: nn.Conv2d, x: torch.Tensor, out_ch: Optional[int] = None) -> torch.Tensor:
-    """``conv`` applied with its first ``out_ch`` filters over the first ``x.shape[1]`` input channels."""
-    weight = conv.weight[:out_ch, :x.shape[1]]
-    bias = None if conv.bias is None else conv.bias[:out_ch]
-    return F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
-
-
 def check_choices(name: str, values: Sequence[int], maximum: int, maximum_name: str) -> list[int]:
     """Validate a ``widths``/``depths`` option: non-empty, strictly ascending, ending at the full size."""
     values = [int(v) for v in values] if values is not None else []
@@ -86,22 +86,118 @@ def check_choices(name: str, values: Sequence[int], maximum: int, maximum_name: 
     return values
 
 
-class SupernetMixin:
-    """Subnet bookkeeping shared by :class:`WBSRSRResNet` and :class:`WBSRRCAN`.
+def upsample_layers(ex: Executor, feat: Feature, upsample: nn.Sequential) -> Feature:
+    """BasicSR's ``Upsample`` (3x3 convolutions to ``r * r`` times the channels, each followed by ``PixelShuffle(r)``)
+    on ``ex``: the upsampler of RCAN and EDSR."""
+    layers = list(upsample)
+    for conv, shuffle in zip(layers[::2], layers[1::2]):
+        feat = ex.conv(conv, feat, shuffle=shuffle.upscale_factor)
+    return feat
 
-    A subclass sets ``self.widths``/``self.depths`` (validated with :func:`check_choices`) and implements
-    ``_forward_subnet(x, width, depth)`` and ``_plain_network(width, depth)``.
+
+#: Values of :attr:`SupernetMixin.tile_executor`.
+TILE_EXECUTORS = ('auto', 'maps', 'stores')
+
+
+class SupernetMixin(metaclass=ABCMeta):
+    """The contract of a WBSR supernet, and the abilities every supernet gets from it.
+
+    A subclass also subclasses the BasicSR network it slims (first in the bases: ``class WBSRSRResNet(SupernetMixin,
+    MSRResNet)``), so that its modules, state_dict keys and constructor vocabulary are BasicSR's.
+
+    Attributes a subclass sets (:meth:`_init_supernet` sets and checks them):
+        num_in_ch: Input channels.
+        num_out_ch: Output channels.
+        num_feat: Hidden channels of the full network (the largest width).
+        num_block: Residual blocks of the full network (per group, for RCAN; the largest depth).
+        upscale: Scale factor.
+        widths: Subnet widths, strictly ascending, the last ``num_feat``.
+        depths: Subnet depths, strictly ascending, the last ``num_block``.
+        tile_executor: ``'auto'``, ``'maps'`` or ``'stores'`` (settable; see :meth:`forward_tiles`).
+
+    Hooks a subclass implements (abstract: a class without them cannot be instantiated):
+        trunk(ex, x): the LR layers, stem and residual blocks, from the input feature to the upsampler's input.
+        head(ex, feat): the upsampler, from the trunk's output to the ``num_out_ch`` output channels at ``upscale``.
+        plain_network(width, depth): the plain BasicSR network of a subnet's size (:meth:`export_subnet`).
+        tiny_options(): constructor keywords of a small supernet with 3 widths x 3 depths (tests; classmethod).
+
+    Class attributes: :attr:`supported_scales` (required), :attr:`pools_over_tiles`, :attr:`trunk_margin_cap`.
+
+    Hooks a subclass may override: :meth:`preprocess` (before the trunk, e.g. mean and range) and
+    :meth:`postprocess` (after the head, e.g. SRResNet's bilinear skip).
+
+    ``trunk`` and ``head`` run on every executor (:mod:`wbsr_arch.executor`): they may call only the executor's
+    methods (``conv``, ``copy``, ``blocks``) on its features, nothing that depends on how features are kept.
     """
 
+    #: Scale factors the architecture supports (the constructor refuses others).
+    supported_scales: ClassVar[tuple[int, ...]]
+    #: Whether a layer pools over its region (channel attention): a tile's output then depends on where the tile
+    #: ends, and with every tile on one subnet the output is the whole-image subnet's only with one tile.
+    pools_over_tiles: ClassVar[bool] = False
+    #: Largest trunk margin (LR rows) of a band of :meth:`forward_tiles`; None: the exact receptive field.
+    trunk_margin_cap: ClassVar[Optional[int]] = None
+
+    num_in_ch: int
+    num_out_ch: int
+    num_feat: int
+    num_block: int
+    upscale: int
     widths: list[int]
     depths: list[int]
     _active: Union[None, int, torch.Tensor] = None
-    #: Executor of :meth:`forward_tiles`: ``'auto'`` runs on per-tile stores (:mod:`wbsr_arch.tile_store`) where the
-    #: network has them and nothing needs a gradient, on whole-image maps (:mod:`wbsr_arch.tiles`) otherwise;
-    #: ``'maps'`` always on maps. Both give the same output and the same FLOPs.
-    tile_executor: str = 'auto'
+
+    def _init_supernet(self, *, num_in_ch: int, num_out_ch: int, num_feat: int, num_block: int, upscale: int,
+                       widths: Sequence[int], depths: Sequence[int], tile_executor: str) -> None:
+        """Set and check the contract's attributes (after the BasicSR network's ``__init__``; the constructor checks
+        ``upscale`` against :attr:`supported_scales` before it, where BasicSR's own error would be less clear)."""
+        self.num_in_ch, self.num_out_ch, self.num_feat, self.num_block = num_in_ch, num_out_ch, num_feat, num_block
+        self.upscale = upscale
+        self.widths = check_choices('widths', widths, num_feat, 'num_feat')
+        self.depths = check_choices('depths', depths, num_block, 'num_block')
+        self.tile_executor = tile_executor
+
+    # ---- the hooks -------------------------------------------------------------------------------------------
+    @abstractmethod
+    def trunk(self, ex: Executor, x: Feature) -> Feature:
+        """The LR layers on ``ex``, from the input feature ``x`` (after :meth:`preprocess`)."""
+
+    @abstractmethod
+    def head(self, ex: Executor, feat: Feature) -> Feature:
+        """The upsampler on ``ex``, from the trunk's output to the output (before :meth:`postprocess`)."""
+
+    @abstractmethod
+    def plain_network(self, width: int, depth: int) -> nn.Module:
+        """The plain BasicSR network of this width and depth, every other option as this supernet's."""
+
+    @classmethod
+    @abstractmethod
+    def tiny_options(cls) -> dict[str, Any]:
+        """Constructor keywords of a small supernet (3 widths x 3 depths) whose forward takes milliseconds."""
+
+    def preprocess(self, x: torch.Tensor) -> torch.Tensor:
+        """The trunk's input from the LR image. Default: the image."""
+        return x
+
+    def postprocess(self, x: torch.Tensor, y: torch.Tensor, top: int, bottom: int) -> torch.Tensor:
+        """The network's output for LR rows ``top:bottom`` of ``x`` from the head's output ``y`` of those rows (band
+        by band, so that no whole-image temporary of the output's size is made). Default: ``y``."""
+        return y
 
     # ---- the interface used by the model, the scripts and users -------------------------------------
+    @property
+    def tile_executor(self) -> str:
+        """How :meth:`forward_tiles` keeps features: ``'stores'`` (per-tile stores, :mod:`wbsr_arch.tile_store`;
+        no autograd), ``'maps'`` (whole-image maps, :mod:`wbsr_arch.tiles`; autograd) or ``'auto'`` (stores where
+        nothing needs a gradient, maps otherwise). Both give the same output and the same FLOPs."""
+        return self._tile_executor
+
+    @tile_executor.setter
+    def tile_executor(self, value: str) -> None:
+        if value not in TILE_EXECUTORS:
+            raise ValueError(f"tile_executor must be 'auto', 'maps' or 'stores', got {value!r}")
+        self._tile_executor = value
+
     @cached_property
     def subnets(self) -> list[tuple[int, int]]:
         """All ``(width, depth)`` pairs, in ascending order of FLOPs (ties: narrower first)."""
@@ -170,7 +266,7 @@ class SupernetMixin:
         """A plain BasicSR network of subnet ``index``'s width and depth, holding the sliced weights."""
         width, depth = self.subnets[self._check_index(index)]
         like = next(self.parameters())
-        plain = self._plain_network(width, depth).to(device=like.device, dtype=like.dtype)
+        plain = self.plain_network(width, depth).to(device=like.device, dtype=like.dtype)
         own = self.state_dict()
         sliced = {}
         for key, target in plain.state_dict().items():
@@ -211,10 +307,19 @@ class SupernetMixin:
         inverse = torch.argsort(order).to(x.device)
         return torch.cat(outputs, 0).index_select(0, inverse)
 
+    def _forward_subnet(self, x: torch.Tensor, width: int, depth: int) -> torch.Tensor:
+        ex = WholeImage(width, depth)
+        y = ex.result(self.head(ex, self.trunk(ex, ex.input(self.preprocess(x), slim=False))))
+        return self.postprocess(x, y, 0, x.shape[2])
+
     # ---- the seamless tile scheme (wbsr_arch.tiles) --------------------------------------------------------
     def forward_tiles(self, x: torch.Tensor, subnets: Any, *, tile_size: int = DEFAULT_TILE_SIZE,
                       grid: Optional[TileGrid] = None, max_pixels: Optional[int] = None) -> TileRun:
         """Super-resolve ``x`` in one seamless pass with one subnet per tile (see :mod:`wbsr_arch.tiles`).
+
+        Runs on the executor :attr:`tile_executor` chooses: per-tile stores (:mod:`wbsr_arch.tile_store`) where
+        nothing needs a gradient, whole-image maps otherwise (``'auto'``); ``'stores'`` refuses to run where a
+        gradient is needed.
 
         Args:
             x: LR batch ``(N, C, H, W)``.
@@ -222,10 +327,10 @@ class SupernetMixin:
                 ``(N, rows, cols)``.
             tile_size: Side of the regular tiles, when ``grid`` is not given. Default: 32.
             grid: The tile grid (default: :meth:`TileGrid.regular` of ``tile_size``).
-            max_pixels: Largest LR area whose upsampler runs at once (rows of tiles at a time; one extra LR row
-                is computed at each band border); the trunk runs on up to 16 times as much, with a margin of its
-                receptive field at each border. Bounds memory on large images; the extra work is in ``flops``.
-                Default: 65536.
+            max_pixels: Largest LR area whose upsampler runs at once (rows of tiles at a time; the upsampler's margin,
+                one LR row for the shipped architectures, is computed at each band border); the trunk runs on up to
+                16 times as much, with a margin of its receptive field at each border. Bounds memory on large images;
+                the extra work is in ``flops``. Default: 65536.
 
         Returns:
             The SR batch and the FLOPs of every convolution run (what ``FlopCounterMode`` counts around the call).
@@ -243,26 +348,27 @@ class SupernetMixin:
         table = np.asarray(self.subnets, dtype=np.int64)
         widths, depths = table[sub, 0], table[sub, 1]
         limit = int(max_pixels or DEFAULT_TILE_MAX_PIXELS)
+        stores = self._tile_stores(x)
         counter = FlopCount()
-        xin = self._tile_input(x)
-        xmap = pad_input(xin)
+        xmap = pad_input(self.preprocess(x))
         out = x.new_zeros(n, self.num_out_ch, h * self.upscale, w * self.upscale)
-        s = self.upscale
+        s, head_margin = self.upscale, self._band_margins(1)[1]
         for a, b in row_bands(grid.rows, 0, h, max(1, 16 * limit // w)):
             # A margin of whole tile rows (channel attention pools over whole tiles) that covers the trunk's
-            # receptive field and the upsampler's one-row margin with its halo makes the band's output exact.
-            margin = 0 if (a, b) == (0, h) else self._tile_trunk_radius(int(depths.max())) + 2
+            # spoiled rows, the upsampler's margin and its halo makes the band's output exact.
+            trunk_margin = self._band_margins(int(depths.max()))[0]
+            margin = 0 if (a, b) == (0, h) else trunk_margin + head_margin + 1
             ta = max([r for r in grid.rows if r <= max(0, a - margin)])
             tb = min([r for r in grid.rows if r >= min(h, b + margin)])
             tgrid, rows = grid.band(ta, tb)
-            plan = TilePlan(tgrid, widths[:, rows], depths[:, rows])
-            feat = self._trunk_tiles(plan, xmap[:, :, ta:tb + 2], counter)
+            ex = self._tile_run(TilePlan(tgrid, widths[:, rows], depths[:, rows]), counter, x, stores, True)
+            feat = ex.result(self.trunk(ex, ex.input(xmap[:, :, ta:tb + 2], slim=False)))
             for c, d in row_bands(grid.rows, a, b, max(1, limit // w)):
-                ha, hb = max(0, c - 1), min(h, d + 1)  # one LR row of margin makes the upsampler's output exact
+                ha, hb = max(0, c - head_margin), min(h, d + head_margin)
                 hgrid, rows = grid.band(ha, hb)
-                plan = TilePlan(hgrid, widths[:, rows], depths[:, rows])
-                y = self._head_tiles(plan, feat[:, :, ha - ta:hb - ta + 2], counter)
-                out[:, :, c * s:d * s] = self._tile_output(x, y[:, :, (c - ha) * s:(d - ha) * s], c, d)
+                ex = self._tile_run(TilePlan(hgrid, widths[:, rows], depths[:, rows]), counter, x, stores, False)
+                y = ex.result(self.head(ex, ex.input(feat[:, :, ha - ta:hb - ta + 2], slim=True)))
+                out[:, :, c * s:d * s] = self.postprocess(x, y[:, :, 1 + (c - ha) * s:1 + (d - ha) * s, 1:-1], c, d)
         return TileRun(out, counter.total)
 
     def tile_flops(self, lr_hw: Sequence[int], subnets: Any, *, tile_size: int = DEFAULT_TILE_SIZE,
@@ -270,6 +376,33 @@ class SupernetMixin:
         """FLOPs of :meth:`forward_tiles` on one LR image of ``lr_hw`` with this assignment, without running it."""
         spec = TileAssignment(subnets, tile_size, grid, max_pixels)
         return count_flops(self, (1, self.num_in_ch, *lr_hw), subnet=spec)
+
+    def _tile_stores(self, x: torch.Tensor) -> bool:
+        """Whether :meth:`forward_tiles` runs on stores (see :attr:`tile_executor`)."""
+        if self.tile_executor == 'maps':
+            return False
+        grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
+        if self.tile_executor == 'stores' and grad:
+            raise RuntimeError("tile_executor='stores' runs without autograd: use torch.no_grad() or 'auto'")
+        return not grad
+
+    @staticmethod
+    def _tile_run(plan: TilePlan, counter: FlopCount, like: torch.Tensor, stores: bool, trunk: bool) -> Executor:
+        if stores:
+            return StoreExecutor(plan, counter, like, by_depth=trunk)
+        return MapExecutor(plan, counter, like)
+
+    def _band_margins(self, depth: int) -> tuple[int, int]:
+        """LR rows that a band's trunk of this depth (capped by :attr:`trunk_margin_cap`) and its head get wrong at
+        a cut edge (:class:`~wbsr_arch.executor.BandMargin`)."""
+        cache = self.__dict__.setdefault('_band_margin_cache', {})
+        if depth not in cache:
+            ex = BandMargin(depth)
+            trunk = ex.result(self.trunk(ex, ex.input(slim=False)))
+            if self.trunk_margin_cap is not None:
+                trunk = min(trunk, self.trunk_margin_cap)
+            cache[depth] = trunk, ex.result(self.head(ex, ex.input(slim=True)))
+        return cache[depth]
 
     def _subnet_array(self, subnets: Any) -> np.ndarray:
         sub = subnets.detach().cpu().numpy() if isinstance(subnets, torch.Tensor) else np.asarray(subnets)
@@ -280,41 +413,8 @@ class SupernetMixin:
             raise IndexError(f'tile subnet indices must be in 0..{self.num_subnets - 1}, got {sub.min()}..{sub.max()}')
         return sub.astype(np.int64)
 
-    def _tile_stores(self, like: torch.Tensor) -> bool:
-        """Whether this forward runs on stores (see :attr:`tile_executor`)."""
-        if self.tile_executor not in ('auto', 'maps'):
-            raise ValueError(f"tile_executor must be 'auto' or 'maps', got {self.tile_executor!r}")
-        if self.tile_executor == 'maps':
-            return False
-        if not torch.is_grad_enabled():
-            return True
-        return not like.requires_grad and not any(p.requires_grad for p in self.parameters())
-
-    def _tile_input(self, x: torch.Tensor) -> torch.Tensor:
-        return x
-
-    def _tile_output(self, x: torch.Tensor, y: torch.Tensor, a: int, b: int) -> torch.Tensor:
-        """The network's output for LR rows ``a:b`` from the upsampler's output ``y`` of those rows (band by band,
-        so that no whole-image temporary of the output's size is made)."""
-        raise NotImplementedError
-
-    def _tile_trunk_radius(self, depth: int) -> int:
-        raise NotImplementedError
-
-    def _trunk_tiles(self, plan: TilePlan, xmap: torch.Tensor, counter: FlopCount) -> torch.Tensor:
-        raise NotImplementedError
-
-    def _head_tiles(self, plan: TilePlan, feat: torch.Tensor, counter: FlopCount) -> torch.Tensor:
-        raise NotImplementedError
-
     def _check_index(self, index: int) -> int:
         index = int(index)
         if not 0 <= index < self.num_subnets:
             raise IndexError(f'subnet index {index} out of range 0..{self.num_subnets - 1}')
         return index
-
-    def _forward_subnet(self, x: torch.Tensor, width: int, depth: int) -> torch.Tensor:
-        raise NotImplementedError
-
-    def _plain_network(self, width: int, depth: int) -> nn.Module:
-        raise NotImplementedError

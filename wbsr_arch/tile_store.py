@@ -16,8 +16,9 @@ about a tenth of the convolution itself. Here the features live where the convol
 
 The halo holds what :mod:`wbsr_arch.tiles` documents: the buffer keeps zeros beyond a narrow tile's width, a tile
 that stopped leaves its last features there, and the inner activation of a tile that stopped is cleared once.
-So the output is the same as the map executor's, up to float rounding (tests/test_tiles.py). Used only without
-autograd; training keeps the map executor, whose gather and write have an indexed backward.
+So the output is the same as the map executor's, up to float rounding (tests/test_tiles.py). :class:`StoreExecutor`
+runs a supernet's layer sequence (:mod:`wbsr_arch.executor`) on stores and does all of this bookkeeping itself.
+Used only without autograd; training keeps the map executor, whose gather and write have an indexed backward.
 """
 from __future__ import annotations
 
@@ -28,7 +29,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .tiles import MAX_CALL_PIXELS, PLAIN, Epilogue, FlopCount, TilePlan, gather, scatter
+from .executor import Feature, PostHook
+from .tiles import MAX_CALL_PIXELS, PLAIN, Epilogue, FlopCount, TileExecutor, TilePlan, gather, new_map, scatter
 
 
 class StoreLayout:
@@ -41,7 +43,7 @@ class StoreLayout:
     """
 
     def __init__(self, plan: TilePlan, by_depth: bool) -> None:
-        self.plan = plan
+        self.plan, self.by_depth = plan, by_depth
         self.groups = plan.groups()
         n_tiles = (plan.batch, *plan.grid.shape)
         self.owner_store = np.full(n_tiles, -1, dtype=np.int64)
@@ -91,23 +93,20 @@ class StoreLayout:
             stores.append(tiles.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2))
         return stores
 
-    def scatter(self, stores: Sequence[torch.Tensor], fmap: torch.Tensor, scale: int, interior: bool = True) -> None:
-        """Write the stores' tiles (their interiors, unless ``interior`` is false) into a padded map."""
+    def scatter(self, stores: Sequence[torch.Tensor], fmap: torch.Tensor, scale: int) -> None:
+        """Write the interiors of the stores' tiles into a padded map."""
         for g, group in enumerate(self.groups):
-            tiles = stores[g][:, :, 1:-1, 1:-1] if interior else stores[g]
+            tiles = stores[g][:, :, 1:-1, 1:-1]
             if self.order[g] is not None:
                 tiles = tiles.index_select(0, torch.argsort(self.order[g]).to(tiles.device))
             scatter(self.plan, fmap, group, group.segments, scale, tiles)
 
-    def new_stores(self, scale: int, channels: Callable[[int], int], like: torch.Tensor,
-                   ring: bool = True) -> list[torch.Tensor]:
-        """Uninitialised stores ``(K, C, h + 2, w + 2)``, channels-last, at ``scale`` (``(K, C, h, w)`` without
-        ``ring``)."""
+    def new_stores(self, scale: int, channels: Callable[[int], int], like: torch.Tensor) -> list[torch.Tensor]:
+        """Uninitialised stores ``(K, C, h + 2, w + 2)``, channels-last, at ``scale``."""
         stores = []
-        pad = 2 if ring else 0
         for g, group in enumerate(self.groups):
             th, tw = self.tile_shape(g, scale)
-            stores.append(like.new_empty(len(self.tiles[g]), th + pad, tw + pad, channels(group.width))
+            stores.append(like.new_empty(len(self.tiles[g]), th + 2, tw + 2, channels(group.width))
                           .permute(0, 3, 1, 2))
         return stores
 
@@ -228,13 +227,17 @@ def _rows(store: torch.Tensor) -> torch.Tensor:
     return store.permute(0, 2, 3, 1).view(-1, store.shape[1])
 
 
+#: ``post(y, store, first, stop)``: transforms a convolution's output ``y`` of tiles ``first:stop`` of a store.
+StorePost = Callable[[torch.Tensor, int, int, int], torch.Tensor]
+
+
 def conv_stores(layout: StoreLayout, src: Sequence[torch.Tensor], dst: Sequence[torch.Tensor], conv: nn.Conv2d,
                 counter: FlopCount, count: Sequence[int], *, in_channels: Optional[Callable[[int], int]] = None,
                 out_channels: Optional[Callable[[int], int]] = None, epilogue: Epilogue = PLAIN,
-                interior: bool = True) -> None:
+                post: Optional[StorePost] = None) -> None:
     """A 3x3 convolution over the first ``count[g]`` tiles of every store: read ``src`` with its halo, write the
-    interiors of ``dst`` through ``epilogue`` (or, with ``interior`` false, the whole of ``dst``'s tiles, which then
-    have no ring). Calls are cut to at most :data:`~wbsr_arch.tiles.MAX_CALL_PIXELS` output pixels."""
+    interiors of ``dst`` through ``post`` and ``epilogue``. Calls are cut to at most
+    :data:`~wbsr_arch.tiles.MAX_CALL_PIXELS` output pixels."""
     in_channels = in_channels or (lambda w: w)
     out_channels = out_channels or (lambda w: w)
     for g, group in enumerate(layout.groups):
@@ -249,8 +252,132 @@ def conv_stores(layout: StoreLayout, src: Sequence[torch.Tensor], dst: Sequence[
         for j in range(0, k, step):
             y = F.conv2d(src[g][j:min(k, j + step)], weight, bias)
             counter.conv(y, weight)
+            if post is not None:
+                y = post(y, g, j, min(k, j + step))
             if epilogue.shuffle > 1:
                 y = F.pixel_shuffle(y, epilogue.shuffle)
             target = dst[g][j:min(k, j + step)]
-            epilogue.write(y, target[:, :, 1:-1, 1:-1] if interior else target)
+            epilogue.write(y, target[:, :, 1:-1, 1:-1])
 
+
+
+class _StoreState:
+    """Bookkeeping of one feature on stores, per store (prefixes of its tiles, in store order)."""
+
+    def __init__(self, written: list[int], rings: list[int]) -> None:
+        self.written = written  # its first written[g] tiles hold the feature; the others read as zeros
+        self.dirty = [0] * len(written)  # its first dirty[g] tiles changed since their edges were last copied
+        self.rings = rings  # its first rings[g] tiles have current halo rings
+        self.edges: Optional[torch.Tensor] = None  # the edge buffer (Exchange.buffer), made at the first exchange
+
+    def copy(self) -> '_StoreState':
+        other = _StoreState(list(self.written), list(self.rings))
+        other.dirty = list(self.dirty)
+        other.edges = None if self.edges is None else self.edges.clone()
+        return other
+
+
+class StoreExecutor(TileExecutor):
+    """Every tile at its own subnet, on per-tile stores (module docstring); no autograd (inference).
+
+    A feature's ``data`` is its list of stores. Before a convolution reads a feature, the rings of the tiles that
+    run are refilled from the edges that changed (:meth:`Exchange.run`); when a convolution overwrites a feature
+    with fewer tiles than wrote it before (a residual block's inner activation, from the block on which a tile
+    stops), the edges of the tiles that no longer write it are cleared (:meth:`Exchange.clear`), so their
+    neighbours read zeros.
+
+    Args:
+        plan: The tiles of the band and their widths and depths.
+        counter: Where the convolutions' FLOPs are added.
+        like: Dtype and device of the stores.
+        by_depth: Order the stores deepest first (needed by :meth:`blocks`: the tiles that run a block are then a
+            prefix of every store); otherwise in segment order, the cheaper to gather and scatter.
+    """
+
+    def __init__(self, plan: TilePlan, counter: FlopCount, like: torch.Tensor, *, by_depth: bool) -> None:
+        super().__init__(plan, counter, like)
+        self.layout = StoreLayout(plan, by_depth=by_depth)
+        self.every = self.layout.sizes()
+        self._exchanges: dict[int, Exchange] = {}
+        self._running: dict[int, list[int]] = {}
+
+    def max_depth(self) -> int:
+        if not self.layout.by_depth:
+            raise RuntimeError('residual blocks on stores need the stores ordered by depth (by_depth=True)')
+        return super().max_depth()
+
+    def input(self, fmap: torch.Tensor, *, slim: bool) -> Feature:
+        """``fmap``: a padded map of the band; its tiles are copied into stores with their halo (current rings)."""
+        channels = fmap.shape[1]
+        stores = self.layout.gather(fmap, 1, (lambda w: min(w, channels)) if slim else (lambda w: channels))
+        return Feature(1, channels, slim, stores, _StoreState(list(self.every), list(self.every)))
+
+    def result(self, feature: Feature) -> torch.Tensor:
+        """The feature as a padded map (:func:`~wbsr_arch.tiles.new_map`)."""
+        fmap = new_map(self.plan, feature.channels, feature.scale, self.like)
+        self.layout.scatter(feature.data, fmap, feature.scale)
+        return fmap
+
+    def copy(self, feature: Feature) -> Feature:
+        return Feature(feature.scale, feature.channels, feature.slim, [store.clone() for store in feature.data],
+                       feature.state.copy())
+
+    def _running_tiles(self) -> list[int]:
+        if self.block is None:
+            return self.every
+        if self.block not in self._running:
+            self._running[self.block] = self.layout.active(self.block)
+        return self._running[self.block]
+
+    def _exchange(self, scale: int) -> Exchange:
+        if scale not in self._exchanges:
+            self._exchanges[scale] = Exchange(self.layout, scale)
+        return self._exchanges[scale]
+
+    def _refresh(self, feature: Feature, running: Sequence[int]) -> None:
+        """Make the rings of the first ``running[g]`` tiles of every store current."""
+        state = feature.state
+        if not any(state.dirty) and all(r <= k for r, k in zip(running, state.rings)):
+            return
+        exchange = self._exchange(feature.scale)
+        changed = state.dirty
+        if state.edges is None:
+            state.edges, changed = exchange.buffer(feature.channels, self.like), state.written
+        exchange.run(feature.data, state.edges, changed, running)
+        state.rings = list(running) if any(changed) else [max(r, k) for r, k in zip(running, state.rings)]
+        state.dirty = [0] * len(running)
+
+    def _conv(self, conv: nn.Conv2d, src: Feature, into: Optional[Feature], *, act: Optional[str], shuffle: int,
+              slim: bool, post: Optional[PostHook], scale: float, add: Optional[Feature]) -> Feature:
+        running = self._running_tiles()
+        self._refresh(src, running)
+        out_scale = src.scale * shuffle
+        if into is None:
+            channels = conv.out_channels // (shuffle * shuffle)
+            stores = self.layout.new_stores(out_scale, (lambda w: min(w, channels)) if slim else (lambda w: channels),
+                                            self.like)
+            into = Feature(out_scale, channels, slim, stores, _StoreState([0] * len(running), [0] * len(running)))
+        state = into.state
+        if add is into:
+            if any(r > k for r, k in zip(running, state.written)):
+                raise RuntimeError('a residual add into tiles that hold no value of the feature')
+            state.dirty = [max(r, k) for r, k in zip(running, state.dirty)]
+        else:  # an overwrite: the tiles that no longer write it read as zeros from here on
+            if state.edges is not None:
+                self._exchange(out_scale).clear(state.edges, running, state.written)
+            state.written, state.dirty = list(running), list(running)
+        skip = add if add is not None and add is not into else None
+        hook = None
+        if post is not None or skip is not None:
+            def hook(y: torch.Tensor, g: int, first: int, stop: int) -> torch.Tensor:
+                if post is not None:
+                    y = post(y, self._counted)
+                if skip is not None:
+                    y = (y if scale == 1 else y * scale) + skip.data[g][first:stop, :, 1:-1, 1:-1]
+                return y
+        epilogue = Epilogue(act=act, shuffle=shuffle, scale=1.0 if skip is not None else scale,
+                            accumulate=add is into)
+        out_channels = (lambda w: shuffle * shuffle * w) if slim else (lambda w: conv.out_channels)
+        conv_stores(self.layout, src.data, into.data, conv, self.counter, running, in_channels=src.width_channels,
+                    out_channels=out_channels, epilogue=epilogue, post=hook)
+        return into

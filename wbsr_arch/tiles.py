@@ -21,7 +21,10 @@ of a tile beyond its width, which stays uninitialised). So where neighbours diff
 ``subnet_sampling: tiles`` in training builds these situations, so the network learns them.
 
 With every tile on subnet ``k`` the output is ``net(x, subnet=k)`` on the whole image (up to float
-rounding), for any tile size.
+rounding), for any tile size (for RCAN, whose channel attention pools over each tile, with one tile).
+
+:class:`MapExecutor` runs a supernet's layer sequence (:mod:`wbsr_arch.executor`) on such maps; it, not the
+architecture, zeroes what the halo rule says must read as zero.
 """
 from __future__ import annotations
 
@@ -32,6 +35,8 @@ import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+from .executor import Executor, Feature, PostHook, sliced_conv
 
 #: Largest number of output pixels (at the layer's own resolution) one batched convolution produces; bounds the
 #: temporary gather and output buffers on large images.
@@ -186,11 +191,13 @@ class TilePlan:
     def batch(self) -> int:
         return self.widths.shape[0]
 
-    def groups(self, min_depth: int = 0, exact_depth: Optional[int] = None) -> list[TileGroup]:
-        """Groups of the tiles deeper than ``min_depth`` (or exactly ``exact_depth`` deep)."""
-        key = (min_depth, exact_depth)
+    def groups(self, min_depth: int = 0, max_depth: Optional[int] = None) -> list[TileGroup]:
+        """Groups of the tiles deeper than ``min_depth`` (and at most ``max_depth`` deep)."""
+        key = (min_depth, max_depth)
         if key not in self._cache:
-            mask = self.depths > min_depth if exact_depth is None else self.depths == exact_depth
+            mask = self.depths > min_depth
+            if max_depth is not None:
+                mask &= self.depths <= max_depth
             groups = []
             for rr in self.row_runs:
                 for cr in self.col_runs:
@@ -467,3 +474,75 @@ def row_bands(bounds: Sequence[int], start: int, stop: int, limit_rows: int) -> 
         bands.append((inner[i], inner[j]))
         i = j
     return bands
+
+
+class TileExecutor(Executor):
+    """What both tile executors share: the plan they run, where FLOPs are counted, and counted convolutions.
+
+    Args:
+        plan: The tiles of the band and their widths and depths.
+        counter: Where the convolutions' FLOPs are added (as ``FlopCounterMode`` counts them).
+        like: Dtype and device of the features.
+    """
+
+    def __init__(self, plan: TilePlan, counter: FlopCount, like: torch.Tensor) -> None:
+        super().__init__()
+        self.plan, self.counter, self.like = plan, counter, like
+
+    def max_depth(self) -> int:
+        return int(self.plan.depths.max())
+
+    def _counted(self, conv: nn.Conv2d, x: torch.Tensor, out_ch: Optional[int] = None) -> torch.Tensor:
+        """:func:`~wbsr_arch.executor.sliced_conv`, its FLOPs counted: what a ``post`` hook is given."""
+        y = sliced_conv(conv, x, out_ch)
+        self.counter.conv(y, conv.weight[:out_ch, :x.shape[1]])
+        return y
+
+
+class MapExecutor(TileExecutor):
+    """Every tile at its own subnet, on whole-image maps (:func:`new_map`); autograd runs through it (training).
+
+    A feature's ``data`` is its padded map; its ``state`` says which tiles wrote it last: those deeper than
+    ``state`` (0: every tile). When a convolution overwrites a feature with fewer tiles than wrote it before (a
+    residual block's inner activation, from the block on which a tile stops), the tiles that no longer write it get
+    zero rings, what their neighbours' halos must read (the halo rule of this module's docstring).
+    """
+
+    def input(self, fmap: torch.Tensor, *, slim: bool) -> Feature:
+        """``fmap``: a padded map of the band (its border rows real where the band was cut)."""
+        return Feature(1, fmap.shape[1], slim, fmap, 0)
+
+    def result(self, feature: Feature) -> torch.Tensor:
+        """The feature's padded map."""
+        return feature.data
+
+    def copy(self, feature: Feature) -> Feature:
+        return Feature(feature.scale, feature.channels, feature.slim, feature.data.clone(), feature.state)
+
+    def _conv(self, conv: nn.Conv2d, src: Feature, into: Optional[Feature], *, act: Optional[str], shuffle: int,
+              slim: bool, post: Optional[PostHook], scale: float, add: Optional[Feature]) -> Feature:
+        plan, running = self.plan, 0 if self.block is None else self.block  # tiles deeper than `running` compute
+        out_scale = src.scale * shuffle
+        if into is None:
+            channels = conv.out_channels // (shuffle * shuffle)
+            into = Feature(out_scale, channels, slim, new_map(plan, channels, out_scale, self.like), 0)
+        if add is not into:  # an overwrite: the tiles that no longer write it read as zeros from here on
+            if running > into.state:
+                zero_tiles(plan, into.data, plan.groups(into.state, running), out_scale)
+            into.state = running
+        skip = add if add is not None and add is not into else None
+        hook = None
+        if post is not None or skip is not None:
+            def hook(y: torch.Tensor, group: TileGroup, segments: Sequence[Segment]) -> torch.Tensor:
+                if post is not None:
+                    y = post(y, self._counted)
+                if skip is not None:
+                    y = (y if scale == 1 else y * scale) + gather(plan, skip.data, group, segments, out_scale,
+                                                                  y.shape[1], 0)
+                return y
+        epilogue = Epilogue(act=act, shuffle=shuffle, scale=1.0 if skip is not None else scale,
+                            accumulate=add is into)
+        out_channels = (lambda w: shuffle * shuffle * w) if slim else (lambda w: conv.out_channels)
+        conv_tiles(plan, src.data, into.data, conv, self.counter, scale=src.scale, in_channels=src.width_channels,
+                   out_channels=out_channels, post=hook, epilogue=epilogue, groups=plan.groups(running))
+        return into
