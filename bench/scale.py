@@ -785,12 +785,12 @@ def child_large(args: argparse.Namespace) -> None:
     from wbsr_models.infer import load_model
     from wbsr_models.router import Router, RoutingOptions
     keep_freed_memory(32 << 20)  # as wbsr-infer
-    net, scale, projection = load_model(args.model)
+    net, scale, projection, routing = load_model(args.model)
     rss_model = max_rss_mb()
     lr = cv2.imread(args.lr, cv2.IMREAD_COLOR)
     lq = torch.from_numpy(np.ascontiguousarray(lr[..., ::-1].transpose(2, 0, 1))).float().div(255.)[None]
     options = RoutingOptions(mode=args.mode, scheme='tiles', budget=args.budget)
-    router = Router(net, options, scale, projection=projection)
+    router = Router(net, options, scale, projection=projection, routing=routing)
     start = time.perf_counter()
     result = router(lq)
     seconds = time.perf_counter() - start
