@@ -774,7 +774,7 @@ WRONG_TYPES = [
     ({'network_g.num_feat': '16'}, "network_g.num_feat must be an integer >= 0, got the string '16' (remove the "
      'quotes)'),
     ({'network_g.num_fet': 16}, 'network_g.num_fet: not an option of WBSRSRResNet (did you mean num_feat?); its '
-     'options: num_in_ch, num_out_ch, num_feat, num_block, upscale, widths, depths'),
+     'options: num_in_ch, num_out_ch, num_feat, num_block, upscale, widths, depths, tile_executor'),
     ({'val.routing': {'mode': 'alpha', 'alpha': float('inf')}}, 'val.routing.alpha must be a finite number, got inf'),
     ({'name': '../elsewhere'}, "name '../elsewhere': a path separator (or . / ..) in a name would write outside its "
      'folder'),

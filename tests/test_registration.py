@@ -18,7 +18,7 @@ from basicsr.utils.registry import ARCH_REGISTRY, DATASET_REGISTRY, LOSS_REGISTR
 
 from conftest import write_pair_folder
 
-REGISTERED = {ARCH_REGISTRY: ['WBSRSRResNet', 'WBSRRCAN'], DATASET_REGISTRY: ['HESPairedImageDataset'],
+REGISTERED = {ARCH_REGISTRY: ['WBSRSRResNet', 'WBSRRCAN', 'WBSREDSR'], DATASET_REGISTRY: ['HESPairedImageDataset'],
               LOSS_REGISTRY: ['BDLoss'], MODEL_REGISTRY: ['WBSRModel']}
 
 

@@ -24,6 +24,8 @@ import pytest
 import yaml
 
 import wbsr_hook
+from basicsr.utils.registry import ARCH_REGISTRY
+from wbsr_arch import SupernetMixin
 from wbsr_data.make_lr import bicubic_lr, make_dataset
 
 from conftest import REPO, textured_image
@@ -38,11 +40,12 @@ DIV2K_SUBIMAGES = 3  # HR sub-images of 96 px (BasicSR's are 480), so x4 LR ones
 TRAIN291_IMAGES = 3
 
 # Network sizes that keep a training step in milliseconds; everything else in the files is left as shipped.
-TINY_NETWORKS = {
-    'WBSRSRResNet': ['num_feat=8', 'num_block=2', 'widths=[4,8]', 'depths=[1,2]'],
-    'WBSRRCAN': ['num_feat=8', 'num_group=1', 'num_block=2', 'squeeze_factor=4', 'widths=[4,8]', 'depths=[1,2]'],
-    'MSRResNet': ['num_feat=8', 'num_block=2'],
-}
+#: ``--force_yml`` sizes of a tiny network per architecture: every registered WBSR supernet's own tiny
+#: configuration (its contract), and BasicSR's MSRResNet for the plain-baseline file.
+TINY_NETWORKS = {cls.__name__: [f'{key}={value}' for key, value in cls.tiny_options().items()]
+                 for name, cls in ARCH_REGISTRY if name.startswith('WBSR') and isinstance(cls, type)
+                 and issubclass(cls, SupernetMixin)}
+TINY_NETWORKS['MSRResNet'] = ['num_feat=8', 'num_block=2']
 
 
 def write_png(path: Path, img: np.ndarray) -> None:
