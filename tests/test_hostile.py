@@ -1150,3 +1150,58 @@ def test_an_output_name_longer_than_the_file_system_takes_is_refused_before_any_
     assert one_line(capsys.readouterr().err) == (f'wbsr-infer: {tmp_path}/out/a{suffix}.png: the file name is longer '
                                                  'than 225 bytes; use a shorter --suffix')
     assert not (tmp_path / 'out').exists()
+
+
+# ---- 9. the classes of rows 1, 13 and 17 in every reader and writer ----------------------------------------------
+def test_test_sets_with_a_padded_or_animated_image_are_refused_by_name_before_the_run(run_folder, checkpoint,
+                                                                                      monkeypatch, capsys):
+    """BasicSR's PairedImageDataset reads whole files and keeps an animation's first frame: wbsr-test (and a training
+    run's validation set) checks every file's size and header first; wbsr-calibrate's reader bounds its reads."""
+    folder, data = run_folder
+    lq = Path(data['dataroot_lq']) / 'img001.png'
+    padded_png(lq, 200 << 20, side=20)  # a 20x20 image in a 200 MiB (sparse) file
+    path = option_file(folder, 'padded', data, train=False, **{'path.pretrain_network_g': str(checkpoint)})
+    code, err = run_cli(runners.test_main, ['-opt', str(path)], monkeypatch, capsys)
+    assert (code, one_line(err)) == (2, f'wbsr-test: {path}: {lq}: the file is 200.0 MiB, more than its declared '
+                                        '20x20 pixels can take (64.0 MiB); not read')
+    animated(lq, 'PNG')
+    code, err = run_cli(runners.test_main, ['-opt', str(path)], monkeypatch, capsys)
+    assert (code, one_line(err)) == (2, f'wbsr-test: {path}: {lq}: 3 frames (an animation or a multi-page PNG '
+                                        'file); only single-frame images are read, not the first frame of several')
+    assert not (folder / 'results').exists()
+    from wbsr_models.evaluation import read_rgb_tensor
+    padded_png(lq, 200 << 20, side=20)
+    with pytest.raises(ValueError, match='the file is 200.0 MiB, more than its declared 20x20 pixels'):
+        read_rgb_tensor(str(lq))
+
+
+def test_a_failed_checkpoint_write_is_an_os_error_naming_the_file_and_leaves_the_target(tmp_path, monkeypatch):
+    """torch.save reports a full disk as a RuntimeError of its zip writer; the atomic write turns it into an OSError
+    naming the target (one line from every command), removes its temporary file and leaves the target as it was."""
+    target = tmp_path / 'net.pth'
+    torch_save({'a': torch.zeros(2)}, str(target))
+    before = target.read_bytes()
+
+    def full(obj, f):
+        Path(f).write_bytes(b'partial')
+        raise RuntimeError('[enforce fail at inline_container.cc:672] . unexpected pos 16128 vs 16016')
+
+    monkeypatch.setattr(torch, 'save', full)
+    monkeypatch.setattr(shutil, 'disk_usage', lambda path: shutil._ntuple_diskusage(1 << 30, 1 << 30, 0))
+    with pytest.raises(OSError) as caught:
+        torch_save({'a': torch.ones(2)}, str(target))
+    assert (caught.value.errno, caught.value.filename) == (errno.ENOSPC, str(target))
+    assert runners._error_line(caught.value) == f'{target}: No space left on device'
+    assert target.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ['net.pth']
+    monkeypatch.setattr(shutil, 'disk_usage', lambda path: shutil._ntuple_diskusage(1 << 30, 0, 1 << 30))
+    with pytest.raises(OSError, match=r'cannot write \(\[enforce fail at inline_container.cc:672\]'):
+        torch_save({'a': torch.ones(2)}, str(target))
+
+
+def test_make_lr_leaves_no_empty_dataset_tree_when_every_image_is_refused(tmp_path, capsys):
+    inputs = tmp_path / 'in'
+    inputs.mkdir()
+    padded_png(inputs / 'padded.png', 1536 << 20)
+    assert make_lr.main(['--hr', str(inputs), '--out', str(tmp_path / 'ds'), '--max-pixels', '10000']) == 2
+    assert 'padded.png: the file is 1536.0 MiB' in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / 'ds').iterdir()) == []

@@ -234,9 +234,19 @@ def load_npz(path: str, required: Sequence[str] = ()) -> tuple[dict[str, np.ndar
 
 
 def torch_save(obj: Any, path: str) -> None:
-    """Atomically ``torch.save`` ``obj`` (tensors, numbers, strings, lists and dicts only) to ``path``."""
+    """Atomically ``torch.save`` ``obj`` (tensors, numbers, strings, lists and dicts only) to ``path``.
+
+    A failed write is an :class:`OSError` naming ``path`` (``torch.save`` reports one, a full disk included, as a
+    ``RuntimeError`` of its zip writer); the target is left as it was.
+    """
     with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+        try:
+            torch.save(obj, tmp)
+        except RuntimeError as exc:
+            folder = os.path.dirname(os.path.abspath(path))
+            if shutil.disk_usage(folder).free < (1 << 20):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path) from None
+            raise OSError(errno.EIO, f'cannot write ({first_line(exc)})', path) from None
 
 
 def torch_load(path: str, map_location: Any = 'cpu') -> Any:

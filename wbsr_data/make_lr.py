@@ -17,6 +17,7 @@ atomically together), and an output folder removed during the run stops it.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import sys
@@ -160,7 +161,11 @@ def make_dataset(hr_dirs: Sequence[str], out: str, scales: Sequence[int], quiet:
         raise ValueError(f'no images ({", ".join(IMAGE_EXTENSIONS)}) in {", ".join(hr_dirs)}')
     check_outputs(hr_dirs, files, out, scales)
     ensure_writable_dir(out, '--out')
+    made = []  # the folders this call creates: removed again if no image is written into them
     for folder in ['HR'] + [os.path.join('LR_bicubic', f'X{s}') for s in scales]:
+        for part in (os.path.dirname(folder), folder):
+            if part and not os.path.isdir(os.path.join(out, part)):
+                made.append(os.path.join(out, part))
         os.makedirs(os.path.join(out, folder), exist_ok=True)  # made once: one removed later stops the run
     written = skipped = 0
     min_hr = max(mod, MIN_LR_SIDE * scales[-1])
@@ -189,6 +194,10 @@ def make_dataset(hr_dirs: Sequence[str], out: str, scales: Sequence[int], quiet:
         for text in notes:
             tqdm.write(f'wbsr-make-lr: {path}: {text}', file=sys.stderr)
         written += 1
+    if not written:  # every image refused: leave no empty dataset tree behind
+        for folder in reversed(made):
+            with contextlib.suppress(OSError):
+                os.rmdir(folder)
     return {'written': written, 'skipped': skipped}
 
 

@@ -188,13 +188,12 @@ def image_size(path: str) -> Optional[tuple[int, int]]:
     return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
 
 
-def read_image_file(path: str, max_pixels: Optional[int] = None, notes: Optional[list[str]] = None,
-                    name: Optional[str] = None) -> np.ndarray:
-    """:func:`decode_image` of a file, whose reads are bounded before they happen.
+def check_image_file(path: str, max_pixels: Optional[int] = None, name: Optional[str] = None) -> None:
+    """Refuse, from the file's size and header alone, what :func:`read_image_file` would refuse before decoding.
 
-    With ``max_pixels``, a file larger than any image of that many pixels can be (:func:`max_file_bytes`) is refused
-    from its size alone, and one larger than its own declared size can be is refused after reading its header only:
-    :class:`FileTooLargeError`, nothing else read (a small PNG padded to gigabytes is never loaded).
+    A file larger than any image of ``max_pixels`` pixels (when given) or than its own declared size can be is a
+    :class:`FileTooLargeError`; more pixels than ``max_pixels`` an :class:`ImageTooLargeError`; an animation or a
+    multi-page file an :class:`ImageFileError`. Nothing beyond the header is read.
     """
     name = name or path
     try:
@@ -202,11 +201,25 @@ def read_image_file(path: str, max_pixels: Optional[int] = None, notes: Optional
         if max_pixels is not None and size > max_file_bytes(max_pixels):
             raise FileTooLargeError(name, size, max_file_bytes(max_pixels), max_pixels)
         with open(path, 'rb') as f:
-            header = _header(f, name, max_pixels) if max_pixels is not None else None
-            if header is not None and size > max_file_bytes(header[0] * header[1]):
-                raise FileTooLargeError(name, size, max_file_bytes(header[0] * header[1]), max_pixels,
-                                        declared=header[:2])
-            f.seek(0)
+            header = _header(f, name, max_pixels)
+    except OSError as exc:
+        raise ImageFileError(f'{name}: cannot read ({exc.strerror or exc})') from None
+    if header is not None and size > max_file_bytes(header[0] * header[1]):
+        raise FileTooLargeError(name, size, max_file_bytes(header[0] * header[1]), max_pixels, declared=header[:2])
+
+
+def read_image_file(path: str, max_pixels: Optional[int] = None, notes: Optional[list[str]] = None,
+                    name: Optional[str] = None) -> np.ndarray:
+    """:func:`decode_image` of a file, whose reads are bounded before they happen (:func:`check_image_file`).
+
+    A file larger than its own declared size can be (and, with ``max_pixels``, larger than any image of that many
+    pixels can be) is refused after reading its header only: :class:`FileTooLargeError`, nothing else read (a small
+    PNG padded to gigabytes is never loaded).
+    """
+    name = name or path
+    check_image_file(path, max_pixels, name)
+    try:
+        with open(path, 'rb') as f:
             content = f.read()
     except OSError as exc:
         raise ImageFileError(f'{name}: cannot read ({exc.strerror or exc})') from None

@@ -616,6 +616,7 @@ def check_run_start(opt: Mapping[str, Any], is_train: bool) -> None:
         routing = RoutingOptions.from_opt(val.get('routing'))
         arm_table = ArmTable.load(routing.arm_lut) if routing.arm_lut else None
         check_router(net, routing, int(opt['scale']), projection, arm_table, artefacts, arm_table_later=True)
+    check_evaluation_files(opt)
     train_set = (opt.get('datasets') or {}).get('train')
     if is_train and isinstance(train_set, Mapping):
         batch, world = int(train_set['batch_size_per_gpu']), int(opt.get('world_size') or 1)
@@ -625,6 +626,22 @@ def check_run_start(opt: Mapping[str, Any], is_train: bool) -> None:
         if samples is not None and samples < enough:
             what = 'candidate patches' if train_set.get('type') == 'HESPairedImageDataset' else 'image pairs'
             check_one_batch(samples, batch, world, ratio, what=what)
+
+
+def check_evaluation_files(opt: Mapping[str, Any]) -> None:
+    """Every image of the validation and test sets (paired, on disk), checked from its size and header alone
+    (:func:`~wbsr_data.pairs.check_image_file`): BasicSR's ``PairedImageDataset`` reads whole files and keeps the
+    first frame of an animation, so a padded or multi-frame file is refused by name before the run starts."""
+    from wbsr_data.pairs import check_image_file, list_pairs
+    for name, dataset in (opt.get('datasets') or {}).items():
+        if name == 'train' or not isinstance(dataset, Mapping):
+            continue
+        backend = dict(dataset.get('io_backend') or {'type': 'disk'}).get('type', 'disk')
+        if backend != 'disk' or not dataset.get('dataroot_gt') or not dataset.get('dataroot_lq'):
+            continue
+        for pair in list_pairs(dataset):
+            for key in ('lq_path', 'gt_path'):
+                check_image_file(pair[key])
 
 
 # ---- one run per experiment folder ----------------------------------------------------------------------------------

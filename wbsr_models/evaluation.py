@@ -19,7 +19,7 @@ import torch
 from basicsr.metrics import calculate_psnr, calculate_ssim
 from basicsr.utils import tensor2img
 
-from wbsr_data.pairs import decode_image
+from wbsr_data.pairs import read_image_file
 
 from .router import Router, RoutingResult
 
@@ -38,8 +38,7 @@ def gt_tensor(image: TestImage) -> torch.Tensor:
 
 def read_rgb_tensor(path: str) -> torch.Tensor:
     """An image file as a (1, 3, H, W) RGB float tensor in [0, 1] (gray and RGBA converted)."""
-    with open(path, 'rb') as f:
-        img = decode_image(f.read(), path)
+    img = read_image_file(path)
     return torch.from_numpy(np.ascontiguousarray(img[..., ::-1].transpose(2, 0, 1))).unsqueeze(0)
 
 
@@ -51,7 +50,7 @@ def load_test_set(folder: str, scale: int, device: str = 'cpu', limit: Optional[
         raise ValueError(f'no images in {hr_dir}')
     images = []
     for name in names:
-        gt = cv2.imread(os.path.join(hr_dir, name), cv2.IMREAD_COLOR)
+        gt = (read_image_file(os.path.join(hr_dir, name)) * 255.).round().astype(np.uint8)
         lq = read_rgb_tensor(os.path.join(lr_dir, name)).to(device)
         images.append(TestImage(name=name, lq=lq, gt=gt[:lq.shape[2] * scale, :lq.shape[3] * scale]))
     return images

@@ -237,6 +237,8 @@ def _error_line(exc: BaseException) -> Optional[str]:
         return f'{opt_file}: network_g does not match the checkpoint {checkpoint}: {state_dict_mismatch(exc)}'
     if isinstance(exc, ValueError):
         return f'{opt_file}: {first_line(exc)}'
+    if isinstance(exc, OSError) and exc.filename:  # a file the run reads or writes (a full disk, a removed folder)
+        return f'{exc.filename}: {exc.strerror or first_line(exc)}'
     return None
 
 
