@@ -838,6 +838,9 @@ def test_row6_a_training_set_that_fills_no_batch_refuses_to_start(tmp_path, run_
                        r'batch_size_per_gpu\); the untrained network is not saved as net_g_latest.pth$'):
         model.save(epoch=-1, current_iter=-1)  # what basicsr/train.py calls at "End of training"
     assert list(Path(opt['path']['models']).iterdir()) == []
+    from basicsr.data import build_dataset  # basicsr/train.py builds the training set before its loop: refused there
+    with pytest.raises(ValueError, match=r'^datasets.train: 9 candidate patches make no batch of batch_size_per_gpu=16'):
+        build_dataset(dict(opt['datasets']['train'], phase='train'))
 
 
 def test_row7_a_second_run_with_the_same_name_refuses_to_start_and_archives_nothing(run_folder, monkeypatch,

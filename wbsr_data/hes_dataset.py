@@ -33,6 +33,7 @@ from __future__ import annotations
 import copy
 import difflib
 import functools
+import math
 import random
 import weakref
 from typing import Any, Mapping, Optional
@@ -297,6 +298,15 @@ class HESPairedImageDataset(data.Dataset):
             raise ValueError(f'cache_images_max_mb must be >= 0, got {cache_max_mb}')
         self.index_options = IndexOptions.from_dataset_opt(self.opt)
         self.index: PatchIndex = load_or_build_index(self.opt)
+        batch = self.opt.get('batch_size_per_gpu')
+        if self.opt.get('phase') == 'train' and isinstance(batch, int) and not isinstance(batch, bool):
+            # BasicSR drops the last incomplete batch: a set that fills none would end the run at iteration 0
+            # (under basicsr/train.py, only after its training loop; wbsr-train checks this before any folder)
+            ratio = self.opt.get('dataset_enlarge_ratio') or 1
+            if math.ceil(len(self.index) * ratio) < batch:
+                raise ValueError(f'datasets.train: {len(self.index)} candidate patches make no batch of '
+                                 f'batch_size_per_gpu={batch} (the last, incomplete batch is dropped, so no training '
+                                 'step would run); lower batch_size_per_gpu or add images')
         self.scale, self.gt_size = self.index_options.scale, self.index_options.gt_size
         self.mean, self.std = self.opt.get('mean'), self.opt.get('std')
         counts = self.index.class_counts()
