@@ -370,6 +370,17 @@ def test_the_quality_map_is_stored_and_read_both_ways():
             ErrorPredictor.from_dict(dict(data, quality=bad))
 
 
+def test_a_flat_stretch_of_the_measured_curve_keeps_the_quality_map_ascending():
+    # a plateau just above a rounding boundary once gave 0.407257 five times, refused when the checkpoint was read
+    from wbsr_models.routing.predictor import increasing_pairs
+    measured = [0.1, 0.4072566, 0.4072574, 0.4072574, 0.4072571, 0.5]
+    requested, internal = increasing_pairs(measured, [0.0, 0.1, 0.2, 0.3, 0.4, 0.5])
+    assert requested == (0.1, 0.407257, 0.5) and internal == (0.0, 0.1, 0.5)
+    pred = ErrorPredictor(num_subnets=3, width=4, hidden=8)
+    pred.quality = (requested, internal)
+    assert ErrorPredictor.from_dict(pred.to_dict()).quality == (requested, internal)
+
+
 def test_quality_map_measures_the_loss_of_each_threshold():
     from wbsr_models.routing.predictor import quality_map
     rng = np.random.default_rng(0)

@@ -442,9 +442,17 @@ def quality_map(predictor: ErrorPredictor, maps: Sequence[ErrorMaps], tile: int,
             chosen = tradeoff_subnets(predicted, costs, limit_error=predicted[:, -1].sum() * 10 ** (db / 10))
             measured[j] += 10 * np.log10(truth[rows, chosen].sum() / truth[:, -1].sum())
     measured /= max(1, len(maps))
+    return increasing_pairs(measured, internal)
+
+
+def increasing_pairs(measured: Sequence[float], internal: Sequence[float]) -> tuple[tuple, tuple]:
+    """``(requested, internal)`` pairs from the loss ``measured`` at each threshold of ``internal``: the measured
+    curve made non-decreasing, rounded to 1e-6 dB, and only the first threshold kept of each rounded value, so that
+    ``requested`` strictly ascends (as :meth:`ErrorPredictor.from_dict` requires)."""
     requested, kept = [], []
-    for db, loss in zip(internal, np.maximum.accumulate(measured)):
-        if not requested or loss > requested[-1] + 1e-9:
-            requested.append(round(float(loss), 6))
+    for db, loss in zip(internal, np.maximum.accumulate(np.asarray(measured, dtype=np.float64))):
+        value = round(float(loss), 6)
+        if not requested or value > requested[-1]:
+            requested.append(value)
             kept.append(float(db))
     return tuple(requested), tuple(kept)
