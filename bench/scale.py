@@ -841,6 +841,16 @@ def run_large(args: argparse.Namespace) -> None:
     print(f"wrote {Path(args.out) / 'scale_large.md'}")
 
 
+def runs_sentence(results: dict[str, Any]) -> str:
+    """How many runs each configuration had, from the stored runs themselves."""
+    counts = {len(rs) for runs in results['runs'].values() for rs in runs.values()}
+    if counts == {1}:
+        return ('Each configuration ran once, in a fresh process (orders full, Eq. 15, budget), on a machine shared '
+                'with other jobs: the seconds are one measurement each.')
+    return ('Each configuration ran twice (orders A B C, C B A), each run in a fresh process; times are the mean of '
+            'the runs, peak RSS the larger.')
+
+
 def large_report(results: dict[str, Any], command: str) -> str:
     made = results['made']
     lines = ['# Scale: routed inference on large images', '', f'Command: `{command}`', '',
@@ -849,9 +859,8 @@ def large_report(results: dict[str, Any], command: str) -> str:
              'width crops of the photographs and its x2 and x4 MATLAB-bicubic downscales (as Test2K/Test4K are made '
              'from the DIV8K images of Test8K: the same scenes at lower resolution); `tiled_<side>`: mosaics of that '
              'many photographs at their own resolution (the same content per pixel at every size). LR: MATLAB '
-             'bicubic x4 of the HR. Each configuration ran twice (orders A B C, C B A), each run in a fresh process; '
-             'times are the mean of the two, peak RSS the larger (`ru_maxrss` of the process, model and image '
-             'included). FLOPs are those executed (bands included); "vs full": against the full network run '
+             f"bicubic x4 of the HR. {runs_sentence(results)} Peak RSS: `ru_maxrss` of the process, model and "
+             'image included. FLOPs are those executed (bands included); "vs full": against the full network run '
              'on the same image the same way.', '',
              '| image | LR (output) | configuration | s | time vs full | peak RSS MB | GFLOPs | FLOPs vs full | '
              'PSNR-Y dB | share on the smallest / largest subnet |', '|---|---|---|---|---|---|---|---|---|---|']
