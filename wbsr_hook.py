@@ -163,6 +163,32 @@ def _guard_root_path(opt: 'Any') -> 'Any':
 _GUARDED_TYPES: dict[type, type] = {}
 
 
+_checking = False  # script_parse_options calls parse_options again: that call is BasicSR's own
+
+
+def _checked(function: 'Any', *args: 'Any') -> 'Any':
+    global _checking
+    _checking = True
+    try:
+        return function(*args)
+    finally:
+        _checking = False
+
+
+def basicsr_script() -> 'str | None':
+    """``basicsr/train.py`` or ``basicsr/test.py`` when that is the program this process runs (``python -m
+    basicsr.train`` or ``python basicsr/test.py`` from a checkout), else ``None``."""
+    main = sys.modules.get('__main__')
+    name = getattr(getattr(main, '__spec__', None), 'name', None)
+    if name in ('basicsr.train', 'basicsr.test'):
+        return name.replace('.', '/') + '.py'
+    path = os.path.abspath(getattr(main, '__file__', None) or os.sep)
+    folder, base = os.path.split(path)
+    if os.path.basename(folder) == 'basicsr' and base in ('train.py', 'test.py'):
+        return f'basicsr/{base}'
+    return None
+
+
 def _patch_parse_options() -> None:
     from basicsr.utils import options
 
@@ -175,6 +201,10 @@ def _patch_parse_options() -> None:
         if fixed != root_path:
             print(f'wbsr: BasicSR root path {root_path} is site-packages; writing experiments/, results/ and '
                   f'tb_logger/ under {fixed} instead.', file=sys.stderr)
+        script = basicsr_script()
+        if script and not _checking:  # BasicSR's train.py/test.py itself: wbsr-train's start-up checks
+            from wbsr_models.runners import script_parse_options
+            return _checked(script_parse_options, fixed, is_train, script)
         opt, args = original(fixed, is_train=is_train)
         return _guard_root_path(opt), args
 

@@ -32,9 +32,11 @@ from wbsr_data import fileio, make_lr
 from wbsr_data.difficulty import DifficultyProjection
 from wbsr_data.fileio import CorruptFileError, save_json, save_npz, torch_save
 from wbsr_data.pairs import ImageTooLargeError, apply_orientation, decode_image
+import wbsr_hook
 from wbsr_models import infer, runners
 
 from conftest import model_options, textured_image, write_pair_folder
+from test_registration import needs_hook
 from test_arch import randomise, tiny_srresnet
 
 DATA = Path(__file__).resolve().parent / 'data'
@@ -674,7 +676,9 @@ def test_row1_a_padded_file_is_refused_by_its_size_before_it_is_read(tmp_path, c
     assert make_lr.main(['--hr', str(inputs), '--out', str(tmp_path / 'ds'), '--max-pixels', '10000']) == 2
     assert (f'wbsr-make-lr: skipped {inputs}/padded.png: the file is 1536.0 MiB, more than an image of --max-pixels '
             '10000 pixels can take (64.2 MiB); not read') in capsys.readouterr().err
-    assert counting.read == 0
+    assert counting.read == 0 and not (tmp_path / 'ds').exists()  # no image written: no dataset tree left
+    assert make_lr.main(['--hr', str(inputs), '--out', str(tmp_path / 'a' / 'b'), '--max-pixels', '10000']) == 2
+    assert not (tmp_path / 'a').exists()
     # within --max-pixels' bound (16777216 pixels: 320 MiB), but not within what its header declares: only the
     # header is read
     padded_png(inputs / 'padded.png', 200 << 20)
@@ -871,6 +875,46 @@ def test_row7_a_second_run_with_the_same_name_refuses_to_start_and_archives_noth
         lock.release()
 
 
+@needs_hook
+def test_basicsr_own_scripts_refuse_at_start_up_in_one_line_and_write_nothing(run_folder):
+    """``python -m basicsr.train`` / ``basicsr.test`` on a WBSR option file run wbsr-train's start-up checks and lock
+    (rows 4, 6, 7, 11 through BasicSR's own scripts): one line naming the file, exit 2, no folder made or archived."""
+    folder, data = run_folder
+    one = write_pair_folder(folder / 'one', n=1, size=(64, 64))
+    cases = [('basicsr.train', option_file(folder, 'typed', data, **{'val.routing': {'mode': 'budget', 'budget': '0.5'}}),
+              "val.routing.budget must be a finite number, got '0.5'"),
+             ('basicsr.train', option_file(folder, 'small', one, **{'datasets.train.batch_size_per_gpu': 16}),
+              'datasets.train: 9 candidate patches make no batch of batch_size_per_gpu=16'),
+             ('basicsr.test', option_file(folder, 'noweights', data, train=False),
+              'path.pretrain_network_g is not set: a test run would evaluate an untrained network')]
+    env = {k: v for k, v in os.environ.items() if k != wbsr_hook.ENV_DISABLE}
+    for module, path, message in cases:
+        done = subprocess.run([sys.executable, '-m', module, '-opt', path.name], cwd=folder, env=env,
+                              capture_output=True, text=True, timeout=300)
+        script = module.replace('.', '/') + '.py'
+        assert done.returncode == 2 and 'Traceback' not in done.stderr, done.stderr[-2000:]
+        assert done.stderr.strip().splitlines()[-1].startswith(f'{script}: {path.name}: {message}'), done.stderr
+        assert not (folder / 'experiments').exists() and not (folder / 'results').exists()
+    running = folder / 'experiments' / 'same'
+    (running / 'models').mkdir(parents=True)
+    holder = subprocess.Popen([sys.executable, '-c', LOCK_HOLDER, str(folder / 'experiments' / '.same.lock')],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == 'locked'
+        done = subprocess.run([sys.executable, '-m', 'basicsr.train', '-opt', str(option_file(folder, 'same', data))],
+                              cwd=folder, env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 2 and done.stderr.strip().splitlines()[-1] == (
+            f'basicsr/train.py: {running} is in use by another run (process {holder.pid}): wait for it to end, or '
+            'give this run another name')
+        assert sorted(p.name for p in (folder / 'experiments').iterdir()) == ['.same.lock', 'same']
+    finally:
+        holder.kill()
+        holder.wait()
+    assert runners.names_wbsr_type({'network_g': {'type': 'MSRResNet'}, 'train': {'pixel_opt': {'type': 'BDLoss'}}})
+    assert not runners.names_wbsr_type({'model_type': 'SRModel', 'network_g': {'type': 'MSRResNet'},
+                                        'datasets': {'train': {'type': 'PairedImageDataset'}}})
+
+
 LOCK_HOLDER = '''import fcntl, os, sys, time
 fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT, 0o666)
 fcntl.flock(fd, fcntl.LOCK_EX)
@@ -973,6 +1017,9 @@ def test_row11_and_row12_a_test_run_needs_weights_and_names_without_separators(r
          "val.suffix '../../evil': a path separator (or . / ..) in a name would write outside its folder"),
         ({'path.pretrain_network_g': str(checkpoint), 'datasets.test_1.name': 'a/b'},
          "datasets.test_1.name 'a/b': a path separator (or . / ..) in a name would write outside its folder"),
+        ({'path.pretrain_network_g': str(checkpoint), 'val.save_img': True},
+         'val.suffix is missing: with val.save_img a test run names every saved image with it (BasicSR looks it up '
+         'at the first image); set it, or suffix: ~ for none'),
     ]
     for changes, message in cases:
         path = option_file(folder, 'tested', data, train=False, **changes)
@@ -1158,8 +1205,8 @@ def test_an_output_name_longer_than_the_file_system_takes_is_refused_before_any_
 # ---- 9. the classes of rows 1, 13 and 17 in every reader and writer ----------------------------------------------
 def test_test_sets_with_a_padded_or_animated_image_are_refused_by_name_before_the_run(run_folder, checkpoint,
                                                                                       monkeypatch, capsys):
-    """BasicSR's PairedImageDataset reads whole files and keeps an animation's first frame: wbsr-test (and a training
-    run's validation set) checks every file's size and header first; wbsr-calibrate's reader bounds its reads."""
+    """BasicSR's PairedImageDataset reads whole files and keeps an animation's first frame: wbsr-test and wbsr-train
+    check every file's size and header first (training set included); wbsr-calibrate's reader bounds its reads."""
     folder, data = run_folder
     lq = Path(data['dataroot_lq']) / 'img001.png'
     padded_png(lq, 200 << 20, side=20)  # a 20x20 image in a 200 MiB (sparse) file
@@ -1172,6 +1219,11 @@ def test_test_sets_with_a_padded_or_animated_image_are_refused_by_name_before_th
     assert (code, one_line(err)) == (2, f'wbsr-test: {path}: {lq}: 3 frames (an animation or a multi-page PNG '
                                         'file); only single-frame images are read, not the first frame of several')
     assert not (folder / 'results').exists()
+    path = option_file(folder, 'animtrain', data)  # the training set: checked before BasicSR makes experiments/
+    code, err = run_cli(runners.train_main, ['-opt', str(path)], monkeypatch, capsys)
+    assert (code, one_line(err)) == (2, f'wbsr-train: {path}: {lq}: 3 frames (an animation or a multi-page PNG '
+                                        'file); only single-frame images are read, not the first frame of several')
+    assert not (folder / 'experiments').exists() and not (folder / 'cache').exists()
     from wbsr_models.evaluation import read_rgb_tensor
     padded_png(lq, 200 << 20, side=20)
     with pytest.raises(ValueError, match='the file is 200.0 MiB, more than its declared 20x20 pixels'):
@@ -1207,4 +1259,7 @@ def test_make_lr_leaves_no_empty_dataset_tree_when_every_image_is_refused(tmp_pa
     padded_png(inputs / 'padded.png', 1536 << 20)
     assert make_lr.main(['--hr', str(inputs), '--out', str(tmp_path / 'ds'), '--max-pixels', '10000']) == 2
     assert 'padded.png: the file is 1536.0 MiB' in capsys.readouterr().err
-    assert sorted(p.name for p in (tmp_path / 'ds').iterdir()) == []
+    assert not (tmp_path / 'ds').exists()  # the call made it: removed with the rest
+    (tmp_path / 'mine').mkdir()  # a folder that was there before stays, empty as it was
+    assert make_lr.main(['--hr', str(inputs), '--out', str(tmp_path / 'mine'), '--max-pixels', '10000']) == 2
+    assert sorted(p.name for p in (tmp_path / 'mine').iterdir()) == []

@@ -160,8 +160,12 @@ def make_dataset(hr_dirs: Sequence[str], out: str, scales: Sequence[int], quiet:
     if not files:
         raise ValueError(f'no images ({", ".join(IMAGE_EXTENSIONS)}) in {", ".join(hr_dirs)}')
     check_outputs(hr_dirs, files, out, scales)
-    ensure_writable_dir(out, '--out')
     made = []  # the folders this call creates: removed again if no image is written into them
+    parent = out
+    while parent and not os.path.isdir(parent):  # --out and any parents ensure_writable_dir makes
+        made.insert(0, parent)
+        parent = os.path.dirname(parent.rstrip(os.sep))
+    ensure_writable_dir(out, '--out')
     for folder in ['HR'] + [os.path.join('LR_bicubic', f'X{s}') for s in scales]:
         for part in (os.path.dirname(folder), folder):
             if part and not os.path.isdir(os.path.join(out, part)):

@@ -386,6 +386,9 @@ def check_option_file(opt: Mapping[str, Any], is_train: Optional[bool] = None) -
         if isinstance(train.get('wbsr'), Mapping):
             check_table(train['wbsr'], WBSR_TRAIN_OPTIONS, 'train.wbsr')
     val = opt.get('val')
+    if is_train is False and isinstance(val, Mapping) and val.get('save_img') and 'suffix' not in val:
+        raise ValueError('val.suffix is missing: with val.save_img a test run names every saved image with it '
+                         '(BasicSR looks it up at the first image); set it, or suffix: ~ for none')
     if isinstance(val, Mapping) and (opt.get('model_type') == 'WBSRModel' or val.get('routing') is not None):
         from .router import RoutingOptions
         options = RoutingOptions.from_opt(val.get('routing'))
@@ -616,7 +619,7 @@ def check_run_start(opt: Mapping[str, Any], is_train: bool) -> None:
         routing = RoutingOptions.from_opt(val.get('routing'))
         arm_table = ArmTable.load(routing.arm_lut) if routing.arm_lut else None
         check_router(net, routing, int(opt['scale']), projection, arm_table, artefacts, arm_table_later=True)
-    check_evaluation_files(opt)
+    check_dataset_files(opt)
     train_set = (opt.get('datasets') or {}).get('train')
     if is_train and isinstance(train_set, Mapping):
         batch, world = int(train_set['batch_size_per_gpu']), int(opt.get('world_size') or 1)
@@ -628,13 +631,14 @@ def check_run_start(opt: Mapping[str, Any], is_train: bool) -> None:
             check_one_batch(samples, batch, world, ratio, what=what)
 
 
-def check_evaluation_files(opt: Mapping[str, Any]) -> None:
-    """Every image of the validation and test sets (paired, on disk), checked from its size and header alone
-    (:func:`~wbsr_data.pairs.check_image_file`): BasicSR's ``PairedImageDataset`` reads whole files and keeps the
-    first frame of an animation, so a padded or multi-frame file is refused by name before the run starts."""
+def check_dataset_files(opt: Mapping[str, Any]) -> None:
+    """Every image of the paired datasets on disk (training, validation and test sets), checked from its size and
+    header alone (:func:`~wbsr_data.pairs.check_image_file`): BasicSR's ``PairedImageDataset`` reads whole files and
+    keeps the first frame of an animation, and the training set is read only after BasicSR has made the experiment
+    folder, so a padded or multi-frame file is refused by name before the run starts."""
     from wbsr_data.pairs import check_image_file, list_pairs
-    for name, dataset in (opt.get('datasets') or {}).items():
-        if name == 'train' or not isinstance(dataset, Mapping):
+    for dataset in (opt.get('datasets') or {}).values():
+        if not isinstance(dataset, Mapping):
             continue
         backend = dict(dataset.get('io_backend') or {'type': 'disk'}).get('type', 'disk')
         if backend != 'disk' or not dataset.get('dataroot_gt') or not dataset.get('dataroot_lq'):

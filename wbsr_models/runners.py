@@ -19,6 +19,9 @@ run ``basicsr.train.train_pipeline`` / ``basicsr.test.test_pipeline`` with these
 - the experiment (``wbsr-train``) or results (``wbsr-test``) folder is locked for the run: a second run with the same
   name refuses to start instead of archiving the first run's folder and writing into it;
 - a training set that cannot fill one batch, and a test run without ``pretrain_network_g``, refuse to start.
+
+BasicSR's own ``basicsr/train.py`` and ``basicsr/test.py`` get the same checks, lock and patches on an option file that
+names a WBSR type (:func:`script_parse_options`, reached through the import hook's ``parse_options``).
 """
 from __future__ import annotations
 
@@ -242,6 +245,52 @@ def _error_line(exc: BaseException) -> Optional[str]:
     return None
 
 
+RUN_ERRORS = (OptionFileError, CorruptFileError, ImageFileError, OSError, KeyError, RuntimeError, ValueError)
+
+
+def _report(exc: BaseException, prog: str) -> bool:
+    """Print ``prog: <one line>`` for an error of the option file or a data file; ``False`` for a real failure."""
+    line = _error_line(exc)
+    if line is not None:
+        print(f'{prog}: {line}', file=sys.stderr)
+    return line is not None
+
+
+def names_wbsr_type(opt: Any) -> bool:
+    """Whether an option dict names a WBSR type (``model_type``, or a ``type`` anywhere: network, dataset, loss)."""
+    if isinstance(opt, dict):
+        return any((key in ('type', 'model_type') and isinstance(value, str) and value.startswith(wbsr_hook.NAME_PREFIXES))
+                   or names_wbsr_type(value) for key, value in opt.items())
+    if isinstance(opt, list):
+        return any(names_wbsr_type(value) for value in opt)
+    return False
+
+
+def script_parse_options(root_path: str, is_train: bool, prog: str) -> tuple[dict, argparse.Namespace]:
+    """``parse_options`` for BasicSR's own ``train.py`` / ``test.py`` run on an option file that names a WBSR type:
+    the start-up checks, the folder lock and the patches of ``wbsr-train`` / ``wbsr-test``, and their one-line errors
+    (exit status 2, nothing written). Other option files are BasicSR's business and go through unchanged."""
+    _current.clear()
+    _current['prog'] = prog
+    arg_parser = argparse.ArgumentParser(add_help=False)
+    arg_parser.add_argument('-opt', default=None)
+    opt_file = arg_parser.parse_known_args()[0].opt
+    try:
+        if not (opt_file and names_wbsr_type(read_option_file(opt_file))):
+            return _parse_options(root_path, is_train=is_train)
+        opt, args = parse_options(root_path, is_train)
+    except RUN_ERRORS as exc:
+        if not _report(exc, prog):
+            raise
+        raise SystemExit(2) from None
+    main = sys.modules.get('__main__')  # the script's own functions, looked up when train_pipeline calls them
+    for name, function in (('create_train_val_dataloader', create_train_val_dataloader),
+                           ('load_resume_state', load_resume_state)):
+        if callable(getattr(main, name, None)):
+            setattr(main, name, function)
+    return opt, args  # the folder lock is held until the process ends
+
+
 def _run(pipeline: Callable[[str], None], argv: Optional[Sequence[str]], prog: str) -> int:
     if argv is not None:
         sys.argv = [sys.argv[0], *argv]
@@ -250,11 +299,9 @@ def _run(pipeline: Callable[[str], None], argv: Optional[Sequence[str]], prog: s
     _current['prog'] = prog
     try:
         pipeline(os.getcwd())
-    except (OptionFileError, CorruptFileError, ImageFileError, OSError, KeyError, RuntimeError, ValueError) as exc:
-        line = _error_line(exc)
-        if line is None:
+    except RUN_ERRORS as exc:
+        if not _report(exc, prog):
             raise
-        print(f'{prog}: {line}', file=sys.stderr)
         return 2
     finally:
         lock: Optional[RunLock] = _current.pop('lock', None)
