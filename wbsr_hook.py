@@ -198,14 +198,15 @@ def _patch_parse_options() -> None:
 
     def parse_options(root_path, is_train=True):
         fixed = fixed_root_path(root_path)
-        if fixed != root_path:
-            print(f'wbsr: BasicSR root path {root_path} is site-packages; writing experiments/, results/ and '
-                  f'tb_logger/ under {fixed} instead.', file=sys.stderr)
         script = basicsr_script()
         if script and not _checking:  # BasicSR's train.py/test.py itself: wbsr-train's start-up checks
             from wbsr_models.runners import script_parse_options
-            return _checked(script_parse_options, fixed, is_train, script)
-        opt, args = original(fixed, is_train=is_train)
+            opt, args = _checked(script_parse_options, fixed, is_train, script)
+        else:
+            opt, args = original(fixed, is_train=is_train)
+        if fixed != root_path:  # said once the options are accepted: a refused run writes nothing anywhere
+            print(f'wbsr: BasicSR root path {root_path} is site-packages; writing experiments/, results/ and '
+                  f'tb_logger/ under {fixed} instead.', file=sys.stderr)
         return _guard_root_path(opt), args
 
     parse_options._wbsr_wrapped = True
@@ -214,6 +215,10 @@ def _patch_parse_options() -> None:
 
 
 def _after_basicsr_import() -> None:
+    import warnings
+    # ``basicsr/__init__.py`` imports its own train and test modules, so ``python -m basicsr.train`` always makes
+    # runpy warn that the module it runs was imported first; BasicSR's layout, not a problem of the run.
+    warnings.filterwarnings('ignore', message=r"'basicsr\.(train|test)' found in sys\.modules", category=RuntimeWarning)
     try:
         _patch_parse_options()
         register_all()

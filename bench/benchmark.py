@@ -201,7 +201,9 @@ def lowest_budget_within(summary: dict, prefix: str, budgets, reference: float) 
     such as ``'tiles: calibrated'``) whose PSNR is within :data:`WITHIN_DB` of ``reference``."""
     prefix = prefix if ':' in prefix else f'{prefix}: budget'
     for b in budgets:
-        row = summary[f'{prefix} {b}']
+        row = summary.get(f'{prefix} {b}')
+        if row is None:  # a run of some rows only (--modes)
+            return None
         if row['psnr'] >= reference - WITHIN_DB:
             return b, row
     return None
@@ -403,6 +405,8 @@ def plot_curve(name: str, summary: dict, path: str) -> None:
     ax.plot([100 * r['ratio_whole'] for r in fixed], [r['psnr'] for r in fixed], 'D', color='#777777', ms=4,
             label='fixed subnets, whole image')
     for key, marker, color in (('patches: Eq. 15', '*', '#dd8452'), ('tiles: Eq. 15', '*', '#c44e52')):
+        if key not in summary:  # a run of some rows only (--modes)
+            continue
         r = summary[key]
         ax.plot(100 * r['ratio_whole'], r['psnr'], marker, color=color, ms=13, label=key)
     ax.set_xlabel('FLOPs, % of the full network run once on the whole image')
@@ -679,9 +683,9 @@ def main(argv: Optional[list] = None) -> int:
         bicubic = bicubic_summary(images, scale)
         report['sets'][name] = {'summary': summary, 'bicubic': bicubic, 'cache_check_max_abs': check,
                                 'images': len(images)}
-        md += set_section(name, report['sets'][name], args.out)
-        with open(os.path.join(args.out, 'benchmark.json'), 'w') as f:
+        with open(os.path.join(args.out, 'benchmark.json'), 'w') as f:  # kept even if the report below fails
             json.dump(report, f, indent=1, default=float)
+        md += set_section(name, report['sets'][name], args.out)
     if args.time_images > 0:
         print('wall time:', flush=True)
         timing_images = load_test_set(os.path.join(args.data, 'Urban100'), scale, limit=args.time_images)

@@ -893,7 +893,8 @@ def test_basicsr_own_scripts_refuse_at_start_up_in_one_line_and_write_nothing(ru
                               capture_output=True, text=True, timeout=300)
         script = module.replace('.', '/') + '.py'
         assert done.returncode == 2 and 'Traceback' not in done.stderr, done.stderr[-2000:]
-        assert done.stderr.strip().splitlines()[-1].startswith(f'{script}: {path.name}: {message}'), done.stderr
+        lines = done.stderr.strip().splitlines()  # runpy's warning about BasicSR's layout is filtered out
+        assert len(lines) == 1 and lines[0].startswith(f'{script}: {path.name}: {message}'), done.stderr
         assert not (folder / 'experiments').exists() and not (folder / 'results').exists()
     running = folder / 'experiments' / 'same'
     (running / 'models').mkdir(parents=True)
@@ -903,9 +904,9 @@ def test_basicsr_own_scripts_refuse_at_start_up_in_one_line_and_write_nothing(ru
         assert holder.stdout.readline().strip() == 'locked'
         done = subprocess.run([sys.executable, '-m', 'basicsr.train', '-opt', str(option_file(folder, 'same', data))],
                               cwd=folder, env=env, capture_output=True, text=True, timeout=300)
-        assert done.returncode == 2 and done.stderr.strip().splitlines()[-1] == (
+        assert done.returncode == 2 and done.stderr.strip().splitlines() == [
             f'basicsr/train.py: {running} is in use by another run (process {holder.pid}): wait for it to end, or '
-            'give this run another name')
+            'give this run another name']
         assert sorted(p.name for p in (folder / 'experiments').iterdir()) == ['.same.lock', 'same']
     finally:
         holder.kill()
@@ -1131,6 +1132,34 @@ def test_row15_fit_gmm_names_an_image_too_small_for_the_blur(tmp_path, capsys):
                                                  "num_components must be an integer >= 1, got the string '2' (remove "
                                                  'the quotes)')
     assert not (tmp_path / 'g.npz').exists()
+
+
+def test_row15_empty_and_thin_training_images_are_refused_before_the_fit_and_before_training(run_folder,
+                                                                                               monkeypatch, capsys):
+    """An empty GT image stops wbsr-fit-gmm before the fit (its header check), and wbsr-train with a BDLoss fitted at
+    start-up checks the GT sizes for the blur before BasicSR makes the experiment folder or the index cache."""
+    fit_gmm = importlib.import_module('wbsr_losses.fit_gmm')
+    folder, data = run_folder
+    gt, lq = Path(data['dataroot_gt']), Path(data['dataroot_lq'])
+    (gt / 'empty.png').write_bytes(b'')
+    (lq / 'empty.png').write_bytes(b'')
+    opt = {'datasets': {'train': {'name': 't', 'type': 'HESPairedImageDataset', **data, 'io_backend': {'type': 'disk'},
+                                  'gt_size': 32}},
+           'train': {'pixel_opt': {'type': 'BDLoss', 'num_components': 2, 'gmm_pixels': 500}}}
+    (folder / 'gmm.yml').write_text(yaml.safe_dump(opt))
+    monkeypatch.setattr(fit_gmm, 'fit_gmm', lambda *a, **k: pytest.fail('the fit started'))
+    assert fit_gmm.main(['-opt', str(folder / 'gmm.yml'), '--out', str(folder / 'g.npz')]) == 2
+    assert one_line(capsys.readouterr().err) == f'wbsr-fit-gmm: error: {gt}/empty.png: empty file, not an image'
+    (gt / 'empty.png').unlink()
+    (lq / 'empty.png').unlink()
+    cv2.imwrite(str(gt / 'thin.png'), textured_image(4, 48, seed=1)[:4])  # 48 x 4: under the blur's 5 pixels
+    cv2.imwrite(str(lq / 'thin.png'), textured_image(1, 12, seed=1)[:1])
+    path = option_file(folder, 'bdthin', data, **{'train.pixel_opt': {'type': 'BDLoss', 'gmm_pixels': 500}})
+    code, err = run_cli(runners.train_main, ['-opt', str(path)], monkeypatch, capsys)
+    assert (code, one_line(err)) == (2, f'wbsr-train: {path}: {gt}/thin.png: 48x4 is too small for the detail label '
+                                        'space (blur_sigma=1.5 needs more than 5 pixels a side); remove it or use '
+                                        'label_space: rgb')
+    assert not (folder / 'experiments').exists() and not (folder / 'cache').exists()
 
 
 def test_row16_a_killed_write_leaves_a_temporary_file_that_the_next_write_removes(tmp_path):

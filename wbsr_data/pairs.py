@@ -198,6 +198,8 @@ def check_image_file(path: str, max_pixels: Optional[int] = None, name: Optional
     name = name or path
     try:
         size = os.path.getsize(path)
+        if size == 0:
+            raise ImageFileError(f'{name}: empty file, not an image')
         if max_pixels is not None and size > max_file_bytes(max_pixels):
             raise FileTooLargeError(name, size, max_file_bytes(max_pixels), max_pixels)
         with open(path, 'rb') as f:

@@ -55,12 +55,17 @@ def read_options(path: str) -> tuple[dict[str, Any], dict[str, Any]]:
 
 
 def check_image_sizes(dataset_opt: Mapping[str, Any], label_space: str, blur_sigma: float) -> None:
-    """Refuse, by name and before the fit, a GT image too small for the ``detail`` label space's blur (reflect padding
+    """Refuse, by name and before the fit, a GT image that is empty, padded or multi-frame
+    (:func:`~wbsr_data.pairs.check_image_file`), or too small for the ``detail`` label space's blur (reflect padding
     needs more pixels a side than the blur radius). Sizes come from the headers; only disk folders are scanned."""
-    if label_space != 'detail' or dict(dataset_opt.get('io_backend') or {}).get('type', 'disk') != 'disk':
+    if dict(dataset_opt.get('io_backend') or {}).get('type', 'disk') != 'disk':
         return
+    from wbsr_data.pairs import check_image_file
     radius = gaussian_kernel1d(float(blur_sigma)).numel() // 2
     for path in list_gt_images(dataset_opt):
+        check_image_file(path)
+        if label_space != 'detail':
+            continue
         try:
             with Image.open(path) as img:
                 width, height = img.size

@@ -621,6 +621,16 @@ def check_run_start(opt: Mapping[str, Any], is_train: bool) -> None:
         check_router(net, routing, int(opt['scale']), projection, arm_table, artefacts, arm_table_later=True)
     check_dataset_files(opt)
     train_set = (opt.get('datasets') or {}).get('train')
+    pixel_opt = (opt.get('train') or {}).get('pixel_opt')
+    if (is_train and isinstance(train_set, Mapping) and isinstance(pixel_opt, Mapping) and
+            pixel_opt.get('type') == 'BDLoss' and not pixel_opt.get('gmm_path')):  # the model fits it at start-up
+        from wbsr_losses.fit_gmm import check_image_sizes
+        from wbsr_losses.gmm import gmm_fit_options
+        try:
+            fit = gmm_fit_options(pixel_opt)
+        except TypeError as exc:
+            raise ValueError(f'train.pixel_opt: {exc}') from None
+        check_image_sizes(train_set, fit['label_space'], fit['blur_sigma'])
     if is_train and isinstance(train_set, Mapping):
         batch, world = int(train_set['batch_size_per_gpu']), int(opt.get('world_size') or 1)
         ratio = train_set.get('dataset_enlarge_ratio') or 1
