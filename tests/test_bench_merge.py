@@ -105,3 +105,13 @@ def test_flops_within_interpolates_along_the_upper_envelope():
     # w/o the hull the crossing of 27.2 lies between 0.7 and 1.0; with it, between 0.6 and 1.0 (0.7 is under the line)
     assert benchmark.flops_within(hull, 'fixed', 27.25) == pytest.approx(0.85)
     assert benchmark.flops_within(hull, 'fixed', 27.25, hull=True) == pytest.approx(0.8)
+
+
+def test_a_report_of_some_rows_only_has_its_section_and_curve(tmp_path, urban):
+    """``--modes full learned``: no Eq. 15 or budget-rule rows; the section and the plot are made from what there is."""
+    summary = {k: r for k, r in urban['summary'].items() if k == 'full' or k.startswith('fixed')}
+    entry = {'summary': summary, 'bicubic': urban['bicubic'], 'cache_check_max_abs': 0.0, 'images': 50}
+    md = benchmark.set_section('Urban100', entry, str(tmp_path))
+    assert entry['lowest_budget_within_0.05dB'] == {'patches': None, 'tiles': None}
+    assert '- tiles: lowest budget within 0.05 dB of the whole-image full network' in '\n'.join(md)
+    assert (tmp_path / 'curve_Urban100.png').stat().st_size > 1000
