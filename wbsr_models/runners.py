@@ -145,15 +145,20 @@ def _intact(path: str) -> bool:
     return True
 
 
+def _opt_file_argument() -> Optional[str]:
+    """The ``-opt`` argument of this command line (BasicSR's runners parse it later, with their other flags)."""
+    arg_parser = argparse.ArgumentParser(add_help=False)
+    arg_parser.add_argument('-opt', default=None)
+    return arg_parser.parse_known_args()[0].opt
+
+
 def parse_options(root_path: str, is_train: bool = True) -> tuple[dict, argparse.Namespace]:
     """BasicSR's ``parse_options`` with one-line errors naming the option file and the key.
 
     Beyond what BasicSR parses: YAML errors, missing keys, no ``network_g``, ``scale`` different from
     ``network_g.upscale``, and ``num_gpu`` > 0 on a machine without CUDA are refused before any work.
     """
-    arg_parser = argparse.ArgumentParser(add_help=False)
-    arg_parser.add_argument('-opt', default=None)
-    opt_file = arg_parser.parse_known_args()[0].opt
+    opt_file = _opt_file_argument()
     _current['opt_file'] = opt_file
     if opt_file:
         raw = read_option_file(opt_file)  # YAML errors and non-mappings, named
@@ -272,9 +277,7 @@ def script_parse_options(root_path: str, is_train: bool, prog: str) -> tuple[dic
     (exit status 2, nothing written). Other option files are BasicSR's business and go through unchanged."""
     _current.clear()
     _current['prog'] = prog
-    arg_parser = argparse.ArgumentParser(add_help=False)
-    arg_parser.add_argument('-opt', default=None)
-    opt_file = arg_parser.parse_known_args()[0].opt
+    opt_file = _opt_file_argument()
     try:
         if not (opt_file and names_wbsr_type(read_option_file(opt_file))):
             return _parse_options(root_path, is_train=is_train)
