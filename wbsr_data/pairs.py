@@ -188,12 +188,14 @@ def image_size(path: str) -> Optional[tuple[int, int]]:
     return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
 
 
-def check_image_file(path: str, max_pixels: Optional[int] = None, name: Optional[str] = None) -> None:
-    """Refuse, from the file's size and header alone, what :func:`read_image_file` would refuse before decoding.
+def check_image_file(path: str, max_pixels: Optional[int] = None,
+                     name: Optional[str] = None) -> Optional[tuple[int, int]]:
+    """Refuse, from the file's size and header alone, what :func:`read_image_file` would refuse before decoding;
+    return the ``(width, height)`` the header declares (as stored), or ``None`` for a format PIL does not know.
 
     A file larger than any image of ``max_pixels`` pixels (when given) or than its own declared size can be is a
-    :class:`FileTooLargeError`; more pixels than ``max_pixels`` an :class:`ImageTooLargeError`; an animation or a
-    multi-page file an :class:`ImageFileError`. Nothing beyond the header is read.
+    :class:`FileTooLargeError`; more pixels than ``max_pixels`` an :class:`ImageTooLargeError`; an empty file, an
+    animation or a multi-page file an :class:`ImageFileError`. Nothing beyond the header is read.
     """
     name = name or path
     try:
@@ -206,8 +208,11 @@ def check_image_file(path: str, max_pixels: Optional[int] = None, name: Optional
             header = _header(f, name, max_pixels)
     except OSError as exc:
         raise ImageFileError(f'{name}: cannot read ({exc.strerror or exc})') from None
-    if header is not None and size > max_file_bytes(header[0] * header[1]):
+    if header is None:
+        return None
+    if size > max_file_bytes(header[0] * header[1]):
         raise FileTooLargeError(name, size, max_file_bytes(header[0] * header[1]), max_pixels, declared=header[:2])
+    return header[0], header[1]
 
 
 def read_image_file(path: str, max_pixels: Optional[int] = None, notes: Optional[list[str]] = None,

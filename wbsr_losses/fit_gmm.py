@@ -17,7 +17,6 @@ from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 import yaml
-from PIL import Image
 
 from basicsr.utils.options import ordered_yaml
 from wbsr_data.fileio import ensure_writable_file
@@ -63,14 +62,10 @@ def check_image_sizes(dataset_opt: Mapping[str, Any], label_space: str, blur_sig
     from wbsr_data.pairs import check_image_file
     radius = gaussian_kernel1d(float(blur_sigma)).numel() // 2
     for path in list_gt_images(dataset_opt):
-        check_image_file(path)
-        if label_space != 'detail':
+        size = check_image_file(path)  # None: a format PIL does not know, reported by the fit itself if unreadable
+        if label_space != 'detail' or size is None:
             continue
-        try:
-            with Image.open(path) as img:
-                width, height = img.size
-        except Exception:  # noqa: BLE001  (an unreadable image is reported by the fit itself, by name)
-            continue
+        width, height = size
         if min(width, height) <= radius:
             raise ValueError(f'{path}: {width}x{height} is too small for the detail label space (blur_sigma='
                              f'{blur_sigma:g} needs more than {radius} pixels a side); remove it or use label_space: '

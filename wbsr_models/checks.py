@@ -630,7 +630,8 @@ def check_run_start(opt: Mapping[str, Any], is_train: bool) -> None:
             fit = gmm_fit_options(pixel_opt)
         except TypeError as exc:
             raise ValueError(f'train.pixel_opt: {exc}') from None
-        check_image_sizes(train_set, fit['label_space'], fit['blur_sigma'])
+        if fit['label_space'] == 'detail':  # the files themselves were checked above: only the sizes are left
+            check_image_sizes(train_set, fit['label_space'], fit['blur_sigma'])
     if is_train and isinstance(train_set, Mapping):
         batch, world = int(train_set['batch_size_per_gpu']), int(opt.get('world_size') or 1)
         ratio = train_set.get('dataset_enlarge_ratio') or 1

@@ -264,8 +264,8 @@ def _report(exc: BaseException, prog: str) -> bool:
 def names_wbsr_type(opt: Any) -> bool:
     """Whether an option dict names a WBSR type (``model_type``, or a ``type`` anywhere: network, dataset, loss)."""
     if isinstance(opt, dict):
-        return any((key in ('type', 'model_type') and isinstance(value, str) and value.startswith(wbsr_hook.NAME_PREFIXES))
-                   or names_wbsr_type(value) for key, value in opt.items())
+        return any(names_wbsr_type(value) or (key in ('type', 'model_type') and isinstance(value, str) and
+                                              value.startswith(wbsr_hook.NAME_PREFIXES)) for key, value in opt.items())
     if isinstance(opt, list):
         return any(names_wbsr_type(value) for value in opt)
     return False
