@@ -957,6 +957,8 @@ def test_row9_calibrate_checks_its_flags_and_output_before_any_work(tmp_path, ch
         (['--out', str(tmp_path / 'o.pth'), '--images', '-1'], '--images must be >= 1, got -1'),
         (['--out', str(tmp_path / 'o.pth'), '--epochs', '0'], '--epochs must be >= 1, got 0'),
         (['--out', str(tmp_path / 'o.pth'), '--transforms', '9'], '--transforms must be in 1..8, got 9'),
+        (['--out', str(tmp_path / 'o.pth'), '--quality-only', '--predictor'], "--quality-only keeps the checkpoint's "
+         'predictor: use it without --predictor, with --scheme tiles'),
     ]
     real_load = calibrate.__dict__.get('load_model')
     monkeypatch.setattr('wbsr_models.infer.load_model', lambda *a, **k: pytest.fail('the model was loaded'))

@@ -329,6 +329,22 @@ def test_wbsr_calibrate_fits_a_predictor_and_the_learned_mode_uses_it(tmp_path, 
         assert result.extra['predictor_flops'] == predictor_flops  # the predictor's work is part of the cost
         if 'budget' in options and options.get('cost') != 'seconds':
             assert result.flops <= 0.5 * result.flops_full_regions * (1 + 1e-9)  # budget includes the predictor
+    # --quality-only: the quality map fitted again on the held-out image; everything else is kept
+    again = tmp_path / 'requalified.pth'
+    assert calibrate.main(['--model', str(out), '--data', str(tmp_path / 'train'), '--out', str(again),
+                           '--tile-size', '16', '--quality-only']) == 0
+    assert 'quality map fitted on 1 held-out images' in capsys.readouterr().out
+    before, after = torch_load(str(out))['wbsr']['routing'], torch_load(str(again))['wbsr']['routing']
+    assert all(torch.equal(before['predictor']['state'][k], v) for k, v in after['predictor']['state'].items())
+    assert before['class_errors'] == after['class_errors']  # lists of floats and the info
+    requested = after['predictor']['quality']['requested']
+    assert requested == sorted(requested) and after['predictor']['fit']['quality']['trim'] == 0.1
+    assert after['predictor']['fit']['quality']['images'] == 1
+    assert calibrate.main(['--model', str(ckpt), '--data', str(tmp_path / 'train'), '--out', str(tmp_path / 'x.pth'),
+                           '--quality-only']) == 2
+    assert capsys.readouterr().err.strip() == (f'wbsr-calibrate: --quality-only: --model {ckpt} has no error '
+                                               'predictor (fit one with --predictor)')
+    assert not (tmp_path / 'x.pth').exists()
 
 
 def test_the_time_table_is_measured_once_and_cached(setup, tmp_path, monkeypatch):
@@ -379,6 +395,29 @@ def test_a_flat_stretch_of_the_measured_curve_keeps_the_quality_map_ascending():
     pred = ErrorPredictor(num_subnets=3, width=4, hidden=8)
     pred.quality = (requested, internal)
     assert ErrorPredictor.from_dict(pred.to_dict()).quality == (requested, internal)
+
+
+def test_one_image_where_the_full_network_fails_does_not_move_the_quality_map():
+    # measured on the pool: one held-out image of 29, where the full network is 3.1 dB worse than a smaller subnet,
+    # moved the plain mean by -0.09 dB; the map leaves the extremes out (QUALITY_TRIM)
+    from wbsr_models.routing.predictor import QUALITY_TRIM, quality_map
+    rng = np.random.default_rng(0)
+    lq = rng.integers(0, 255, (3, 48, 64), dtype=np.uint8)
+    typical = (rng.uniform(1e-3, 2e-3, (1, 48, 64)) * np.array([2.0, 1.2, 1.0])[:, None, None]).astype(np.float32)
+    failing = typical * np.array([1.0, 1.0, 20.0], dtype=np.float32)[:, None, None]  # the full network 13 dB worse
+    maps = [ErrorMaps(n, 0, lq, typical) for n in range(9)] + [ErrorMaps(9, 0, lq, failing)]
+    predictor, internal = ErrorPredictor(num_subnets=3, width=4).eval(), (0.0, 0.5, 1.0, 2.0, 4.0)
+    with torch.no_grad():  # predicts the typical errors on every tile: subnets 0 and 1 lose 3.0 and 0.8 dB
+        predictor.fc2.weight.zero_()
+        predictor.fc2.bias.copy_(torch.tensor([np.log(2.0), np.log(1.2), np.log(1.5e-3)]))
+    alone = quality_map(predictor, maps[:9], 16, [1.0, 2.0, 4.0], internal=internal)
+    assert QUALITY_TRIM == 0.1
+    assert quality_map(predictor, maps, 16, [1.0, 2.0, 4.0], internal=internal) == alone
+    plain = quality_map(predictor, maps, 16, [1.0, 2.0, 4.0], internal=internal, trim=0.0)
+    assert alone == ((0.0, 0.478478, 0.791812, 1.849493, 3.0103), internal)
+    assert plain[0][-1] < alone[0][-1] - 1.0  # a plain mean follows the one failing image (1.71 dB at 4 dB)
+    with pytest.raises(ValueError, match=r'trim must be in \[0, 0.5\), got 0.5'):
+        quality_map(predictor, maps, 16, [1.0, 2.0, 4.0], trim=0.5)
 
 
 def test_quality_map_measures_the_loss_of_each_threshold():

@@ -37,8 +37,8 @@ from .baselines import region_psnr_table  # noqa: E402
 from .evaluation import TestImage, gt_tensor, load_test_set  # noqa: E402
 from .router import Router, RoutingOptions  # noqa: E402
 from .routing.artefacts import ClassErrors  # noqa: E402
-from .routing.predictor import (ErrorMaps, FitOptions, dihedral, error_maps, fit_predictor,  # noqa: E402
-                                quality_map)
+from .routing.predictor import (QUALITY_TRIM, ErrorMaps, FitOptions, dihedral, error_maps,  # noqa: E402
+                                fit_predictor, quality_map)
 
 
 @dataclass
@@ -128,6 +128,9 @@ def check_arguments(args: argparse.Namespace) -> None:
         raise UsageError(f'--out {args.out} is --model: write the calibrated checkpoint to another file')
     if args.predictor and args.scheme != 'tiles':
         raise UsageError('--predictor learns from whole-image runs: use it with --scheme tiles')
+    if args.quality_only and (args.predictor or args.scheme != 'tiles'):
+        raise UsageError('--quality-only keeps the checkpoint\'s predictor: use it without --predictor, with --scheme '
+                         'tiles')
     bounds = {'images': (1, None), 'tile_size': (MIN_REGION_SIDE, None), 'transforms': (1, 8), 'epochs': (1, None),
               'width': (1, 4096), 'stride': (1, None), 'seed': (0, None)}
     for name, (lo, hi) in bounds.items():
@@ -143,6 +146,55 @@ def check_arguments(args: argparse.Namespace) -> None:
     ensure_writable_file(args.out, '--out')
 
 
+def fit_quality(predictor, held_out: Sequence[ErrorMaps], net, tile_size: int, report: dict) -> None:
+    """The quality target's map (:func:`~wbsr_models.routing.predictor.quality_map`) of ``predictor`` on the held-out
+    images' error maps, recorded in ``report`` too."""
+    predictor.quality = quality_map(predictor, held_out, tile_size,
+                                    np.asarray(net.subnet_flops((tile_size, tile_size))) / tile_size ** 2)
+    report['quality'] = {'requested_db': list(predictor.quality[0]), 'threshold_db': list(predictor.quality[1]),
+                         'images': len(held_out), 'trim': QUALITY_TRIM}
+
+
+def write_routing(args: argparse.Namespace, projection, routing) -> bool:
+    """``--model`` with its thresholds and routing artefacts replaced, written to ``--out`` (atomically); False, with
+    the reason on stderr, where it cannot be written."""
+    try:
+        checkpoint = torch_load(args.model)
+        if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get('wbsr'), dict):
+            raise CorruptFileError(args.model, "no 'wbsr' entry (the file changed during the run)")
+        checkpoint['wbsr']['difficulty'] = projection.to_dict()
+        checkpoint['wbsr']['routing'] = routing.to_dict()
+        torch_save(checkpoint, args.out)
+    except (OSError, ValueError) as exc:  # a full disk at the end: nothing half-written (the write is atomic)
+        print(f'wbsr-calibrate: cannot write {args.out} ({getattr(exc, "strerror", None) or first_line(exc)}); '
+              'nothing was written', file=sys.stderr)
+        return False
+    return True
+
+
+def refit_quality(args: argparse.Namespace, net, routing, router: Router, images: Sequence[TestImage],
+                  start: float) -> int:
+    """``--quality-only``: every subnet on the held-out images only (the predictor's ``val_every``-th), and the
+    quality map of the checkpoint's predictor fitted again on them."""
+    predictor = routing.predictor
+    val_every = int((predictor.fit_info.get('options') or {}).get('val_every', FitOptions().val_every))
+    held_out = [n for n in range(len(images)) if val_every and n % val_every == 0]
+    maps = []
+    for n in tqdm(held_out, desc='error maps', unit='img', disable=None):
+        lq, gt = router.prepare(images[n].lq), gt_tensor(images[n]).to(images[n].lq.device)
+        errors = error_maps(lambda x, m: router._whole(x, m).output, router.num_subnets, router.scale, lq, gt)
+        maps.append(ErrorMaps(n, 0, (lq[0].clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy(), errors))
+    report = dict(predictor.fit_info)
+    fit_quality(predictor, maps, net, args.tile_size, report)
+    predictor.fit_info = report
+    if not write_routing(args, router.projection, routing):
+        return 2
+    print(f'wbsr-calibrate: quality map fitted on {len(maps)} held-out images; requested 0.05 dB -> predicted-loss '
+          f'threshold {predictor.quality_threshold(0.05):.3f} dB; checkpoint written to {args.out} '
+          f'({time.perf_counter() - start:.0f} s)')
+    return 0
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     from .infer import UsageError, load_model
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -153,6 +205,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument('--scheme', default='tiles', choices=['tiles', 'patches'], help='regions measured on')
     parser.add_argument('--tile-size', type=int, default=32)
     parser.add_argument('--predictor', action='store_true', help='also fit an error predictor (the learned mode)')
+    parser.add_argument('--quality-only', action='store_true',
+                        help="fit only the quality target's map of --model's predictor again, on the held-out images "
+                        '(every 10th); the predictor, the class errors and the weights are kept')
     defaults = FitOptions()
     parser.add_argument('--transforms', type=int, default=1,
                         help='predictor: flips/rotations of every image measured (1..8; default: 1, the image as it is; '
@@ -170,12 +225,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             'difficulty thresholds)')
         if projection is None:
             raise UsageError(f'--model {args.model} has no difficulty thresholds (not written by WBSRModel)')
+        if args.quality_only and routing.predictor is None:
+            raise UsageError(f'--quality-only: --model {args.model} has no error predictor (fit one with --predictor)')
         images = load_test_set(args.data, scale, limit=args.images)
         router = Router(net, RoutingOptions(scheme=args.scheme, tile_size=args.tile_size), scale, projection)
     except (OSError, ValueError) as exc:
         print(f'wbsr-calibrate: {exc}', file=sys.stderr)
         return 2
     torch.set_num_threads(int(os.environ.get('OMP_NUM_THREADS', torch.get_num_threads())))
+    if args.quality_only:
+        return refit_quality(args, net, routing, router, images, start)
     maps: Optional[list] = [] if args.predictor else None
     records = measure_regions(router, images, maps=maps)
     class_mse = records.class_mse(projection.num_classes)
@@ -196,22 +255,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         report['transforms'] = args.transforms
         held_out = [m for m in maps if m.image % options.val_every == 0 and m.transform == 0]
         if held_out:  # the quality target's threshold, set on the held-out images (never on a test set)
-            predictor.quality = quality_map(predictor, held_out, args.tile_size,
-                                            np.asarray(net.subnet_flops((args.tile_size, args.tile_size))) /
-                                            args.tile_size ** 2)
-            report['quality'] = {'requested_db': list(predictor.quality[0]), 'threshold_db': list(predictor.quality[1])}
+            fit_quality(predictor, held_out, net, args.tile_size, report)
         predictor.fit_info = report
         routing.predictor = predictor
-    try:
-        checkpoint = torch_load(args.model)
-        if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get('wbsr'), dict):
-            raise CorruptFileError(args.model, "no 'wbsr' entry (the file changed during the run)")
-        checkpoint['wbsr']['difficulty'] = projection.to_dict()
-        checkpoint['wbsr']['routing'] = routing.to_dict()
-        torch_save(checkpoint, args.out)
-    except (OSError, ValueError) as exc:  # a full disk at the end: nothing half-written (the write is atomic)
-        print(f'wbsr-calibrate: cannot write {args.out} ({getattr(exc, "strerror", None) or first_line(exc)}); '
-              'nothing was written', file=sys.stderr)
+    if not write_routing(args, projection, routing):
         return 2
     gains = gains_db(class_mse)
     print('class | regions | PSNR gain (dB) of each subnet over the smallest')
