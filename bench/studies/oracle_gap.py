@@ -1,6 +1,7 @@
 """Where the oracle gap goes: how well the difficulty signal predicts what a larger subnet buys, on training images.
 
-    python bench/studies/oracle_gap.py --model checkpoints/wbsr_srresnet_x4_train291.pth [--data datasets] [--out DIR]
+    python bench/studies/oracle_gap.py --model checkpoints/wbsr_srresnet_x4_train291.pth [--predictor net_pred.pth]
+        [--data datasets] [--out DIR]
 
 Everything here is measured on the 291-image training pool (``datasets/train291``), never on the test sets:
 
@@ -13,9 +14,10 @@ Everything here is measured on the 291-image training pool (``datasets/train291`
    benchmark measures them): Eq. 15; the budget rule (positions); the class-calibrated greedy
    (``mode: calibrated``); signals from LR pixels (multi-scale gradient statistics, variance, Laplacian energy)
    as parameter-free scores and through a small learned predictor of each subnet's error (ridge regression on the
-   features, fitted on the pool minus its validation split, evaluated on the validation split); and the per-tile
-   oracle. Each at the same budgets: mean PSNR over the images and the share of the gap between the budget rule
-   and the oracle that it closes.
+   features, fitted on the pool minus its validation split, evaluated on the validation split); with
+   ``--predictor``, the learned mode's error predictor (its FLOPs included); and the per-tile oracle. Each at the
+   same budgets: mean PSNR over the images, the share of the gap between the budget rule and the oracle that it
+   closes, and the FLOPs at -0.05 dB read through the trimmed mean of the per-image losses (:func:`trimmed_loss`).
 
 Writes ``oracle_gap.md``, ``oracle_gap.json`` and ``gain_vs_score.png`` under ``--out``.
 """
