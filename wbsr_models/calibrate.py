@@ -179,11 +179,9 @@ def refit_quality(args: argparse.Namespace, net, routing, router: Router, images
     predictor = routing.predictor
     val_every = int((predictor.fit_info.get('options') or {}).get('val_every', FitOptions().val_every))
     held_out = [n for n in range(len(images)) if val_every and n % val_every == 0]
-    maps = []
-    for n in tqdm(held_out, desc='error maps', unit='img', disable=None):
-        lq, gt = router.prepare(images[n].lq), gt_tensor(images[n]).to(images[n].lq.device)
-        errors = error_maps(lambda x, m: router._whole(x, m).output, router.num_subnets, router.scale, lq, gt)
-        maps.append(ErrorMaps(n, 0, (lq[0].clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy(), errors))
+    maps = transformed_maps(router, [images[n] for n in held_out], [0])
+    for item, n in zip(maps, held_out):
+        item.image = n  # the image's index in --data, as a full calibration numbers it
     report = dict(predictor.fit_info)
     fit_quality(predictor, maps, net, args.tile_size, report)
     predictor.fit_info = report
