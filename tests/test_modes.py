@@ -399,7 +399,7 @@ def test_a_flat_stretch_of_the_measured_curve_keeps_the_quality_map_ascending():
 
 def test_one_image_where_the_full_network_fails_does_not_move_the_quality_map():
     # measured on the pool: one held-out image of 29, where the full network is 3.1 dB worse than a smaller subnet,
-    # moved the plain mean by -0.09 dB; the map leaves the extremes out (QUALITY_TRIM)
+    # moved the plain mean by about -0.1 dB; the map leaves the extremes out (QUALITY_TRIM)
     from wbsr_models.routing.predictor import QUALITY_TRIM, quality_map
     rng = np.random.default_rng(0)
     lq = rng.integers(0, 255, (3, 48, 64), dtype=np.uint8)

@@ -78,7 +78,7 @@ def image_psnr(records: RegionRecords, chosen: np.ndarray) -> float:
 def trimmed_loss(records: RegionRecords, chosen: np.ndarray) -> float:
     """Per image, the PSNR lost against the full network (tile errors summed), averaged over the images with the
     lowest and the highest :data:`QUALITY_TRIM` share left out: one pool image where the full network is 3.1 dB
-    worse than a smaller subnet moves the plain mean of the 29-image validation split by about 0.09 dB."""
+    worse than a smaller subnet moves the plain mean of the 29-image validation split by up to 0.1 dB."""
     from scipy.stats import trim_mean
     rows = np.arange(len(chosen))
     err = records.area * records.mse[rows, chosen]
