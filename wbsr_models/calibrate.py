@@ -38,7 +38,7 @@ from .evaluation import TestImage, gt_tensor, load_test_set  # noqa: E402
 from .router import Router, RoutingOptions  # noqa: E402
 from .routing.artefacts import ClassErrors  # noqa: E402
 from .routing.predictor import (QUALITY_TRIM, ErrorMaps, FitOptions, dihedral, error_maps,  # noqa: E402
-                                fit_predictor, quality_map)
+                                fit_predictor, quality_map, region_mse)
 
 
 @dataclass
@@ -89,8 +89,7 @@ def measure_regions(router: Router, images: Iterable[TestImage], progress: bool 
         gt = gt_tensor(image).to(lq.device)
         if regions.scheme == 'tiles':
             errors = error_maps(lambda x, m: router._whole(x, m).output, router.num_subnets, router.scale, lq, gt)
-            mse = np.stack([errors[:, t:t + h, lf:lf + w].mean(axis=(1, 2), dtype=np.float64)
-                            for t, lf, h, w in regions.boxes.tolist()])
+            mse = region_mse(errors, regions.boxes)
             if maps is not None:
                 maps.append(ErrorMaps(n, 0, (lq[0].clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy(), errors))
         else:

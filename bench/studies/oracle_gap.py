@@ -65,14 +65,16 @@ def tile_features(router: Router, images) -> np.ndarray:
     return np.concatenate(rows)
 
 
+def image_psnrs(records: RegionRecords, chosen: np.ndarray) -> np.ndarray:
+    """Per image (in order of its index), the PSNR of the tiles' summed squared error under the chosen subnets."""
+    err = records.area * records.mse[np.arange(len(chosen)), chosen]
+    return np.array([10 * np.log10(records.area[records.image == n].sum() / err[records.image == n].sum())
+                     for n in np.unique(records.image)])
+
+
 def image_psnr(records: RegionRecords, chosen: np.ndarray) -> float:
     """Mean over images of the PSNR of the tiles' summed squared error under the chosen subnets."""
-    err = records.area * records.mse[np.arange(len(chosen)), chosen]
-    values = []
-    for n in np.unique(records.image):
-        rows = records.image == n
-        values.append(10 * np.log10(records.area[rows].sum() / err[rows].sum()))
-    return float(np.mean(values))
+    return float(np.mean(image_psnrs(records, chosen)))
 
 
 def trimmed_loss(records: RegionRecords, chosen: np.ndarray) -> float:
@@ -80,12 +82,8 @@ def trimmed_loss(records: RegionRecords, chosen: np.ndarray) -> float:
     lowest and the highest :data:`QUALITY_TRIM` share left out: one pool image where the full network is 3.1 dB
     worse than a smaller subnet moves the plain mean of the 29-image validation split by up to 0.1 dB."""
     from scipy.stats import trim_mean
-    rows = np.arange(len(chosen))
-    err = records.area * records.mse[rows, chosen]
-    full = records.area * records.mse[:, -1]
-    losses = [10 * np.log10(err[records.image == n].sum() / full[records.image == n].sum())
-              for n in np.unique(records.image)]
-    return float(trim_mean(losses, QUALITY_TRIM))
+    full = np.full(len(chosen), records.mse.shape[1] - 1)
+    return float(trim_mean(image_psnrs(records, full) - image_psnrs(records, chosen), QUALITY_TRIM))
 
 
 def per_image(records: RegionRecords, costs: np.ndarray, rule: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
@@ -208,18 +206,20 @@ def main(argv: Optional[list] = None) -> int:
     boosted = boosted_errors(logx, records.mse, train)
     rules['learned (boosted trees)'] = lambda b: per_image(records, costs, lambda r: calibrated_subnets(
         np.arange(1, len(r) + 1), position[r], costs[r], boosted[r], records.area[r], b))
-    overhead = np.zeros(len(records.image))  # the predictor's FLOPs per tile (its share of the image's)
+    paid: dict[str, float] = {}  # FLOPs a rule spends beyond its subnets'
     if args.predictor:  # the learned mode's allocation, its predictor's FLOPs paid from the budget as the router does
         predictor = load_model(args.predictor).routing.predictor
         if predictor is None:
             raise SystemExit(f'--predictor {args.predictor}: the checkpoint has no error predictor')
         errors = np.zeros_like(records.mse)
+        overhead = np.zeros(len(records.image))  # the predictor's FLOPs per tile (its share of the image's)
         for n, image in enumerate(images):
             lq = router.prepare(image.lq)
             boxes = router.regions(lq).boxes
             rows = records.image == n
             errors[rows] = predictor.predict(lq, boxes)
             overhead[rows] = predictor.flops(lq.shape[-2:], len(boxes)) / len(boxes)
+        paid['learned (error predictor)'] = float(overhead.sum())
         rules['learned (error predictor)'] = lambda b: per_image(records, costs, lambda r: tradeoff_subnets(
             records.area[r, None] * errors[r], costs[r], limit_cost=b * costs[r, -1].sum() - overhead[r].sum()))
     eq15 = eq15_subnets(records.classes, k, m)
@@ -231,7 +231,7 @@ def main(argv: Optional[list] = None) -> int:
         table[name] = {}
         for b in BUDGETS:
             chosen = rule(b)
-            spent = costs[np.arange(len(chosen)), chosen].sum() + (overhead.sum() if name.startswith('learned (error') else 0)
+            spent = costs[np.arange(len(chosen)), chosen].sum() + paid.get(name, 0.)
             table[name][b] = {'flops': float(spent / costs[:, -1].sum()),
                               'psnr_val': image_psnr(_subset(records, val), chosen[val]),
                               'loss_val_trimmed': trimmed_loss(_subset(records, val), chosen[val]),

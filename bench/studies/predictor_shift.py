@@ -27,7 +27,7 @@ from tqdm import tqdm
 from wbsr_models.evaluation import gt_tensor, load_test_set
 from wbsr_models.infer import load_model
 from wbsr_models.router import Router, RoutingOptions
-from wbsr_models.routing.predictor import error_maps
+from wbsr_models.routing.predictor import error_maps, region_mse
 
 
 def log_ratios(router: Router, images) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -42,7 +42,7 @@ def log_ratios(router: Router, images) -> tuple[np.ndarray, np.ndarray, np.ndarr
         boxes = regions.boxes
         maps = error_maps(lambda x, m: router._whole(x, m).output, router.num_subnets, router.scale, lq,
                           gt_tensor(image))
-        truth = np.stack([maps[:, t:t + h, lf:lf + w].mean(axis=(1, 2), dtype=np.float64) for t, lf, h, w in boxes])
+        truth = region_mse(maps, boxes)
         guess = predictor.predict(lq, boxes)
         predicted.append(np.log(guess[:, :-1] / guess[:, -1:]))
         if table is not None:
@@ -58,7 +58,8 @@ def log_ratios(router: Router, images) -> tuple[np.ndarray, np.ndarray, np.ndarr
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument('--model', required=True, help='a checkpoint with an error predictor (wbsr-calibrate --predictor)')
+    parser.add_argument('--model', required=True,
+                        help='a checkpoint with an error predictor (wbsr-calibrate --predictor)')
     parser.add_argument('--data', default='datasets')
     parser.add_argument('--sets', nargs='+', default=['Urban100'])
     parser.add_argument('--every', type=int, default=5, help='every N-th image of each set')

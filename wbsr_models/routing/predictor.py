@@ -266,6 +266,13 @@ def error_maps(run_subnet: Callable[[torch.Tensor, int], torch.Tensor], num_subn
     return maps
 
 
+def region_mse(errors: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+    """Every subnet's mean squared error per pixel on each region ``(top, left, height, width)`` (LR pixels) of an
+    image's :func:`error_maps` ``(M, h, w)``: ``(n, M)`` float64."""
+    return np.stack([errors[:, t:t + h, lf:lf + w].mean(axis=(1, 2), dtype=np.float64)
+                     for t, lf, h, w in np.asarray(boxes).tolist()])
+
+
 # ---- fitting ------------------------------------------------------------------------------------------------
 @dataclass
 class FitOptions:
@@ -408,12 +415,10 @@ def validation_report(predictor: ErrorPredictor, maps: Sequence[ErrorMaps], tile
     measured, predicted = [], []
     for item in maps:
         _, h, w = item.lq.shape
-        boxes = np.array([(t, lf, min(tile, h - t), min(tile, w - lf)) for t in range(0, h, tile)
-                          for lf in range(0, w, tile)])
+        boxes = _grid_boxes(h, w, tile)
         lq = torch.from_numpy(item.lq)[None].float() / 255.
         predicted.append(predictor.predict(lq, boxes))
-        measured.append(np.stack([item.errors[:, t:t + bh, lf:lf + bw].mean(axis=(1, 2), dtype=np.float64)
-                                  for t, lf, bh, bw in boxes]))
+        measured.append(region_mse(item.errors, boxes))
     measured, predicted = np.concatenate(measured), np.concatenate(predicted)
     log_m, log_p = np.log(np.maximum(measured, 1e-12)), np.log(np.maximum(predicted, 1e-12))
     rho_gain = spearmanr(log_p[:, 0] - log_p[:, -1], log_m[:, 0] - log_m[:, -1])[0]
@@ -446,8 +451,7 @@ def quality_map(predictor: ErrorPredictor, maps: Sequence[ErrorMaps], tile: int,
         boxes = _grid_boxes(h, w, tile)
         area = (boxes[:, 2] * boxes[:, 3]).astype(np.float64)
         predicted = predictor.predict(torch.from_numpy(item.lq)[None].float() / 255., boxes) * area[:, None]
-        truth = np.stack([item.errors[:, t:t + bh, lf:lf + bw].mean(axis=(1, 2), dtype=np.float64)
-                          for t, lf, bh, bw in boxes]) * area[:, None]
+        truth = region_mse(item.errors, boxes) * area[:, None]
         costs = np.outer(area, np.asarray(pixel_costs, dtype=np.float64))
         rows = np.arange(len(boxes))
         for j, db in enumerate(internal):
