@@ -66,6 +66,8 @@ TILE_TOLERANCES = (0.02, 0.05, 0.2)
 LEARNED_BUDGETS = sweep_values('learned', 'budget')
 LEARNED_LOSSES = sweep_values('learned', 'max_loss')
 CALIBRATED_BUDGETS = sweep_values('calibrated', 'budget')
+CALIBRATED_SLOPES = sweep_values('calibrated', 'slope')
+LEARNED_SLOPES = sweep_values('learned', 'slope')
 WITHIN_DB = 0.05
 HEADER = ('FLOPs % vs full on image: against the full network run once on the whole image; vs full on the same '
           "regions: against the full network on the same patches (the papers' convention; for tiles and the whole "
@@ -105,7 +107,8 @@ def set_modes(net, scale: int, projection, arm_table, store: dict, routing=None,
     whole-image rows (``full``, every ``fixed`` subnet), the full network on the patches and the oracle.
 
     ``only``: mode names to run (``full``, ``fixed``, ``patches`` (the full network on the patches), ``oracle`` and
-    registered modes); ``alternative``: the other
+    registered modes), or ``mode:option`` for the points of a mode's sweeps that set that option (``learned:slope``);
+    ``alternative``: the other
     difficulty projection, ``(kind, projection)``, for one more Eq. 15 row. A mode whose checkpoint artefact is
     missing (class errors, a predictor) is left out, with a line saying so."""
     def cached(**options) -> Router:
@@ -118,7 +121,10 @@ def set_modes(net, scale: int, projection, arm_table, store: dict, routing=None,
         return lambda image: (lambda regions, classes, costs: oracle_subnets(store[key], tol))
 
     def wanted(name: str) -> bool:
-        return only is None or name in only
+        return only is None or name in only or any(entry.startswith(name + ':') for entry in only)
+
+    def point_wanted(name: str, point: dict) -> bool:
+        return only is None or name in only or any(f'{name}:{key}' in only for key in point)
 
     largest = net.num_subnets - 1
     modes = {}
@@ -142,7 +148,7 @@ def set_modes(net, scale: int, projection, arm_table, store: dict, routing=None,
             print(f'benchmark: {name} mode left out, the checkpoint has no {" and ".join(missing)}', flush=True)
             continue
         for scheme, points, make in (('patches', mode.patch_sweep, cached), ('tiles', mode.sweep, real)):
-            for point in points:
+            for point in filter(lambda p: point_wanted(name, p), points):
                 modes[f'{scheme}: {mode.label(point)}'] = (scheme, make(mode=name, scheme=scheme, **point), None)
     if alternative is not None and wanted('wbsr'):
         kind, other = alternative
@@ -211,8 +217,9 @@ def lowest_budget_within(summary: dict, prefix: str, budgets, reference: float) 
 
 #: The curves of the table of FLOPs at the 0.05-dB point: ``label -> row-key prefix`` (``fixed``: the fixed subnets,
 #: as their upper concave hull: the best that running one of two fixed subnets on each image reaches).
-CURVES = {'tiles: budget rule': 'tiles: budget ', 'tiles: calibrated': 'tiles: calibrated ',
-          'tiles: learned (budget sweep)': 'tiles: learned 0',
+CURVES = {'tiles: budget rule': 'tiles: budget ', 'tiles: calibrated': 'tiles: calibrated 0',
+          'tiles: calibrated (slope)': 'tiles: calibrated slope', 'tiles: learned (budget sweep)': 'tiles: learned 0',
+          'tiles: learned (slope)': 'tiles: learned slope',
           'tiles: learned (quality target)': 'tiles: learned max_loss',
           'tiles: ARM': 'tiles: ARM eta', 'tiles: oracle': 'tiles: oracle', 'patches: budget rule': 'patches: budget ',
           'patches: oracle': 'patches: oracle', 'fixed subnets (upper concave hull)': 'fixed '}
@@ -394,6 +401,10 @@ def plot_curve(name: str, summary: dict, path: str) -> None:
               ('tiles: learned', LEARNED_BUDGETS, '-P', '#17becf', 'tiles, learned (error predictor), budget sweep'),
               ('tiles: learned max_loss', LEARNED_LOSSES, ':X', '#0b5563',
                'tiles, learned, quality target (max_loss dB)'),
+              ('tiles: calibrated slope', CALIBRATED_SLOPES, '--v', '#9edae5',
+               'tiles, calibrated, one slope for the set (dB per 1% FLOPs)'),
+              ('tiles: learned slope', LEARNED_SLOPES, '--P', '#2ca02c',
+               'tiles, learned, one slope for the set (dB per 1% FLOPs)'),
               ('tiles: ARM eta', TILE_ETAS, '-s', '#55a868', 'tiles, ARM eta sweep'),
               ('tiles: oracle', TILE_TOLERANCES, '--^', '#8172b2', 'tiles, oracle tolerance sweep')]
     for prefix, values, fmt, color, label in series:
@@ -431,9 +442,10 @@ def table_rows(summary: dict) -> list[str]:
 
 def wall_time(net, scale: int, projection, arm_table, images: list[TestImage], repeats: int,
               budgets: dict[str, list[float]], fixed_subnets: bool, routing=None,
-              learned: Sequence[dict] = ()) -> list[dict]:
+              learned: Sequence[dict] = (), calibrated: Sequence[dict] = ()) -> list[dict]:
     """Seconds per image of the main modes (:func:`time_modes`), with their FLOPs ratio, time ratio and PSNR on the
-    timed images; ``learned``: points of the learned mode to time (its predictor's time included)."""
+    timed images; ``learned``, ``calibrated``: more points of those modes to time (the learned mode's predictor's time
+    included)."""
     def router(**options) -> Router:
         return Router(net, RoutingOptions(**options), scale, projection, arm_table, routing)
 
@@ -449,8 +461,8 @@ def wall_time(net, scale: int, projection, arm_table, images: list[TestImage], r
     if routing is not None and routing.class_errors is not None:
         modes.update({f'tiles: calibrated {b}': (router(mode='calibrated', budget=b, scheme='tiles'), None)
                       for b in budgets['tiles']})
-    modes.update({f"tiles: {MODES['learned'].label(point)}": (router(mode='learned', **point), None)
-                  for point in learned})
+    for name, points in (('learned', learned), ('calibrated', calibrated)):
+        modes.update({f'tiles: {MODES[name].label(point)}': (router(mode=name, **point), None) for point in points})
     if fixed_subnets:
         modes.update({f'fixed {i} (w{w} d{d})': (router(mode='fixed', subnet=i), None)
                       for i, (w, d) in enumerate(net.subnets[:-1])})
@@ -631,10 +643,13 @@ def main(argv: Optional[list] = None) -> int:
     parser.add_argument('--time-learned', nargs='*', default=[], metavar='OPTION=VALUE',
                         help='points of the learned mode to time, e.g. budget=0.5 max_loss=0.05 cost=seconds (one '
                         'point per word; a word may join options with commas: budget=0.5,cost=seconds)')
+    parser.add_argument('--time-calibrated', nargs='*', default=[], metavar='OPTION=VALUE',
+                        help='points of the calibrated mode to time, e.g. slope=0.003 budget=0.5')
     parser.add_argument('--skip-costs', action='store_true')
     parser.add_argument('--modes', nargs='+', default=None,
                         help='evaluate only these: full, fixed, patches (the full network on the patches), oracle and '
-                        f'registered routing modes ({", ".join(MODES)}); the default is all of them')
+                        f'registered routing modes ({", ".join(MODES)}), or MODE:OPTION for the points of a mode that '
+                        'set OPTION (e.g. learned:slope); the default is all of them')
     parser.add_argument('--other-projection', action='store_true',
                         help='also route Eq. 15 with the other difficulty projection (pca / sum), fitted on train291')
     parser.add_argument('--part', default=None, help='K/N: evaluate only images K, K+N, K+2N, ... of each set '
@@ -652,7 +667,7 @@ def main(argv: Optional[list] = None) -> int:
         parser.error('--model is required (except with --merge)')
     os.makedirs(args.out, exist_ok=True)
     net, scale, projection, routing = load_model(args.model)
-    known = {'full', 'fixed', 'patches', 'oracle', *MODES}
+    known = {'full', 'fixed', 'patches', 'oracle', *MODES, *(f'{n}:{o}' for n, m in MODES.items() for o in m.reads())}
     if args.modes is not None and set(args.modes) - known:
         parser.error(f'--modes: unknown {sorted(set(args.modes) - known)}; known: {sorted(known)}')
     only = set(args.modes) if args.modes is not None else None
@@ -693,8 +708,9 @@ def main(argv: Optional[list] = None) -> int:
         budgets = {scheme: args.time_budgets if args.time_budgets is not None else
                    ([found[scheme]['budget']] if found.get(scheme) else []) for scheme in ('patches', 'tiles')}
         learned = [parse_point(word) for word in args.time_learned]
+        calibrated = [parse_point(word) for word in args.time_calibrated]
         timing = wall_time(net, scale, projection, arm_table, timing_images, args.repeats, budgets, args.time_fixed,
-                           routing, learned)
+                           routing, learned, calibrated)
         report['wall_time'] = timing
         md += [f'## Wall time, Urban100 first {len(timing_images)} images, median of {args.repeats} interleaved runs\n',
                '| mode | s / image | time vs full | FLOPs % vs full on image | PSNR-Y on these images | time vs full '

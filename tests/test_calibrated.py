@@ -7,6 +7,7 @@ from hypothesis import given, settings, strategies as st
 from wbsr_data.difficulty import DifficultyProjection
 from wbsr_models import calibrate
 from wbsr_models.router import Router, RoutingOptions, calibrated_subnets
+from wbsr_models.routing.allocation import slope_subnets
 from wbsr_models.routing.artefacts import ClassErrors, RoutingArtefacts
 
 from test_arch import randomise, tiny_srresnet
@@ -79,7 +80,7 @@ def test_router_calibrated_mode_needs_a_calibration():
     proj = DifficultyProjection.fit(np.random.default_rng(0).random((200, 4)) * 0.05, 10)
     with pytest.raises(ValueError, match='needs the measured error of every subnet'):
         Router(net, RoutingOptions(mode='calibrated', budget=0.5), 4, proj)
-    with pytest.raises(ValueError, match='val.routing.budget is required for calibrated mode'):
+    with pytest.raises(ValueError, match='val.routing: calibrated mode takes exactly one of budget and slope'):
         RoutingOptions.from_opt({'mode': 'calibrated'})
     routing = RoutingArtefacts(class_errors=ClassErrors(class_mse()))
     x = torch.rand(1, 3, 40, 56)
@@ -110,3 +111,49 @@ def test_wbsr_calibrate_writes_the_class_errors_into_a_new_checkpoint(tmp_path, 
     assert routing.predictor is None  # without --predictor
     assert calibrate.main(['--model', str(out), '--data', str(tmp_path / 'train'), '--out', str(out)]) == 2
     assert 'is --model: write the calibrated checkpoint to another file' in capsys.readouterr().err
+
+
+# ---- one slope (dB per 1% of the image's full-network cost) -------------------------------------------------------
+def slope_objective(errors, costs, chosen, slope):
+    rows = np.arange(len(errors))
+    return (10 * np.log10(errors[rows, chosen].sum() / errors[:, -1].sum()) +
+            slope * 100 * costs[rows, chosen].sum() / costs[:, -1].sum())
+
+
+def test_slope_upgrades_exactly_the_regions_worth_their_cost():
+    # region 0 loses 1.0 of the image's 2.0 on the cheap subnet, region 1 only 0.01; an upgrade costs 25% of the image
+    errors, costs = np.array([[2.0, 1.0], [1.01, 1.0]]), np.array([[1.0, 2.0], [1.0, 2.0]])
+    # upgrading region 0 buys 4.34 * 1.0 / 2.01 / 25 = 0.086 dB per 1%; region 1, 0.00086 dB per 1%
+    assert slope_subnets(errors, costs, 0.1).tolist() == [0, 0]
+    assert slope_subnets(errors, costs, 0.01).tolist() == [1, 0]
+    assert slope_subnets(errors, costs, 0.0005).tolist() == [1, 1]
+    # one slope, two images: the one whose upgrade gains 0.49 dB gets it, the one where it gains 0.01 dB does not
+    assert slope_subnets(np.array([[1.12, 1.0]]), np.array([[1.0, 2.0]]), 0.005).tolist() == [1]
+    assert slope_subnets(np.array([[1.0023, 1.0]]), np.array([[1.0, 2.0]]), 0.005).tolist() == [0]
+    assert slope_subnets(np.zeros((3, 2)), np.array([[1.0, 2.0]] * 3), 0.005).tolist() == [0, 0, 0]  # no error
+
+
+@pytest.mark.parametrize('seed', range(4))
+def test_slope_allocation_is_the_best_of_every_allocation(seed):
+    """Exhaustive search over the 9^4 allocations of 4 regions, with subnets whose error ratios are like the reference
+    checkpoint's (the cheapest leaves up to 1.6x the full network's error)."""
+    import itertools
+    rng = np.random.default_rng(seed)
+    costs = np.outer(rng.uniform(0.5, 1.0, 4), COSTS)
+    ratios = 1 + np.sort(rng.uniform(0, 0.6, (4, 9)), axis=1)[:, ::-1]
+    ratios[:, -1] = 1
+    errors = rng.uniform(0.2, 2.0, (4, 1)) * ratios
+    grid = np.array(list(itertools.product(range(9), repeat=4)))
+    for slope in (0.001, 0.003, 0.01, 0.03):
+        chosen = slope_subnets(errors, costs, slope)
+        values = (10 * np.log10(errors[np.arange(4), grid].sum(1) / errors[:, -1].sum()) +
+                  slope * 100 * costs[np.arange(4), grid].sum(1) / costs[:, -1].sum())
+        assert slope_objective(errors, costs, chosen, slope) == pytest.approx(values.min(), abs=1e-12), slope
+
+
+def test_slope_refuses_bad_calls():
+    with pytest.raises(ValueError, match=r'errors and costs must be \(n, M\) arrays of one shape'):
+        slope_subnets(np.ones((2, 3)), np.ones((2, 2)), 0.01)
+    for bad in (0.0, -1.0, float('nan'), float('inf')):
+        with pytest.raises(ValueError, match='slope must be a finite number > 0'):
+            slope_subnets(np.ones((2, 2)), np.ones((2, 2)), bad)

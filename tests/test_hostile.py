@@ -935,6 +935,10 @@ time.sleep(600)
      'larger value changes nothing but can overflow the allocation)'),
     (['--max-loss', '1e300'], '--max-loss must be at most 100, got 1e+300 (a larger value changes nothing but can '
      'overflow the allocation)'),
+    (['--slope', '1e300'], '--slope must be at most 1e+06, got 1e+300 (a larger value changes nothing but can '
+     'overflow the allocation)'),
+    (['--slope', '0'], '--slope must be > 0, got 0.0'),
+    (['--mode', 'calibrated'], '--mode calibrated: calibrated mode takes exactly one of --budget and --slope'),
 ])
 def test_row8_trade_offs_must_be_finite_and_bounded(tmp_path, checkpoint, capsys, flags, message):
     inputs = write_images(tmp_path / 'in', ['a.png'])

@@ -18,7 +18,7 @@ from wbsr_data.fileio import torch_load, torch_save
 from wbsr_models import infer
 from wbsr_models.baselines import ArmTable, build_arm_table
 from wbsr_models.router import Router, RoutingOptions
-from wbsr_models.routing.allocation import tradeoff_subnets
+from wbsr_models.routing.allocation import slope_subnets, tradeoff_subnets
 from wbsr_models.routing.artefacts import ClassErrors, RoutingArtefacts
 from wbsr_models.routing.modes import MODES, OPTIONS, RoutingMode, register_mode
 from wbsr_models.routing.predictor import (CONTEXT, ErrorMaps, ErrorPredictor, FitOptions, fit_predictor,
@@ -72,12 +72,16 @@ def test_the_registry_holds_every_mode_with_its_options():
     assert {n for n in RoutingOptions.__dataclass_fields__} >= set(OPTIONS)  # one field per option
 
 
-@pytest.mark.parametrize('name', list(MODES))
-def test_every_mode_runs_from_wbsr_infer(name, setup, tmp_path, capsys):
+#: Every mode with its example options, and every option that selects another way of routing within a mode.
+RUNS = [(name, example(name)) for name in MODES] + [('calibrated', {'slope': 0.003}), ('learned', {'slope': 0.003})]
+
+
+@pytest.mark.parametrize('name,point', RUNS, ids=[f'{n}-{"-".join(p)}' for n, p in RUNS])
+def test_every_mode_runs_from_wbsr_infer(name, point, setup, tmp_path, capsys):
     img = tmp_path / 'in.png'
     import cv2
     cv2.imwrite(str(img), textured_image(24, 40, seed=1))
-    flags = [f'{OPTIONS[k].flag}={v}' for k, v in example(name).items()]
+    flags = [f'{OPTIONS[k].flag}={v}' for k, v in point.items()]
     if name == 'arm':
         flags.append(f'--arm-lut={setup["arm"]}')
     code = infer.main(['-i', str(img), '-o', str(tmp_path / 'out'), '--model', str(setup['ckpt']), '--mode', name,
@@ -86,12 +90,12 @@ def test_every_mode_runs_from_wbsr_infer(name, setup, tmp_path, capsys):
     assert cv2.imread(str(tmp_path / 'out' / 'in.png')).shape == (96, 160, 3)
 
 
-@pytest.mark.parametrize('name', list(MODES))
-def test_every_mode_runs_from_an_option_file(name, setup, tmp_path, basicsr_log):
+@pytest.mark.parametrize('name,point', RUNS, ids=[f'{n}-{"-".join(p)}' for n, p in RUNS])
+def test_every_mode_runs_from_an_option_file(name, point, setup, tmp_path, basicsr_log):
     """WBSRModel's validation with ``val.routing``, which is what ``basicsr/test.py`` runs."""
     opt = model_options(tmp_path, setup['pairs'], is_train=False)
     opt['path']['pretrain_network_g'] = str(setup['ckpt'])
-    opt['val']['routing'] = {'mode': name, 'tile_size': 8, **example(name)}
+    opt['val']['routing'] = {'mode': name, 'tile_size': 8, **point}
     if name == 'arm':
         opt['val']['routing']['arm_lut'] = setup['arm']
     model = build_model(opt)
@@ -113,9 +117,30 @@ def test_every_mode_is_a_row_of_the_benchmark(setup):
     assert 'tiles: learned 0.5' in rows and 'tiles: learned max_loss 0.05' in rows and 'full' in rows
     assert all(f'fixed {i} (w{w} d{d})' in rows for i, (w, d) in enumerate(net.subnets))
     assert 'tiles: oracle 0.05' in rows and 'tiles: ARM eta 1.0' in rows and 'tiles: calibrated 0.6' in rows
+    assert 'tiles: calibrated slope 0.003' in rows and 'tiles: learned slope 0.003' in rows
     only = benchmark.set_modes(net, 4, projection, table, {}, routing, only={'full', 'learned'})
     assert all(key == 'full' or key.startswith('tiles: learned') for key in only)
     assert len(only) == 1 + len(MODES['learned'].sweep)
+    slopes = benchmark.set_modes(net, 4, projection, table, {}, routing, only={'full', 'calibrated:slope',
+                                                                               'learned:slope'})
+    assert sorted(slopes) == sorted(['full'] + [f'tiles: {m} slope {v}' for m in ('calibrated', 'learned')
+                                                for v in benchmark.sweep_values(m, 'slope')])
+
+
+def test_the_benchmark_times_points_of_the_calibrated_and_learned_modes(setup):
+    from wbsr_models.evaluation import TestImage
+    net, projection = setup['net'], setup['projection']
+    routing = infer.load_model(str(setup['ckpt'])).routing
+    gt = textured_image(64, 96, seed=5)
+    lq = torch.from_numpy(np.ascontiguousarray(gt[::4, ::4, ::-1].transpose(2, 0, 1))).float()[None] / 255.
+    point = benchmark.parse_point
+    rows = benchmark.wall_time(net, 4, projection, ArmTable.load(setup['arm']), [TestImage('a', lq, gt)], 1,
+                               {'patches': [], 'tiles': []}, False, routing, learned=[point('slope=0.003')],
+                               calibrated=[point('slope=0.003'), point('budget=0.5')])
+    timed = {r['mode']: r for r in rows}
+    assert {'tiles: learned slope 0.003', 'tiles: calibrated slope 0.003', 'tiles: calibrated 0.5'} <= set(timed)
+    assert all(r['seconds'] > 0 and 0 < r['ratio_whole'] for r in timed.values())
+    assert timed['tiles: calibrated 0.5']['ratio_whole'] <= 0.5 + 1e-9
 
 
 def test_a_new_mode_is_one_entry(setup, tmp_path):
@@ -142,8 +167,14 @@ def test_a_new_mode_is_one_entry(setup, tmp_path):
 
 
 @pytest.mark.parametrize('options,message', [
-    ({'mode': 'learned'}, 'learned mode takes exactly one of budget and max_loss'),
-    ({'mode': 'learned', 'budget': 0.5, 'max_loss': 0.05}, 'learned mode takes exactly one of budget and max_loss'),
+    ({'mode': 'learned'}, r'val.routing: learned mode takes exactly one of budget, max_loss and slope$'),
+    ({'mode': 'learned', 'budget': 0.5, 'max_loss': 0.05},
+     'learned mode takes exactly one of budget, max_loss and slope, got budget and max_loss'),
+    ({'mode': 'calibrated'}, r'val.routing: calibrated mode takes exactly one of budget and slope$'),
+    ({'mode': 'calibrated', 'budget': 0.5, 'slope': 0.01},
+     'calibrated mode takes exactly one of budget and slope, got budget and slope'),
+    ({'mode': 'calibrated', 'slope': 0}, 'val.routing.slope must be > 0, got 0.0'),
+    ({'mode': 'budget', 'budget': 0.5, 'slope': 0.01}, 'val.routing.slope is read by calibrated and learned mode'),
     ({'mode': 'learned', 'max_loss': -0.1}, r'val.routing.max_loss must be >= 0 \(dB\), got -0.1'),
     ({'mode': 'learned', 'max_loss': float('nan')}, 'val.routing.max_loss must be a finite number, got nan'),
     ({'mode': 'learned', 'budget': '0.5'}, "val.routing.budget must be a finite number, got '0.5'"),

@@ -40,8 +40,9 @@ from wbsr_data.fileio import CorruptFileError, first_line
 
 #: Smallest side (LR pixels) of a routing region: the difficulty's 3 x 3 gradient needs it.
 MIN_REGION_SIDE = 3
-#: Largest ``alpha`` and ``arm_eta``: beyond it every region already gets the full network, and ``alpha * C_full``
-#: could overflow to infinity, which would route everything to the cheapest subnet instead.
+#: Largest ``alpha``, ``arm_eta`` and ``slope``: beyond it every region already gets the full network (``alpha``,
+#: ``arm_eta``) or the cheapest subnet (``slope``), and ``alpha * C_full`` could overflow to infinity, which would route
+#: everything to the cheapest subnet instead.
 MAX_TRADEOFF = 1e6
 #: Largest ``max_loss`` (dB): 10^(max_loss / 10) must stay a finite number.
 MAX_LOSS_DB = 100.
@@ -331,7 +332,8 @@ def _parameter_spec(param: inspect.Parameter) -> Any:
 
 def check_routing(options: Any, where: str = 'val.routing', flag: Optional[Callable[[str], str]] = None) -> None:
     """What the routing registry leaves open: regions of at least :data:`MIN_REGION_SIDE` pixels for every mode that
-    cuts the image into regions, and finite arithmetic for the trade-offs (``alpha``, ``arm_eta``, ``max_loss``).
+    cuts the image into regions, and finite arithmetic for the trade-offs (``alpha``, ``arm_eta``, ``slope``,
+    ``max_loss``).
 
     ``flag`` names an option as the caller shows it (``--tile-size``); by default ``<where>.<option>``.
     """
@@ -345,7 +347,8 @@ def check_routing(options: Any, where: str = 'val.routing', flag: Optional[Calla
             raise ValueError(f'{name(option)} {side}: regions under {MIN_REGION_SIDE}x{MIN_REGION_SIDE} LR pixels have '
                              f'no gradient, so {options.mode} mode would give every one the cheapest subnet; use '
                              f'{MIN_REGION_SIDE} or more')
-    for option, hi in (('alpha', MAX_TRADEOFF), ('arm_eta', MAX_TRADEOFF), ('max_loss', MAX_LOSS_DB)):
+    for option, hi in (('alpha', MAX_TRADEOFF), ('arm_eta', MAX_TRADEOFF), ('slope', MAX_TRADEOFF),
+                       ('max_loss', MAX_LOSS_DB)):
         value = getattr(options, option, None)
         if value is not None and value > hi:
             raise ValueError(f'{name(option)} must be at most {hi:g}, got {value:g} (a larger value changes nothing '

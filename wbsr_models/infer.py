@@ -203,13 +203,14 @@ def add_routing_arguments(parser: argparse.ArgumentParser) -> None:
     """``--mode`` and one flag per mode-specific option, from the registry of routing modes."""
     parser.add_argument('--mode', default=None, choices=list(MODES),
                         help='routing mode (default: the mode a given option selects, e.g. budget with --budget, '
-                        'learned with --max-loss, else wbsr): '
-                        + '; '.join(f'{n}: {m.summary}' for n, m in MODES.items()))
+                        'learned with --max-loss, calibrated with --slope, else wbsr): '
+                        + '; '.join(f'{n}: {m.summary}' for n, m in MODES.items()).replace('%', '%%'))
     for option in OPTIONS.values():
         kind = {'index': int, 'path': str, 'choice': str}.get(option.kind, float)
         readers = ', '.join(modes_reading(option.name))
         parser.add_argument(option.flag, dest=option.name, type=kind, default=None,
-                            choices=option.choices or None, help=f'{option.help} (modes: {readers})')
+                            choices=option.choices or None,
+                            help=f'{option.help} (modes: {readers})'.replace('%', '%%'))  # argparse formats help
 
 
 def resolve_mode(args: argparse.Namespace) -> str:
@@ -236,8 +237,7 @@ def resolve_mode(args: argparse.Namespace) -> str:
     try:
         MODES[mode].check_options(argparse.Namespace(**{n: getattr(args, n, None) for n in OPTIONS}), '--mode ' + mode)
     except ValueError as exc:
-        raise UsageError(str(exc).replace('.budget', ' --budget').replace('budget and max_loss',
-                                                                          '--budget and --max-loss')) from None
+        raise UsageError(str(exc).replace('.budget', ' --budget')) from None
     return mode
 
 

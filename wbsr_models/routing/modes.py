@@ -22,7 +22,8 @@ from typing import TYPE_CHECKING, Any, ClassVar, Optional
 import numpy as np
 import torch
 
-from .allocation import alpha_subnets, budget_subnets, calibrated_subnets, eq15_subnets, tradeoff_subnets
+from .allocation import (alpha_subnets, budget_subnets, calibrated_subnets, eq15_subnets, slope_subnets,
+                         tradeoff_subnets)
 
 if TYPE_CHECKING:  # pragma: no cover
     from wbsr_models.regions import Regions
@@ -82,6 +83,9 @@ OPTIONS: dict[str, Option] = {o.name: o for o in (
            implies='budget'),
     Option('max_loss', 'loss', 'quality target: the cheapest allocation whose predicted PSNR loss against the full '
            'network is at most this many dB', implies='learned'),
+    Option('slope', 'positive', 'a region gets a larger subnet where that buys at least this many dB of the image\'s '
+           'PSNR per 1% of its full-network cost; one slope for a whole set spends the FLOPs where its mean PSNR '
+           'gains most (each image\'s cost then differs)', implies='calibrated'),
     Option('cost', 'choice', 'what a budget counts: flops, or seconds on this device (a per-tile time table '
            'measured once and cached)', default='flops', choices=('flops', 'seconds')),
     Option('alpha', 'positive', 'alpha mode: per region the subnet nearest alpha * (k / K) * C_full', implies='alpha',
@@ -215,6 +219,20 @@ def check_budget_reachable(router: 'Router', budget: float, where: str = 'val.ro
                          'meet it')
 
 
+def exactly_one(options: Any, names: tuple[str, ...], mode: str, where: str) -> None:
+    """``ValueError`` unless exactly one of the options ``names`` is given (named as flags where ``where`` is one)."""
+    given = [n for n in names if getattr(options, n, None) is not None]
+    if len(given) != 1:
+        shown = [OPTIONS[n].flag if where.startswith('--') else n for n in names]
+        raise ValueError(f'{where}: {mode} mode takes exactly one of {", ".join(shown[:-1])} and {shown[-1]}'
+                         + (f', got {" and ".join(shown[names.index(n)] for n in given)}' if given else ''))
+
+
+#: The slopes (dB per 1% of FLOPs) of the benchmark's sweeps: on the training pool's 290 images they span 32-69% of
+#: the full network's FLOPs with the reference checkpoint's class errors.
+SLOPE_SWEEP = (0.001, 0.0015, 0.002, 0.003, 0.004, 0.006, 0.01)
+
+
 # ---- the modes ------------------------------------------------------------------------------------------------------
 @register_mode
 class Eq15Mode(RoutingMode):
@@ -254,11 +272,15 @@ class BudgetMode(RoutingMode):
 @register_mode
 class CalibratedMode(RoutingMode):
     name = 'calibrated'
-    summary = 'a FLOPs budget spent where each class\'s measured error per FLOP falls most (wbsr-calibrate)'
-    required = ('budget',)
+    summary = ('each class\'s measured error per subnet (wbsr-calibrate) spent where it falls most per FLOP: under a '
+               'FLOPs budget per image, or at a slope (dB per 1% of FLOPs) for a whole set')
+    optional = ('budget', 'slope')
     needs = ('projection', 'class_errors')
-    sweep = tuple({'budget': b} for b in (0.4, 0.5, 0.6, 0.7, 0.8))
-    quick = ({'budget': 0.6},)
+    sweep = tuple({'budget': b} for b in (0.4, 0.5, 0.6, 0.7, 0.8)) + tuple({'slope': v} for v in SLOPE_SWEEP)
+    quick = ({'budget': 0.6}, {'slope': 0.003})
+
+    def check_options(self, options: Any, where: str) -> None:
+        exactly_one(options, ('budget', 'slope'), self.name, where)
 
     def check_router(self, router: 'Router') -> None:
         table = router.class_errors.class_mse
@@ -267,11 +289,14 @@ class CalibratedMode(RoutingMode):
         if table.shape[0] != router.projection.num_classes:
             raise ValueError(f'the calibration has {table.shape[0]} classes, the thresholds '
                              f'{router.projection.num_classes}')
-        check_budget_reachable(router, router.options.budget)
+        if router.options.budget is not None:
+            check_budget_reachable(router, router.options.budget)
 
     def select(self, s: Selection) -> np.ndarray:
-        return calibrated_subnets(s.classes, s.position, s.costs, s.router.class_errors.class_mse, s.area,
-                                  float(s.option('budget')))
+        table = s.router.class_errors.class_mse
+        if s.router.options.slope is not None:
+            return slope_subnets(table[s.classes - 1] * s.area[:, None], s.costs, float(s.router.options.slope))
+        return calibrated_subnets(s.classes, s.position, s.costs, table, s.area, float(s.option('budget')))
 
 
 @register_mode
@@ -304,17 +329,16 @@ class ArmMode(RoutingMode):
 class LearnedMode(RoutingMode):
     name = 'learned'
     summary = ('every region\'s error under every subnet predicted from the image (wbsr-calibrate --predictor); per '
-               'image the subnets that minimise the predicted error under a budget, or the cheapest within --max-loss '
-               'dB of the full network')
-    optional = ('budget', 'max_loss', 'cost')
+               'image the subnets that minimise the predicted error under a budget, the cheapest within --max-loss '
+               'dB of the full network, or those worth their cost at a slope (dB per 1% of FLOPs)')
+    optional = ('budget', 'max_loss', 'slope', 'cost')
     needs = ('predictor',)
     sweep = tuple({'budget': b} for b in (0.4, 0.45, 0.5, 0.55, 0.6, 0.7)) + \
-        tuple({'max_loss': d} for d in (0.02, 0.05, 0.1))
+        tuple({'max_loss': d} for d in (0.02, 0.05, 0.1)) + tuple({'slope': v} for v in SLOPE_SWEEP)
     quick = ({'budget': 0.55}, {'max_loss': 0.05})
 
     def check_options(self, options: Any, where: str) -> None:
-        if (options.budget is None) == (options.max_loss is None):
-            raise ValueError(f'{where}: learned mode takes exactly one of budget and max_loss')
+        exactly_one(options, ('budget', 'max_loss', 'slope'), self.name, where)
 
     def check_router(self, router: 'Router') -> None:
         predictor = router.predictor
@@ -329,8 +353,10 @@ class LearnedMode(RoutingMode):
         errors = router.predicted_errors(s.lq, s.regions) * s.area[:, None]  # squared error summed per region
         costs = router.region_seconds(s.regions) if s.option('cost') == 'seconds' else s.costs
         overhead = router.predictor_cost(s.regions, s.option('cost'))
-        budget, max_loss = router.options.budget, router.options.max_loss
-        if budget is not None:
+        budget, max_loss, slope = router.options.budget, router.options.max_loss, router.options.slope
+        if slope is not None:  # the predictor's own cost is the same for every allocation: it does not move the choice
+            subnets = slope_subnets(errors, costs, float(slope))
+        elif budget is not None:
             limit = budget * costs[:, -1].sum() - overhead  # the predictor's own cost comes out of the budget
             subnets = tradeoff_subnets(errors, costs, limit_cost=limit)
             if costs[np.arange(len(subnets)), subnets].sum() > limit * (1 + 1e-9):
