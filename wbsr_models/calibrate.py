@@ -53,19 +53,24 @@ class RegionRecords:
     mse: np.ndarray  # (n, M) mean squared error per pixel of each subnet (Y channel, [0, 1])
 
     def class_mse(self, num_classes: int) -> np.ndarray:
-        """``(K, M)`` area-weighted mean squared error per pixel of each subnet on each class; an empty class takes
-        the nearest filled class's."""
-        table = np.full((num_classes, self.mse.shape[1]), np.nan)
-        for k in range(1, num_classes + 1):
-            rows = self.classes == k
-            if rows.any():
-                table[k - 1] = (self.area[rows, None] * self.mse[rows]).sum(0) / self.area[rows].sum()
-        filled = np.flatnonzero(~np.isnan(table[:, 0]))
-        if not len(filled):
-            raise ValueError('no region to calibrate on')
-        for k in np.flatnonzero(np.isnan(table[:, 0])):
-            table[k] = table[filled[np.abs(filled - k).argmin()]]
-        return table
+        """``(K, M)`` area-weighted mean squared error per pixel of each subnet on each class (:func:`class_table`)."""
+        return class_table(self.classes, self.area, self.mse, num_classes)
+
+
+def class_table(classes: np.ndarray, area: np.ndarray, mse: np.ndarray, num_classes: int) -> np.ndarray:
+    """``(K, M)`` area-weighted mean squared error per pixel of each subnet on each class 1..K of regions ``classes``
+    ``(n,)`` with ``area`` ``(n,)`` and ``mse`` ``(n, M)``; an empty class takes the nearest filled class's."""
+    table = np.full((num_classes, mse.shape[1]), np.nan)
+    for k in range(1, num_classes + 1):
+        rows = classes == k
+        if rows.any():
+            table[k - 1] = (area[rows, None] * mse[rows]).sum(0) / area[rows].sum()
+    filled = np.flatnonzero(~np.isnan(table[:, 0]))
+    if not len(filled):
+        raise ValueError('no region to calibrate on')
+    for k in np.flatnonzero(np.isnan(table[:, 0])):
+        table[k] = table[filled[np.abs(filled - k).argmin()]]
+    return table
 
 
 def _records(router: Router, columns: dict) -> RegionRecords:
