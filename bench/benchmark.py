@@ -401,7 +401,7 @@ def plot_curve(name: str, summary: dict, path: str) -> None:
               ('tiles: learned', LEARNED_BUDGETS, '-P', '#17becf', 'tiles, learned (error predictor), budget sweep'),
               ('tiles: learned max_loss', LEARNED_LOSSES, ':X', '#0b5563',
                'tiles, learned, quality target (max_loss dB)'),
-              ('tiles: calibrated slope', CALIBRATED_SLOPES, '--v', '#9edae5',
+              ('tiles: calibrated slope', CALIBRATED_SLOPES, '--v', '#bcbd22',
                'tiles, calibrated, one slope for the set (dB per 1% FLOPs)'),
               ('tiles: learned slope', LEARNED_SLOPES, '--P', '#2ca02c',
                'tiles, learned, one slope for the set (dB per 1% FLOPs)'),

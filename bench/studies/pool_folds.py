@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 
 import numpy as np
@@ -237,6 +238,8 @@ def main(argv=None) -> int:
         json.dump({'images': len(tiles), 'folds': args.folds, 'budget_vs_slope': first, 'learning_curve': second},
                   f, indent=1)
     md = report(first, second, args.folds, args.fractions, len(tiles))
+    md[1:1] = ['', 'Command: `python bench/studies/pool_folds.py ' + ' '.join(sys.argv[1:] if argv is None else argv)
+               + '`']
     with open(os.path.join(args.out, 'pool_folds.md'), 'w') as f:
         f.write('\n'.join(md))
     print('\n'.join(md))
