@@ -185,9 +185,9 @@ def slope_subnets(errors: np.ndarray, costs: np.ndarray, slope: float) -> np.nda
     region, and the tangent is moved to the new allocation until it repeats (each round lowers the objective; at most
     :data:`SLOPE_ROUNDS`). This runs from two first tangents, at the full network's error and at the cheapest
     allocation's, and the better end is kept: a local minimum, which exhaustive search finds to be the global one in
-    the tests. One slope for every image of a set spends
-    its FLOPs where the set's mean PSNR gains most per FLOP: an image whose regions gain little gets fewer, unlike a
-    per-image budget. Ties go to the cheaper subnet, then to the lower index.
+    the tests. One slope for every image of a set spends its FLOPs where the set's mean PSNR gains most per FLOP: an
+    image whose regions gain little gets fewer, unlike a per-image budget. Ties go to the cheaper subnet, then to the
+    lower index.
     """
     errors = np.asarray(errors, dtype=np.float64)
     costs = np.asarray(costs, dtype=np.float64)
