@@ -38,11 +38,10 @@ from wbsr_models.evaluation import load_test_set
 from wbsr_models.infer import load_model
 from wbsr_models.router import Router, RoutingOptions
 from wbsr_models.routing.allocation import calibrated_subnets, slope_subnets, tradeoff_subnets
-from wbsr_models.routing.predictor import ErrorMaps, FitOptions, fit_predictor, region_mse
+from wbsr_models.routing.predictor import QUALITY_TRIM, ErrorMaps, FitOptions, fit_predictor, region_mse
 
 BUDGETS = tuple(np.round(np.arange(0.25, 0.951, 0.025), 3))
 SLOPES = tuple(np.geomspace(1e-4, 0.3, 100))
-TRIM = 0.1
 TARGET_DB = 0.05
 
 
@@ -89,7 +88,7 @@ def score(tiles: list[dict], chosen: list[np.ndarray], extra: list[float] | None
         rows = np.arange(len(c))
         shares.append((t['costs'][rows, c].sum() + (extra[n] if extra else 0.)) / t['whole'])
         losses.append(10 * np.log10((t['area'] * t['mse'][rows, c]).sum() / (t['area'] * t['mse'][:, -1]).sum()))
-    return float(np.mean(shares)), float(trim_mean(losses, TRIM)), float(np.mean(losses))
+    return float(np.mean(shares)), float(trim_mean(losses, QUALITY_TRIM)), float(np.mean(losses))
 
 
 def point(curve: list[tuple[float, float]]) -> float | None:
@@ -123,13 +122,12 @@ def budget_vs_slope(tiles: list[dict], folds: int, num_classes: int) -> dict:
 
 
 def learning_curve(router: Router, maps: list[ErrorMaps], tiles: list[dict], folds: int, fractions, num_classes: int,
-                   log) -> list[dict]:
+                   oracle: list[dict], log) -> list[dict]:
+    """``oracle``: :func:`budget_vs_slope`'s oracle rows (the per-image budget points of every fold)."""
     rows = []
     for fold in range(folds):
         test = [n for n in range(len(tiles)) if n % folds == fold]
         pool = np.random.default_rng(fold).permutation([n for n in range(len(tiles)) if n % folds != fold])
-        oracle = points([tiles[n] for n in test], lambda t, b: calibrated_subnets(
-            np.arange(1, len(t['area']) + 1), t['position'], t['costs'], t['mse'], t['area'], b), BUDGETS)
         log_m = np.log(np.maximum(np.concatenate([tiles[n]['mse'] for n in test]), 1e-12))
         weight = np.concatenate([tiles[n]['area'] * tiles[n]['mse'][:, -1] /
                                  (tiles[n]['area'] * tiles[n]['mse'][:, -1]).sum() for n in test]) / len(test)
@@ -146,14 +144,15 @@ def learning_curve(router: Router, maps: list[ErrorMaps], tiles: list[dict], fol
             predictor, _ = fit_predictor([m for m in maps if m.image in subset], router.num_subnets, options)
             fit_s = time.perf_counter() - start
             table = pooled_table([tiles[n] for n in sorted(subset)], num_classes)
-            test_tiles = [tiles[n] for n in test]
-            predicted = [predictor.predict(t['lq'], t['boxes']) for t in test_tiles]
-            overhead = [predictor.flops(t['lq'].shape[-2:], len(t['boxes'])) for t in test_tiles]
-            by_id = {id(t): (p, o) for t, p, o in zip(test_tiles, predicted, overhead)}
+            test_tiles = [dict(tiles[n], predicted=predictor.predict(tiles[n]['lq'], tiles[n]['boxes']),
+                               overhead=predictor.flops(tiles[n]['lq'].shape[-2:], len(tiles[n]['boxes'])))
+                          for n in test]
+            predicted = [t['predicted'] for t in test_tiles]
+            overhead = [t['overhead'] for t in test_tiles]
 
             def learned(t, b):
-                p, o = by_id[id(t)]
-                return tradeoff_subnets(p * t['area'][:, None], t['costs'], limit_cost=b * t['costs'][:, -1].sum() - o)
+                return tradeoff_subnets(t['predicted'] * t['area'][:, None], t['costs'],
+                                        limit_cost=b * t['costs'][:, -1].sum() - t['overhead'])
 
             calibrated = points(test_tiles, lambda t, b: calibrated_subnets(
                 t['classes'], t['position'], t['costs'], table, t['area'], b), BUDGETS)
@@ -161,7 +160,7 @@ def learning_curve(router: Router, maps: list[ErrorMaps], tiles: list[dict], fol
             log_c = np.log(np.concatenate([table[t['classes'] - 1] for t in test_tiles]))
             row = {'fold': fold, 'fraction': fraction, 'images': len(subset), 'fit_s': round(fit_s, 1),
                    'learned': points(test_tiles, learned, BUDGETS, overhead), 'calibrated': calibrated,
-                   'oracle': oracle,
+                   'oracle': oracle[fold]['budget per image'],
                    'spearman_gain': {'learned': float(spearmanr(log_p[:, 0] - log_p[:, -1], gain)[0]),
                                      'calibrated': float(spearmanr(log_c[:, 0] - log_c[:, -1], gain)[0])},
                    'ratio_rms': {'learned': ratio_rms(log_p), 'calibrated': ratio_rms(log_c)}}
@@ -184,8 +183,8 @@ def report(first: dict, second: list[dict], folds: int, fractions, images: int) 
     md = ['# Pool folds: a budget per image or one slope; the learned mode against the training-pool size', '',
           f'{images} pool images, {folds} folds (image index mod {folds}); each fold scored with what is fitted on the '
           'others. FLOPs: mean over images of the share of the whole-image full network; the point where the mean '
-          f'loss first reaches {TARGET_DB} dB (trimmed: the lowest and highest {int(100 * TRIM)}% of the images '
-          'left out). Mean over the folds.', '',
+          f'loss first reaches {TARGET_DB} dB (trimmed: the lowest and highest {int(100 * QUALITY_TRIM)}% of the '
+          'images left out). Mean over the folds.', '',
           '## A budget per image or one slope for the set', '',
           '| errors | budget per image, trimmed | one slope, trimmed | budget per image, plain | one slope, plain |',
           '|---|---|---|---|---|']
@@ -232,7 +231,7 @@ def main(argv=None) -> int:
     maps = pool_maps(router, args.data, args.maps)
     tiles = tile_table(router, maps)
     first = budget_vs_slope(tiles, args.folds, num_classes)
-    second = learning_curve(router, maps, tiles, args.folds, args.fractions, num_classes, print)
+    second = learning_curve(router, maps, tiles, args.folds, args.fractions, num_classes, first['oracle'], print)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, 'pool_folds.json'), 'w') as f:
         json.dump({'images': len(tiles), 'folds': args.folds, 'budget_vs_slope': first, 'learning_curve': second},
