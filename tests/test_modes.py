@@ -396,6 +396,34 @@ def test_the_time_table_is_measured_once_and_cached(setup, tmp_path, monkeypatch
     assert len(calls) == 2 and len(json.loads(path.read_text())['subnet_seconds']) == 9
 
 
+def test_the_calibrated_mode_prices_regions_in_seconds_when_asked(setup):
+    from wbsr_models.routing.allocation import calibrated_subnets
+    from wbsr_models.routing.timing import TimeTable
+    model = infer.load_model(str(setup['ckpt']))
+    table = model.routing.class_errors.class_mse
+    lq = torch.from_numpy(textured_image(32, 40, seed=5)).permute(2, 0, 1)[None].float() / 255.
+
+    def route(seconds, **options):
+        router = Router(model.net, RoutingOptions(mode='calibrated', tile_size=8, **options), 4, model.projection,
+                        routing=model.routing)
+        router._time_table = TimeTable(tuple(float(v) for v in seconds), 0., 'fake')
+        return router, router(lq)
+
+    full_cheapest = range(9, 0, -1)
+    _, by_flops = route(full_cheapest, slope=0.01)
+    _, by_seconds = route(full_cheapest, slope=0.01, cost='seconds')
+    assert by_flops.subnets.min() < 8 and (by_seconds.subnets == 8).all()  # the full network costs least in time
+    router, result = route((1, 2, 3, 1.5, 5, 6, 7, 8, 9), budget=0.5, cost='seconds')
+    regions = router.regions(router.prepare(lq))
+    classes, position, _ = router.classify(regions)
+    expected = calibrated_subnets(classes, position, router.region_seconds(regions), table,
+                                  regions.boxes[:, 2] * regions.boxes[:, 3], 0.5)
+    assert np.array_equal(result.subnets, expected)
+    assert 3 in expected and not {1, 2} & set(expected)  # subnet 3 is quicker than 1 and 2 and more accurate
+    seconds = router.region_seconds(regions)
+    assert seconds[np.arange(len(expected)), expected].sum() <= 0.5 * seconds[:, -1].sum()
+
+
 def test_the_routing_docs_list_every_mode_and_option():
     text = (REPO / 'docs' / 'routing.md').read_text()
     assert all(f'| `{name}`' in text for name in MODES), [n for n in MODES if f'| `{n}`' not in text]

@@ -86,8 +86,8 @@ OPTIONS: dict[str, Option] = {o.name: o for o in (
     Option('slope', 'positive', 'a region gets a larger subnet where that buys at least this many dB of the image\'s '
            'PSNR per 1% of its full-network cost; one slope for a whole set spends the FLOPs where its mean PSNR '
            'gains most (each image\'s cost then differs)', implies='calibrated'),
-    Option('cost', 'choice', 'what a budget counts: flops, or seconds on this device (a per-tile time table '
-           'measured once and cached)', default='flops', choices=('flops', 'seconds')),
+    Option('cost', 'choice', 'what a budget or a slope counts: flops, or seconds on this device (a per-tile time '
+           'table measured once and cached)', default='flops', choices=('flops', 'seconds')),
     Option('alpha', 'positive', 'alpha mode: per region the subnet nearest alpha * (k / K) * C_full', implies='alpha',
            default=1.0),
     Option('subnet', 'index', 'fixed mode: index into the network\'s subnets', implies='fixed'),
@@ -274,7 +274,7 @@ class CalibratedMode(RoutingMode):
     name = 'calibrated'
     summary = ('each class\'s measured error per subnet (wbsr-calibrate) spent where it falls most per FLOP: under a '
                'FLOPs budget per image, or at a slope (dB per 1% of FLOPs) for a whole set')
-    optional = ('budget', 'slope')
+    optional = ('budget', 'slope', 'cost')
     needs = ('projection', 'class_errors')
     sweep = tuple({'budget': b} for b in (0.4, 0.5, 0.6, 0.7, 0.8)) + tuple({'slope': v} for v in SLOPE_SWEEP)
     quick = ({'budget': 0.6}, {'slope': 0.003})
@@ -294,9 +294,10 @@ class CalibratedMode(RoutingMode):
 
     def select(self, s: Selection) -> np.ndarray:
         table = s.router.class_errors.class_mse
+        costs = s.router.region_seconds(s.regions) if s.option('cost') == 'seconds' else s.costs
         if s.router.options.slope is not None:
-            return slope_subnets(table[s.classes - 1] * s.area[:, None], s.costs, float(s.router.options.slope))
-        return calibrated_subnets(s.classes, s.position, s.costs, table, s.area, float(s.option('budget')))
+            return slope_subnets(table[s.classes - 1] * s.area[:, None], costs, float(s.router.options.slope))
+        return calibrated_subnets(s.classes, s.position, costs, table, s.area, float(s.option('budget')))
 
 
 @register_mode
