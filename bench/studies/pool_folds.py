@@ -212,6 +212,18 @@ def report(first: dict, second: list[dict], folds: int, fractions, images: int) 
     return md + ['']
 
 
+def write_report(out: str, name: str, data: dict, md: list[str], argv) -> None:
+    """``<name>.json`` and ``<name>.md`` under ``out`` (the report with the study's command line); prints the report."""
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, f'{name}.json'), 'w') as f:
+        json.dump(data, f, indent=1)
+    md = md[:1] + ['', f'Command: `python bench/studies/{name}.py ' + ' '.join(sys.argv[1:] if argv is None else argv)
+                   + '`'] + md[1:]
+    with open(os.path.join(out, f'{name}.md'), 'w') as f:
+        f.write('\n'.join(md))
+    print('\n'.join(md))
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--model', required=True, help='a WBSR checkpoint with difficulty thresholds')
@@ -232,16 +244,9 @@ def main(argv=None) -> int:
     tiles = tile_table(router, maps)
     first = budget_vs_slope(tiles, args.folds, num_classes)
     second = learning_curve(router, maps, tiles, args.folds, args.fractions, num_classes, first['oracle'], print)
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, 'pool_folds.json'), 'w') as f:
-        json.dump({'images': len(tiles), 'folds': args.folds, 'budget_vs_slope': first, 'learning_curve': second},
-                  f, indent=1)
     md = report(first, second, args.folds, args.fractions, len(tiles))
-    md[1:1] = ['', 'Command: `python bench/studies/pool_folds.py ' + ' '.join(sys.argv[1:] if argv is None else argv)
-               + '`']
-    with open(os.path.join(args.out, 'pool_folds.md'), 'w') as f:
-        f.write('\n'.join(md))
-    print('\n'.join(md))
+    write_report(args.out, 'pool_folds', {'images': len(tiles), 'folds': args.folds, 'budget_vs_slope': first,
+                                          'learning_curve': second}, md, argv)
     return 0
 
 
