@@ -51,10 +51,11 @@ from wbsr_models.routing.modes import MODES
 SETS = ('Set5', 'Set14', 'B100', 'Urban100')
 
 
-def sweep_values(mode: str, key: str, scheme: str = 'tiles') -> tuple:
-    """The values of ``key`` along a registered mode's benchmark sweep under ``scheme``."""
+def sweep_values(mode: str, key: str, scheme: str = 'tiles', **only) -> tuple:
+    """The values of ``key`` along a registered mode's benchmark sweep under ``scheme``, of the points whose other
+    options are as ``only`` says (None: not set)."""
     points = MODES[mode].patch_sweep if scheme == 'patches' else MODES[mode].sweep
-    return tuple(p[key] for p in points if key in p)
+    return tuple(p[key] for p in points if key in p and all(p.get(k) == v for k, v in only.items()))
 
 
 PATCH_BUDGETS = sweep_values('budget', 'budget', 'patches')
@@ -67,7 +68,8 @@ LEARNED_BUDGETS = sweep_values('learned', 'budget')
 LEARNED_LOSSES = sweep_values('learned', 'max_loss')
 CALIBRATED_BUDGETS = sweep_values('calibrated', 'budget')
 CALIBRATED_SLOPES = sweep_values('calibrated', 'slope')
-LEARNED_SLOPES = sweep_values('learned', 'slope')
+LEARNED_SLOPES = sweep_values('learned', 'slope', level=None)
+LEARNED_CLASS_SLOPES = sweep_values('learned', 'slope', level='classes')
 WITHIN_DB = 0.05
 HEADER = ('FLOPs % vs full on image: against the full network run once on the whole image; vs full on the same '
           "regions: against the full network on the same patches (the papers' convention; for tiles and the whole "
@@ -220,6 +222,7 @@ def lowest_budget_within(summary: dict, prefix: str, budgets, reference: float) 
 CURVES = {'tiles: budget rule': 'tiles: budget ', 'tiles: calibrated': 'tiles: calibrated 0',
           'tiles: calibrated (slope)': 'tiles: calibrated slope', 'tiles: learned (budget sweep)': 'tiles: learned 0',
           'tiles: learned (slope)': 'tiles: learned slope',
+          'tiles: learned (slope, class level)': 'tiles: learned (class level) slope',
           'tiles: learned (quality target)': 'tiles: learned max_loss',
           'tiles: ARM': 'tiles: ARM eta', 'tiles: oracle': 'tiles: oracle', 'patches: budget rule': 'patches: budget ',
           'patches: oracle': 'patches: oracle', 'fixed subnets (upper concave hull)': 'fixed '}
@@ -405,6 +408,8 @@ def plot_curve(name: str, summary: dict, path: str) -> None:
                'tiles, calibrated, one slope for the set (dB per 1% FLOPs)'),
               ('tiles: learned slope', LEARNED_SLOPES, '--P', '#2ca02c',
                'tiles, learned, one slope for the set (dB per 1% FLOPs)'),
+              ('tiles: learned (class level) slope', LEARNED_CLASS_SLOPES, '--X', '#e377c2',
+               'tiles, learned ratios x class errors, one slope for the set'),
               ('tiles: ARM eta', TILE_ETAS, '-s', '#55a868', 'tiles, ARM eta sweep'),
               ('tiles: oracle', TILE_TOLERANCES, '--^', '#8172b2', 'tiles, oracle tolerance sweep')]
     for prefix, values, fmt, color, label in series:

@@ -73,7 +73,8 @@ def test_the_registry_holds_every_mode_with_its_options():
 
 
 #: Every mode with its example options, and every option that selects another way of routing within a mode.
-RUNS = [(name, example(name)) for name in MODES] + [('calibrated', {'slope': 0.003}), ('learned', {'slope': 0.003})]
+RUNS = [(name, example(name)) for name in MODES] + [('calibrated', {'slope': 0.003}), ('learned', {'slope': 0.003}),
+                                                     ('learned', {'slope': 0.003, 'level': 'classes'})]
 
 
 @pytest.mark.parametrize('name,point', RUNS, ids=[f'{n}-{"-".join(p)}' for n, p in RUNS])
@@ -124,7 +125,9 @@ def test_every_mode_is_a_row_of_the_benchmark(setup):
     slopes = benchmark.set_modes(net, 4, projection, table, {}, routing, only={'full', 'calibrated:slope',
                                                                                'learned:slope'})
     assert sorted(slopes) == sorted(['full'] + [f'tiles: {m} slope {v}' for m in ('calibrated', 'learned')
-                                                for v in benchmark.sweep_values(m, 'slope')])
+                                                for v in benchmark.sweep_values(m, 'slope', level=None)]
+                                    + [f'tiles: learned (class level) slope {v}' for v in benchmark.LEARNED_CLASS_SLOPES])
+    assert benchmark.LEARNED_CLASS_SLOPES == benchmark.LEARNED_SLOPES == benchmark.CALIBRATED_SLOPES
 
 
 def test_the_benchmark_times_points_of_the_calibrated_and_learned_modes(setup):
@@ -180,6 +183,11 @@ def test_a_new_mode_is_one_entry(setup, tmp_path):
     ({'mode': 'learned', 'budget': '0.5'}, "val.routing.budget must be a finite number, got '0.5'"),
     ({'mode': 'learned', 'budget': 0.5, 'cost': 'joules'}, r"val.routing.cost must be one of \('flops', 'seconds'\)"),
     ({'mode': 'wbsr', 'max_loss': 0.05}, 'val.routing.max_loss is read by learned mode'),
+    ({'mode': 'learned', 'max_loss': 0.05, 'level': 'classes'},
+     r"val.routing: level classes takes budget or slope, not max_loss \(the quality target is mapped on the "
+     r"predictor's own errors\)"),
+    ({'mode': 'learned', 'slope': 0.01, 'level': 'class'}, r"val.routing.level must be one of \('predictor', 'classes'\)"),
+    ({'mode': 'calibrated', 'slope': 0.01, 'level': 'classes'}, 'val.routing.level is read by learned mode'),
     ({'mode': 'fixed', 'subnet': True}, 'val.routing.subnet must be an integer >= 0, got True'),
     ({'mode': 'wbsr', 'tile_size': 1.5}, 'val.routing.tile_size must be an integer >= 1, got 1.5'),
 ])
@@ -194,6 +202,10 @@ def test_a_mode_without_its_artefact_is_refused_before_any_image(setup):
         Router(net, RoutingOptions(mode='learned', budget=0.5), 4, projection)
     with pytest.raises(ValueError, match='needs an ARM lookup table'):
         Router(net, RoutingOptions(mode='arm'), 4, projection)
+    with pytest.raises(ValueError, match=r'val.routing.level classes needs difficulty thresholds and class errors in '
+                       r'the checkpoint \(wbsr-calibrate\)'):
+        Router(net, RoutingOptions(mode='learned', slope=0.01, level='classes'), 4, projection,
+               routing=RoutingArtefacts(predictor=ErrorPredictor(num_subnets=9, width=4)))
     with pytest.raises(ValueError, match='the predictor is for 5 subnets, the network has 9'):
         Router(net, RoutingOptions(mode='learned', budget=0.5), 4, projection,
                routing=RoutingArtefacts(predictor=ErrorPredictor(num_subnets=5, width=4)))
@@ -422,6 +434,23 @@ def test_the_calibrated_mode_prices_regions_in_seconds_when_asked(setup):
     assert 3 in expected and not {1, 2} & set(expected)  # subnet 3 is quicker than 1 and 2 and more accurate
     seconds = router.region_seconds(regions)
     assert seconds[np.arange(len(expected)), expected].sum() <= 0.5 * seconds[:, -1].sum()
+
+
+def test_level_classes_weighs_the_predicted_ratios_by_the_class_errors(setup):
+    model = infer.load_model(str(setup['ckpt']))
+    table = model.routing.class_errors.class_mse
+    lq = torch.from_numpy(textured_image(32, 40, seed=6)).permute(2, 0, 1)[None].float() / 255.
+    routers = {level: Router(model.net, RoutingOptions(mode='learned', tile_size=8, slope=0.002, level=level), 4,
+                             model.projection, routing=model.routing) for level in ('predictor', 'classes')}
+    regions = routers['classes'].regions(lq)
+    classes, _, _ = routers['classes'].classify(regions)
+    predicted = routers['classes'].predicted_errors(lq, regions)
+    area = (regions.boxes[:, 2] * regions.boxes[:, 3]).astype(np.float64)[:, None]
+    costs = regions.costs(routers['classes'].costs)
+    hybrid = predicted / predicted[:, -1:] * table[classes - 1, -1:]
+    assert np.array_equal(routers['classes'](lq).subnets, slope_subnets(hybrid * area, costs, 0.002))
+    assert np.array_equal(routers['predictor'](lq).subnets, slope_subnets(predicted * area, costs, 0.002))
+    assert not np.allclose(hybrid, predicted)  # the two levels differ, so the test tells them apart
 
 
 def test_the_routing_docs_list_every_mode_and_option():

@@ -60,7 +60,7 @@ class RoutingOptions:
         patch_size: LR patch size of the ``patches`` scheme. Default: 32.
         step: LR step between patches (<= patch_size). Default: 28.
         batch_size: Largest number of patches run at once (``patches``). Default: 64.
-        budget, max_loss, slope, cost, alpha, subnet, arm_lut, arm_eta: Options of the modes that read them
+        budget, max_loss, slope, cost, level, alpha, subnet, arm_lut, arm_eta: Options of the modes that read them
             (:data:`wbsr_models.routing.modes.OPTIONS`); an option the mode does not read is refused.
         max_pixels: Memory bound: the largest LR area whose high-resolution stage runs at once (``tiles``, and
             whole-image modes on larger images; the trunk takes up to 16x as much). Default: 65536.
@@ -77,6 +77,7 @@ class RoutingOptions:
     max_loss: Optional[float] = None
     slope: Optional[float] = None
     cost: Optional[str] = None
+    level: Optional[str] = None
     alpha: Optional[float] = None
     subnet: Optional[int] = None
     arm_lut: Optional[str] = None

@@ -88,6 +88,9 @@ OPTIONS: dict[str, Option] = {o.name: o for o in (
            'gains most (each image\'s cost then differs)', implies='calibrated'),
     Option('cost', 'choice', 'what a budget or a slope counts: flops, or seconds on this device (a per-tile time '
            'table measured once and cached)', default='flops', choices=('flops', 'seconds')),
+    Option('level', 'choice', 'learned mode: each region\'s full-network error, which the predicted ratios of the '
+           'subnets multiply: the predictor\'s own, or the measured mean of its difficulty class (the class errors of '
+           'wbsr-calibrate)', default='predictor', choices=('predictor', 'classes')),
     Option('alpha', 'positive', 'alpha mode: per region the subnet nearest alpha * (k / K) * C_full', implies='alpha',
            default=1.0),
     Option('subnet', 'index', 'fixed mode: index into the network\'s subnets', implies='fixed'),
@@ -157,8 +160,10 @@ class RoutingMode:
     def label(cls, point: dict) -> str:
         """Tables' name of a point of the sweep: ``budget 0.6``, ``learned max_loss 0.05``, ``Eq. 15``."""
         words = [cls.title or cls.name]
+        if point.get('level', 'predictor') != 'predictor':
+            words.append('(class level)')
         for key, value in point.items():
-            if key == 'cost':
+            if key in ('cost', 'level'):
                 continue
             words.append(f'{value}' if key in ('budget', 'alpha', 'subnet', 'arm_eta') else f'{key} {value}')
         if point.get('cost', 'flops') != 'flops':
@@ -217,6 +222,16 @@ def check_budget_reachable(router: 'Router', budget: float, where: str = 'val.ro
     if budget < share:
         raise ValueError(f'{where}={budget} is below the cheapest subnet\'s cost share {share:.3f}; no allocation can '
                          'meet it')
+
+
+def check_class_table(router: 'Router') -> None:
+    """``ValueError`` unless the checkpoint's class errors fit its network and its difficulty thresholds."""
+    table = router.class_errors.class_mse
+    if table.shape[1] != router.num_subnets:
+        raise ValueError(f'the calibration has {table.shape[1]} subnets, the network has {router.num_subnets}')
+    if table.shape[0] != router.projection.num_classes:
+        raise ValueError(f'the calibration has {table.shape[0]} classes, the thresholds '
+                         f'{router.projection.num_classes}')
 
 
 def exactly_one(options: Any, names: tuple[str, ...], mode: str, where: str) -> None:
@@ -283,12 +298,7 @@ class CalibratedMode(RoutingMode):
         exactly_one(options, ('budget', 'slope'), self.name, where)
 
     def check_router(self, router: 'Router') -> None:
-        table = router.class_errors.class_mse
-        if table.shape[1] != router.num_subnets:
-            raise ValueError(f'the calibration has {table.shape[1]} subnets, the network has {router.num_subnets}')
-        if table.shape[0] != router.projection.num_classes:
-            raise ValueError(f'the calibration has {table.shape[0]} classes, the thresholds '
-                             f'{router.projection.num_classes}')
+        check_class_table(router)
         if router.options.budget is not None:
             check_budget_reachable(router, router.options.budget)
 
@@ -332,26 +342,40 @@ class LearnedMode(RoutingMode):
     summary = ('every region\'s error under every subnet predicted from the image (wbsr-calibrate --predictor); per '
                'image the subnets that minimise the predicted error under a budget, the cheapest within --max-loss '
                'dB of the full network, or those worth their cost at a slope (dB per 1% of FLOPs)')
-    optional = ('budget', 'max_loss', 'slope', 'cost')
+    optional = ('budget', 'max_loss', 'slope', 'cost', 'level')
     needs = ('predictor',)
     sweep = tuple({'budget': b} for b in (0.4, 0.45, 0.5, 0.55, 0.6, 0.7)) + \
-        tuple({'max_loss': d} for d in (0.02, 0.05, 0.1)) + tuple({'slope': v} for v in SLOPE_SWEEP)
+        tuple({'max_loss': d} for d in (0.02, 0.05, 0.1)) + tuple({'slope': v} for v in SLOPE_SWEEP) + \
+        tuple({'slope': v, 'level': 'classes'} for v in SLOPE_SWEEP)
     quick = ({'budget': 0.55}, {'max_loss': 0.05})
 
     def check_options(self, options: Any, where: str) -> None:
         exactly_one(options, ('budget', 'max_loss', 'slope'), self.name, where)
+        if getattr(options, 'level', None) == 'classes' and getattr(options, 'max_loss', None) is not None:
+            flags = where.startswith('--')
+            raise ValueError(f'{where}: {"--level" if flags else "level"} classes takes {"--budget" if flags else "budget"}'
+                             f' or {"--slope" if flags else "slope"}, not {"--max-loss" if flags else "max_loss"} (the '
+                             'quality target is mapped on the predictor\'s own errors)')
 
     def check_router(self, router: 'Router') -> None:
         predictor = router.predictor
         if predictor.num_subnets != router.num_subnets:
             raise ValueError(f'the predictor is for {predictor.num_subnets} subnets, the network has '
                              f'{router.num_subnets}')
+        if router.options.level == 'classes':
+            if router.class_errors is None or router.projection is None:
+                raise ValueError('val.routing.level classes needs difficulty thresholds and class errors in the '
+                                 'checkpoint (wbsr-calibrate)')
+            check_class_table(router)
         if router.options.budget is not None:
             check_budget_reachable(router, router.options.budget)
 
     def select(self, s: Selection) -> np.ndarray:
         router = s.router
-        errors = router.predicted_errors(s.lq, s.regions) * s.area[:, None]  # squared error summed per region
+        errors = router.predicted_errors(s.lq, s.regions)  # mean squared error per pixel
+        if s.option('level') == 'classes':  # the predicted ratios times the class's measured full-network error
+            errors = errors / errors[:, -1:] * router.class_errors.class_mse[s.classes - 1, -1:]
+        errors = errors * s.area[:, None]  # squared error summed per region
         costs = router.region_seconds(s.regions) if s.option('cost') == 'seconds' else s.costs
         overhead = router.predictor_cost(s.regions, s.option('cost'))
         budget, max_loss, slope = router.options.budget, router.options.max_loss, router.options.slope
