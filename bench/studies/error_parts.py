@@ -25,14 +25,13 @@ Writes ``error_parts.md`` and ``error_parts.json`` under ``--out``.
 """
 from __future__ import annotations
 
-import argparse
 import time
 
 import numpy as np
 
-from pool_folds import BUDGETS, SLOPES, mean_of, pct, points, pool_maps, pooled_table, tile_table, write_report
-from wbsr_models.infer import load_model
-from wbsr_models.router import Router, RoutingOptions
+from pool_folds import (BUDGETS, SLOPES, load_pool, mean_of, pct, pool_parser, points, pooled_table,
+                        write_report)
+from wbsr_models.router import Router
 from wbsr_models.routing.allocation import slope_subnets, tradeoff_subnets
 from wbsr_models.routing.predictor import QUALITY_TRIM, FitOptions, fit_predictor
 
@@ -119,28 +118,16 @@ def report(rows: list[dict], folds: int, images: int) -> list[str]:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument('--model', required=True, help='a WBSR checkpoint with difficulty thresholds')
-    parser.add_argument('--data', default='datasets/train291', help='the training pool (HR/ and LR_bicubic/X4/)')
-    parser.add_argument('--maps', default=None, help='an .npz file that keeps the pool\'s error maps between runs')
-    parser.add_argument('--folds', type=int, default=5)
+    parser = pool_parser(__doc__.splitlines()[0])
     parser.add_argument('--epochs', type=int, default=FitOptions.epochs, help='the predictor\'s passes over its images')
-    parser.add_argument('--out', default='bench/results')
     args = parser.parse_args(argv)
     if args.folds < 2 or args.epochs < 1:
         parser.error('--folds must be >= 2 and --epochs >= 1')
-    loaded = load_model(args.model)
-    if loaded.projection is None:
-        parser.error(f'--model {args.model} has no difficulty thresholds')
-    router = Router(loaded.net, RoutingOptions(), loaded.scale, loaded.projection)
-    maps = pool_maps(router, args.data, args.maps)
-    tiles = tile_table(router, maps)
-    rows = run_folds(router, maps, tiles, args.folds, loaded.projection.num_classes,
-                     FitOptions(epochs=args.epochs, val_every=0), print)
+    router, maps, tiles, num_classes = load_pool(parser, args)
+    rows = run_folds(router, maps, tiles, args.folds, num_classes, FitOptions(epochs=args.epochs, val_every=0), print)
     write_report(args.out, 'error_parts', {'images': len(tiles), 'folds': args.folds, 'rows': rows},
                  report(rows, args.folds, len(tiles)), argv)
     return 0
-
 
 if __name__ == '__main__':
     raise SystemExit(main())

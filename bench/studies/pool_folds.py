@@ -224,31 +224,40 @@ def write_report(out: str, name: str, data: dict, md: list[str], argv) -> None:
     print('\n'.join(md))
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def pool_parser(description: str) -> argparse.ArgumentParser:
+    """The arguments every pool study takes: the checkpoint, the pool, the error-map cache, the folds, the output."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument('--model', required=True, help='a WBSR checkpoint with difficulty thresholds')
     parser.add_argument('--data', default='datasets/train291', help='the training pool (HR/ and LR_bicubic/X4/)')
     parser.add_argument('--maps', default=None, help='an .npz file that keeps the pool\'s error maps between runs')
     parser.add_argument('--folds', type=int, default=5)
-    parser.add_argument('--fractions', type=float, nargs='+', default=[0.125, 0.25, 0.5, 1.0])
     parser.add_argument('--out', default='bench/results')
-    args = parser.parse_args(argv)
-    if args.folds < 2 or not all(0 < f <= 1 for f in args.fractions):
-        parser.error('--folds must be >= 2 and every --fractions value in (0, 1]')
+    return parser
+
+
+def load_pool(parser: argparse.ArgumentParser, args) -> tuple[Router, list[ErrorMaps], list[dict], int]:
+    """The router of ``--model``, the pool's error maps and tile records, and the number of difficulty classes."""
     loaded = load_model(args.model)
     if loaded.projection is None:
         parser.error(f'--model {args.model} has no difficulty thresholds')
     router = Router(loaded.net, RoutingOptions(), loaded.scale, loaded.projection)
-    num_classes = loaded.projection.num_classes
     maps = pool_maps(router, args.data, args.maps)
-    tiles = tile_table(router, maps)
+    return router, maps, tile_table(router, maps), loaded.projection.num_classes
+
+
+def main(argv=None) -> int:
+    parser = pool_parser(__doc__.splitlines()[0])
+    parser.add_argument('--fractions', type=float, nargs='+', default=[0.125, 0.25, 0.5, 1.0])
+    args = parser.parse_args(argv)
+    if args.folds < 2 or not all(0 < f <= 1 for f in args.fractions):
+        parser.error('--folds must be >= 2 and every --fractions value in (0, 1]')
+    router, maps, tiles, num_classes = load_pool(parser, args)
     first = budget_vs_slope(tiles, args.folds, num_classes)
     second = learning_curve(router, maps, tiles, args.folds, args.fractions, num_classes, first['oracle'], print)
     md = report(first, second, args.folds, args.fractions, len(tiles))
     write_report(args.out, 'pool_folds', {'images': len(tiles), 'folds': args.folds, 'budget_vs_slope': first,
                                           'learning_curve': second}, md, argv)
     return 0
-
 
 if __name__ == '__main__':
     raise SystemExit(main())
