@@ -126,7 +126,8 @@ def test_every_mode_is_a_row_of_the_benchmark(setup):
                                                                                'learned:slope'})
     assert sorted(slopes) == sorted(['full'] + [f'tiles: {m} slope {v}' for m in ('calibrated', 'learned')
                                                 for v in benchmark.sweep_values(m, 'slope', level=None)]
-                                    + [f'tiles: learned (class level) slope {v}' for v in benchmark.LEARNED_CLASS_SLOPES])
+                                    + [f'tiles: learned (class level) slope {v}'
+                                       for v in benchmark.LEARNED_CLASS_SLOPES])
     assert benchmark.LEARNED_CLASS_SLOPES == benchmark.LEARNED_SLOPES == benchmark.CALIBRATED_SLOPES
 
 
@@ -186,7 +187,8 @@ def test_a_new_mode_is_one_entry(setup, tmp_path):
     ({'mode': 'learned', 'max_loss': 0.05, 'level': 'classes'},
      r"val.routing: level classes takes budget or slope, not max_loss \(the quality target is mapped on the "
      r"predictor's own errors\)"),
-    ({'mode': 'learned', 'slope': 0.01, 'level': 'class'}, r"val.routing.level must be one of \('predictor', 'classes'\)"),
+    ({'mode': 'learned', 'slope': 0.01, 'level': 'class'},
+     r"val.routing.level must be one of \('predictor', 'classes'\)"),
     ({'mode': 'calibrated', 'slope': 0.01, 'level': 'classes'}, 'val.routing.level is read by learned mode'),
     ({'mode': 'fixed', 'subnet': True}, 'val.routing.subnet must be an integer >= 0, got True'),
     ({'mode': 'wbsr', 'tile_size': 1.5}, 'val.routing.tile_size must be an integer >= 1, got 1.5'),

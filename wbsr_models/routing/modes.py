@@ -352,10 +352,10 @@ class LearnedMode(RoutingMode):
     def check_options(self, options: Any, where: str) -> None:
         exactly_one(options, ('budget', 'max_loss', 'slope'), self.name, where)
         if getattr(options, 'level', None) == 'classes' and getattr(options, 'max_loss', None) is not None:
-            flags = where.startswith('--')
-            raise ValueError(f'{where}: {"--level" if flags else "level"} classes takes {"--budget" if flags else "budget"}'
-                             f' or {"--slope" if flags else "slope"}, not {"--max-loss" if flags else "max_loss"} (the '
-                             'quality target is mapped on the predictor\'s own errors)')
+            def key(n: str) -> str:
+                return OPTIONS[n].flag if where.startswith('--') else n
+            raise ValueError(f'{where}: {key("level")} classes takes {key("budget")} or {key("slope")}, not '
+                             f'{key("max_loss")} (the quality target is mapped on the predictor\'s own errors)')
 
     def check_router(self, router: 'Router') -> None:
         predictor = router.predictor
