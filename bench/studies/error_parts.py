@@ -1,7 +1,7 @@
 """Which part of the predicted errors costs the learned mode its FLOPs on the training pool: the level or the ratios.
 
     python bench/studies/error_parts.py --model checkpoints/wbsr_srresnet_x4_train291.pth [--data datasets/train291]
-        [--maps pool_maps.npz] [--folds 5] [--out bench/results]
+        [--maps pool_maps.npz] [--folds 5] [--seed 0] [--weighting error] [--out bench/results]
 
 A region's mean squared error under subnet ``m`` is its **level** (the full network's error there) times its **ratio**
 (subnet ``m``'s error over the full network's). The allocation of an image's FLOPs depends on both: the level says
@@ -120,11 +120,15 @@ def report(rows: list[dict], folds: int, images: int) -> list[str]:
 def main(argv=None) -> int:
     parser = pool_parser(__doc__.splitlines()[0])
     parser.add_argument('--epochs', type=int, default=FitOptions.epochs, help='the predictor\'s passes over its images')
+    parser.add_argument('--seed', type=int, default=FitOptions.seed, help='the predictor\'s initialisation and order')
+    parser.add_argument('--weighting', choices=('error', 'uniform'), default=FitOptions.weighting,
+                        help='the predictor\'s tile weights (FitOptions.weighting)')
     args = parser.parse_args(argv)
     if args.folds < 2 or args.epochs < 1:
         parser.error('--folds must be >= 2 and --epochs >= 1')
     router, maps, tiles, num_classes = load_pool(parser, args)
-    rows = run_folds(router, maps, tiles, args.folds, num_classes, FitOptions(epochs=args.epochs, val_every=0), print)
+    options = FitOptions(epochs=args.epochs, val_every=0, seed=args.seed, weighting=args.weighting)
+    rows = run_folds(router, maps, tiles, args.folds, num_classes, options, print)
     write_report(args.out, 'error_parts', {'images': len(tiles), 'folds': args.folds, 'rows': rows},
                  report(rows, args.folds, len(tiles)), argv)
     return 0
