@@ -234,13 +234,20 @@ def check_class_table(router: 'Router') -> None:
                          f'{router.projection.num_classes}')
 
 
+def shown(name: str, where: str) -> str:
+    """How an error about options checked at ``where`` names option ``name``: as a flag on the command line, else as
+    its key."""
+    return OPTIONS[name].flag if where.startswith('--') else name
+
+
 def exactly_one(options: Any, names: tuple[str, ...], mode: str, where: str) -> None:
     """``ValueError`` unless exactly one of the options ``names`` is given (named as flags where ``where`` is one)."""
     given = [n for n in names if getattr(options, n, None) is not None]
     if len(given) != 1:
-        shown = [OPTIONS[n].flag if where.startswith('--') else n for n in names]
-        raise ValueError(f'{where}: {mode} mode takes exactly one of {", ".join(shown[:-1])} and {shown[-1]}'
-                         + (f', got {" and ".join(shown[names.index(n)] for n in given)}' if given else ''))
+        shown_names = [shown(n, where) for n in names]
+        raise ValueError(f'{where}: {mode} mode takes exactly one of {", ".join(shown_names[:-1])} and '
+                         f'{shown_names[-1]}'
+                         + (f', got {" and ".join(shown_names[names.index(n)] for n in given)}' if given else ''))
 
 
 #: The slopes (dB per 1% of FLOPs) of the benchmark's sweeps: on the training pool's 290 images they span 32-69% of
@@ -352,10 +359,9 @@ class LearnedMode(RoutingMode):
     def check_options(self, options: Any, where: str) -> None:
         exactly_one(options, ('budget', 'max_loss', 'slope'), self.name, where)
         if getattr(options, 'level', None) == 'classes' and getattr(options, 'max_loss', None) is not None:
-            def key(n: str) -> str:
-                return OPTIONS[n].flag if where.startswith('--') else n
-            raise ValueError(f'{where}: {key("level")} classes takes {key("budget")} or {key("slope")}, not '
-                             f'{key("max_loss")} (the quality target is mapped on the predictor\'s own errors)')
+            raise ValueError(f'{where}: {shown("level", where)} classes takes {shown("budget", where)} or '
+                             f'{shown("slope", where)}, not {shown("max_loss", where)} (the quality target is mapped '
+                             'on the predictor\'s own errors)')
 
     def check_router(self, router: 'Router') -> None:
         predictor = router.predictor
