@@ -108,8 +108,9 @@ def set_modes(net, scale: int, projection, arm_table, store: dict, routing=None,
     of routing modes (every point of each mode's ``sweep`` under tiles and ``patch_sweep`` under patches), plus the
     whole-image rows (``full``, every ``fixed`` subnet), the full network on the patches and the oracle.
 
-    ``only``: mode names to run (``full``, ``fixed``, ``patches`` (the full network on the patches), ``oracle`` and
-    registered modes), or ``mode:option`` for the points of a mode's sweeps that set that option (``learned:slope``);
+    ``only``: mode names to run (``full``, ``fixed``, ``patches`` (the full network on the patches), ``oracle``,
+    ``default`` (the checkpoint's stored default routing, :func:`~wbsr_models.router.default_routing`) and registered
+    modes), or ``mode:option`` for the points of a mode's sweeps that set that option (``learned:slope``);
     ``alternative``: the other
     difficulty projection, ``(kind, projection)``, for one more Eq. 15 row. A mode whose checkpoint artefact is
     missing (class errors, a predictor) is left out, with a line saying so."""
@@ -152,6 +153,10 @@ def set_modes(net, scale: int, projection, arm_table, store: dict, routing=None,
         for scheme, points, make in (('patches', mode.patch_sweep, cached), ('tiles', mode.sweep, real)):
             for point in filter(lambda p: point_wanted(name, p), points):
                 modes[f'{scheme}: {mode.label(point)}'] = (scheme, make(mode=name, scheme=scheme, **point), None)
+    stored = routing.default if routing is not None and routing.predictor is not None else None
+    if stored is not None and wanted('default'):  # what the checkpoint runs when no mode is given
+        point = {k: v for k, v in stored.options.items() if k != 'mode'}
+        modes[f'tiles: default, {MODES[stored.options["mode"]].label(point)}'] = ('tiles', real(scheme='tiles'), None)
     if alternative is not None and wanted('wbsr'):
         kind, other = alternative
         modes[f'tiles: Eq. 15, {kind} projection'] = ('tiles', Router(net, RoutingOptions(), scale, other), None)
@@ -652,7 +657,8 @@ def main(argv: Optional[list] = None) -> int:
                         help='points of the calibrated mode to time, e.g. slope=0.003 budget=0.5')
     parser.add_argument('--skip-costs', action='store_true')
     parser.add_argument('--modes', nargs='+', default=None,
-                        help='evaluate only these: full, fixed, patches (the full network on the patches), oracle and '
+                        help='evaluate only these: full, fixed, patches (the full network on the patches), oracle, '
+                        'default (the checkpoint\'s stored default routing) and '
                         f'registered routing modes ({", ".join(MODES)}), or MODE:OPTION for the points of a mode that '
                         'set OPTION (e.g. learned:slope); the default is all of them')
     parser.add_argument('--other-projection', action='store_true',
@@ -672,7 +678,7 @@ def main(argv: Optional[list] = None) -> int:
         parser.error('--model is required (except with --merge)')
     os.makedirs(args.out, exist_ok=True)
     net, scale, projection, routing = load_model(args.model)
-    known = {'full', 'fixed', 'patches', 'oracle', *MODES, *(f'{n}:{o}' for n, m in MODES.items() for o in m.reads())}
+    known = {'full', 'fixed', 'patches', 'oracle', 'default', *MODES, *(f'{n}:{o}' for n, m in MODES.items() for o in m.reads())}
     if args.modes is not None and set(args.modes) - known:
         parser.error(f'--modes: unknown {sorted(set(args.modes) - known)}; known: {sorted(known)}')
     only = set(args.modes) if args.modes is not None else None

@@ -359,6 +359,10 @@ def test_wbsr_calibrate_fits_a_predictor_and_the_learned_mode_uses_it(tmp_path, 
     text = capsys.readouterr().out
     assert 'predictor: ' in text and 'held-out images' in text
     model = infer.load_model(str(out))
+    from wbsr_models.calibrate import default_line
+    assert default_line(model.routing) + '\n' in text  # the default routing, chosen on the held-out image, is stored
+    stored = model.routing.default.to_dict() if model.routing.default is not None else None
+    assert model.routing.predictor.fit_info['default'] == stored
     assert model.routing.predictor is not None and model.routing.class_errors.class_mse.shape == (10, 9)
     info = model.routing.predictor.fit_info
     assert info['transforms'] == 2 and info['train_images'] == 1 and info['val_images'] == 1

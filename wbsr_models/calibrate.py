@@ -20,7 +20,7 @@ import argparse
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Iterable, Optional, Sequence
 
 import numpy as np
@@ -36,7 +36,7 @@ from wbsr_data.fileio import CorruptFileError, ensure_writable_file, first_line,
 from .baselines import region_psnr_table  # noqa: E402
 from .evaluation import TestImage, gt_tensor, load_test_set  # noqa: E402
 from .router import Router, RoutingOptions  # noqa: E402
-from .routing.artefacts import ClassErrors  # noqa: E402
+from .routing.artefacts import ClassErrors, DefaultRouting  # noqa: E402
 from .routing.predictor import (QUALITY_TRIM, ErrorMaps, FitOptions, dihedral, error_maps,  # noqa: E402
                                 fit_predictor, quality_map, region_mse)
 
@@ -159,6 +159,72 @@ def fit_quality(predictor, held_out: Sequence[ErrorMaps], net, tile_size: int, r
                          'images': len(held_out), 'trim': QUALITY_TRIM}
 
 
+#: The default routing's target: the PSNR loss against the full network (dB; trimmed mean over the held-out images,
+#: :data:`~wbsr_models.routing.predictor.QUALITY_TRIM`), the point every routing curve is compared at.
+DEFAULT_LOSS_DB = 0.05
+#: The slopes (dB per 1% of FLOPs) tried for the default routing: 40 per decade from 1e-4 to 0.1.
+DEFAULT_SLOPES = tuple(float(v) for v in 10 ** np.linspace(-4, -1, 121))
+
+
+def choose_default(router: Router, held_out: Sequence[ErrorMaps]) -> Optional[DefaultRouting]:
+    """The checkpoint's default routing, chosen on the held-out images' error maps: the learned mode with the class
+    level (the pairing that needs the fewest FLOPs in ``bench/studies/error_parts.py``), at the largest slope of
+    :data:`DEFAULT_SLOPES` up to which the trimmed mean loss stays within :data:`DEFAULT_LOSS_DB`, stored with 3
+    significant digits; ``None`` where even the smallest slope loses more. ``router`` carries the checkpoint's class
+    errors and predictor; every slope is routed by the learned mode itself (:meth:`Router.choose`)."""
+    from scipy.stats import trim_mean
+    images = []
+    for item in held_out:
+        lq = torch.from_numpy(item.lq)[None].float().div(255.).to(next(router.net.parameters()).device)
+        regions = router.regions(lq)
+        classes, position, num_classes = router.classify(regions)
+        costs = regions.costs(router.costs)
+        whole = float(router.costs(tuple(lq.shape[-2:]))[-1])
+        area = (regions.boxes[:, 2] * regions.boxes[:, 3]).astype(np.float64)
+        images.append((lq, regions, classes, position, num_classes, costs, whole,
+                       region_mse(item.errors, regions.boxes) * area[:, None],
+                       router.predictor.flops(regions.image_hw, len(regions))))
+    chosen = None
+    for slope in DEFAULT_SLOPES:
+        probe = Router(router.net, replace(router.options, mode='learned', level='classes', slope=slope),
+                       router.scale, router.projection, routing=router.routing)
+        losses, shares = [], []
+        for lq, regions, classes, position, num_classes, costs, whole, errors, extra in images:
+            subnets = probe.choose(regions, classes, position, num_classes, costs, lq=lq)
+            rows = np.arange(len(subnets))
+            losses.append(10 * np.log10(errors[rows, subnets].sum() / errors[:, -1].sum()))
+            shares.append((costs[rows, subnets].sum() + extra) / whole)
+        loss = float(trim_mean(losses, QUALITY_TRIM))
+        if loss > DEFAULT_LOSS_DB:
+            break
+        chosen = (slope, loss, float(np.mean(shares)))
+    if chosen is None:
+        return None
+    slope, loss, share = chosen
+    return DefaultRouting({'mode': 'learned', 'level': 'classes', 'slope': float(f'{slope:.3g}')},
+                          {'target_db': DEFAULT_LOSS_DB, 'images': len(held_out), 'trim': QUALITY_TRIM,
+                           'loss_db': round(loss, 4), 'flops_share': round(share, 4)})
+
+
+def fit_default(routing, router: Router, held_out: Sequence[ErrorMaps], report: dict) -> None:
+    """``routing.default`` chosen on the held-out images (:func:`choose_default`), recorded in ``report`` too."""
+    learned = Router(router.net, replace(router.options, mode='learned', level='classes', slope=1.0), router.scale,
+                     router.projection, routing=routing)
+    routing.default = choose_default(learned, held_out)
+    report['default'] = routing.default.to_dict() if routing.default is not None else None
+
+
+def default_line(routing) -> str:
+    """What the command prints about the default routing it stored."""
+    default = routing.default
+    if default is None:
+        return (f'default routing: Eq. 15 (on the held-out images the learned mode loses more than {DEFAULT_LOSS_DB} dB '
+                'at every slope tried)')
+    info = default.info
+    return (f"default routing: {default.describe()}: on the {info['images']} held-out images {info['loss_db']:.3f} dB "
+            f"below the full network (trimmed mean) at {100 * info['flops_share']:.1f}% of its FLOPs")
+
+
 def write_routing(args: argparse.Namespace, projection, routing) -> bool:
     """``--model`` with its thresholds and routing artefacts replaced, written to ``--out`` (atomically); False, with
     the reason on stderr, where it cannot be written."""
@@ -188,9 +254,13 @@ def refit_quality(args: argparse.Namespace, net, routing, router: Router, images
         item.image = n  # the image's index in --data, as a full calibration numbers it
     report = dict(predictor.fit_info)
     fit_quality(predictor, maps, net, args.tile_size, report)
+    if routing.class_errors is not None:
+        fit_default(routing, router, maps, report)
     predictor.fit_info = report
     if not write_routing(args, router.projection, routing):
         return 2
+    if routing.class_errors is not None:
+        print(default_line(routing))
     print(f'wbsr-calibrate: quality map fitted on {len(maps)} held-out images; requested 0.05 dB -> predicted-loss '
           f'threshold {predictor.quality_threshold(0.05):.3f} dB; checkpoint written to {args.out} '
           f'({time.perf_counter() - start:.0f} s)')
@@ -256,10 +326,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         report['data'] = os.path.normpath(args.data)
         report['transforms'] = args.transforms
         held_out = [m for m in maps if m.image % options.val_every == 0 and m.transform == 0]
-        if held_out:  # the quality target's threshold, set on the held-out images (never on a test set)
-            fit_quality(predictor, held_out, net, args.tile_size, report)
-        predictor.fit_info = report
         routing.predictor = predictor
+        if held_out:  # the quality target's threshold and the default routing, set on the held-out images (never on
+            fit_quality(predictor, held_out, net, args.tile_size, report)  # a test set)
+            fit_default(routing, router, held_out, report)
+        predictor.fit_info = report
     if not write_routing(args, projection, routing):
         return 2
     gains = gains_db(class_mse)
@@ -273,6 +344,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
               f"{report['val_images']} held-out images Spearman's rho of predicted and measured gain "
               f"{val.get('spearman_gain', float('nan')):.3f} (largest over smallest), "
               f"{val.get('spearman_ratio_mean', float('nan')):.3f} (mean over subnets)")
+        if 'default' in report:
+            print(default_line(routing))
     print(f'wbsr-calibrate: {len(images)} images, {len(records.classes)} regions; calibrated checkpoint written to '
           f'{args.out} ({time.perf_counter() - start:.0f} s)')
     return 0

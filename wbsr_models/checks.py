@@ -339,13 +339,14 @@ def check_routing(options: Any, where: str = 'val.routing', flag: Optional[Calla
     """
     from .routing.modes import get_mode
     name = flag or (lambda option: f'{where}.{option}')
-    mode = get_mode(options.mode, f'{where}.mode')
+    # no mode: the checkpoint's default routing, which cuts the image into regions (Eq. 15 or a stored default)
+    mode = get_mode(options.mode or 'wbsr', f'{where}.mode')
     if not mode.whole_image:
         option = 'tile_size' if options.scheme == 'tiles' else 'patch_size'
         side = getattr(options, option)
         if side < MIN_REGION_SIDE:
             raise ValueError(f'{name(option)} {side}: regions under {MIN_REGION_SIDE}x{MIN_REGION_SIDE} LR pixels have '
-                             f'no gradient, so {options.mode} mode would give every one the cheapest subnet; use '
+                             f'no gradient, so {mode.name} mode would give every one the cheapest subnet; use '
                              f'{MIN_REGION_SIDE} or more')
     for option, hi in (('alpha', MAX_TRADEOFF), ('arm_eta', MAX_TRADEOFF), ('slope', MAX_TRADEOFF),
                        ('max_loss', MAX_LOSS_DB)):

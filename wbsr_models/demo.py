@@ -125,8 +125,8 @@ def calibrate_demo(checkpoint: str, train_dir: str, out: str) -> str:
 
 
 def evaluate_demo(checkpoint: str, test_dir: str, out: str, device: str, repeats: int) -> list[dict]:
-    """The table's rows: full network, Eq. 15, a budget sweep and the learned mode (budget and quality target) on
-    seamless tiles, Eq. 15 on the papers' patches, and every fixed subnet; quality and FLOPs from one run each,
+    """The table's rows: full network, Eq. 15, a budget sweep, the learned mode (budget and quality target) and the
+    checkpoint's default routing (where wbsr-calibrate stored one) on seamless tiles, Eq. 15 on the papers' patches, and every fixed subnet; quality and FLOPs from one run each,
     seconds from :func:`time_modes`."""
     keep_freed_memory()
     net, scale, projection, routing = load_model(checkpoint, device=device)
@@ -136,6 +136,8 @@ def evaluate_demo(checkpoint: str, test_dir: str, out: str, device: str, repeats
     if routing.predictor is not None:
         modes += [(f'tiles: learned {b}', {'mode': 'learned', 'budget': b}) for b in (0.65, 0.5)]
         modes += [('tiles: learned max_loss 0.05', {'mode': 'learned', 'max_loss': 0.05})]
+        if routing.default is not None:  # what runs when no mode is given, chosen by wbsr-calibrate
+            modes += [(f'tiles: default, {routing.default.describe()}', {})]
     modes += [('patches: wbsr (Eq. 15)', {'mode': 'wbsr', 'scheme': 'patches'})]
     modes += [(f'fixed {w}/{d}' + (' (= full)' if i == largest else ''), {'mode': 'fixed', 'subnet': i})
               for i, (w, d) in enumerate(net.subnets)]

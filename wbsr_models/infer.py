@@ -203,7 +203,8 @@ def add_routing_arguments(parser: argparse.ArgumentParser) -> None:
     """``--mode`` and one flag per mode-specific option, from the registry of routing modes."""
     parser.add_argument('--mode', default=None, choices=list(MODES),
                         help='routing mode (default: the mode a given option selects, e.g. budget with --budget, '
-                        'learned with --max-loss, calibrated with --slope, else wbsr): '
+                        'learned with --max-loss, calibrated with --slope; with no option, the checkpoint\'s default '
+                        'routing, which wbsr-calibrate --predictor chooses, else wbsr): '
                         + '; '.join(f'{n}: {m.summary}' for n, m in MODES.items()).replace('%', '%%'))
     for option in OPTIONS.values():
         kind = {'index': int, 'path': str, 'choice': str}.get(option.kind, float)
@@ -213,11 +214,14 @@ def add_routing_arguments(parser: argparse.ArgumentParser) -> None:
                             help=f'{option.help} (modes: {readers})'.replace('%', '%%'))  # argparse formats help
 
 
-def resolve_mode(args: argparse.Namespace) -> str:
-    """The routing mode from ``--mode`` and the mode-specific flags; flags that would be ignored are refused."""
+def resolve_mode(args: argparse.Namespace) -> Optional[str]:
+    """The routing mode from ``--mode`` and the mode-specific flags (``None``: neither is given, the checkpoint's
+    default routing runs); flags that would be ignored are refused."""
     given = [name for name in OPTIONS if getattr(args, name, None) is not None]
     for name in given:
         setattr(args, name, OPTIONS[name].check(getattr(args, name), OPTIONS[name].flag))
+    if args.mode is None and not given:
+        return None
     if args.mode is None:
         implied = {OPTIONS[n].flag: OPTIONS[n].implies for n in given if OPTIONS[n].implies}
         if len(set(implied.values())) > 1:
@@ -389,7 +393,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     created = not os.path.exists(args.output)
     try:
         mode = resolve_mode(args)
-        check_numbers(args, mode)
+        check_numbers(args, mode or 'wbsr')  # no mode: a default cuts regions as Eq. 15 does
         device = resolve_device(args.device)
         files = list_inputs(args.input)
         if not files:
@@ -409,6 +413,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if created and os.path.isdir(args.output) and not os.listdir(args.output):
             os.rmdir(args.output)  # made by the write check of this run: leave nothing behind
         return 2
+    if router.stored_default:  # not what a user of Eq. 15 expects: say so
+        print(f'wbsr-infer: routing {router.describe()}')
     failed = written = 0
     for path, (out_path, map_path) in zip(tqdm(files, desc='wbsr-infer', unit='img', disable=None), plan):
         name = os.path.basename(path)

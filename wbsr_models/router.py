@@ -19,7 +19,7 @@ patches), and the full network run once on the whole image.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from numbers import Integral
 from typing import Any, Callable, Mapping, Optional
 
@@ -53,7 +53,8 @@ class RoutingOptions:
     """The ``val: routing:`` block of an option file.
 
     Attributes:
-        mode: A registered mode (:data:`wbsr_models.routing.modes.MODES`). Default: ``wbsr``.
+        mode: A registered mode (:data:`wbsr_models.routing.modes.MODES`). Default (``None``): the checkpoint's default
+            routing (:func:`default_routing`): the one ``wbsr-calibrate --predictor`` chose, else ``wbsr`` (Eq. 15).
         scheme: ``tiles`` (one seamless pass, non-overlapping tiles) or ``patches`` (overlapping patches run
             separately, the papers' protocol). Default: ``tiles``.
         tile_size: LR tile side of the ``tiles`` scheme. Default: 32.
@@ -67,7 +68,7 @@ class RoutingOptions:
         num_classes: K used when a checkpoint has no thresholds. Default: 10.
     """
 
-    mode: str = 'wbsr'
+    mode: Optional[str] = None
     scheme: str = 'tiles'
     tile_size: int = DEFAULT_TILE_SIZE
     patch_size: int = 32
@@ -102,7 +103,7 @@ class RoutingOptions:
 
     def validate(self, where: str = 'val.routing') -> None:
         """Types, ranges and the mode's options; what depends on the network is checked by :class:`Router`."""
-        mode = get_mode(self.mode, f'{where}.mode')
+        mode = get_mode(self.mode, f'{where}.mode') if self.mode is not None else None
         if self.scheme not in SCHEMES:
             raise ValueError(f'{where}.scheme must be one of {SCHEMES}, got {self.scheme!r}')
         for name in ('tile_size', 'patch_size', 'step', 'batch_size', 'max_pixels', 'num_classes'):
@@ -113,6 +114,11 @@ class RoutingOptions:
             raise ValueError(f'{where}: need step <= patch_size, got patch_size={self.patch_size}, step={self.step}')
         for name, option in OPTIONS.items():
             value = getattr(self, name)
+            if mode is None:  # the checkpoint's default routing: it brings its own options
+                if value is not None:
+                    raise ValueError(f'{where}.{name} is read by {" and ".join(modes_reading(name))} mode(s): give '
+                                     f'{where}.mode too (without one, the checkpoint\'s default routing runs)')
+                continue
             if value is None:
                 if name in mode.required:
                     raise ValueError(f'{where}.{name} is required for {self.mode} mode ({option.help})')
@@ -121,11 +127,8 @@ class RoutingOptions:
                 raise ValueError(f'{where}.{name} is read by {" and ".join(modes_reading(name))} mode(s), not by '
                                  f'{self.mode} mode; remove it or change the mode')
             option.check(value, where)
-        mode.check_options(self, where)
-
-    @property
-    def routing_mode(self):
-        return get_mode(self.mode)
+        if mode is not None:
+            mode.check_options(self, where)
 
 
 @dataclass
@@ -159,6 +162,16 @@ class RoutingResult:
         return counts / max(1., counts.sum())
 
 
+def default_routing(options: RoutingOptions, routing: Optional[RoutingArtefacts]) -> RoutingOptions:
+    """``options`` (no mode given) with the checkpoint's default routing: the mode and options that
+    ``wbsr-calibrate --predictor`` chose on its held-out training images (``routing.default``, used where the
+    checkpoint also carries the error predictor it was chosen with), else ``wbsr`` (Eq. 15)."""
+    chosen = {'mode': 'wbsr'}
+    if routing is not None and routing.default is not None and routing.predictor is not None:
+        chosen = routing.default.options
+    return replace(options, **chosen)
+
+
 class Router:
     """Runs a (super)network on an LR image according to :class:`RoutingOptions`.
 
@@ -179,9 +192,12 @@ class Router:
     def __init__(self, net: nn.Module, options: RoutingOptions, scale: int,
                  projection: Optional[DifficultyProjection] = None, arm_table: Any = None,
                  routing: Optional[RoutingArtefacts] = None) -> None:
+        self.routing = routing or RoutingArtefacts()
+        self.by_default = options.mode is None  # the checkpoint's default routing runs
+        if self.by_default:
+            options = default_routing(options, self.routing)
         self.net, self.options, self.scale = net, options, int(scale)
         self.projection, self.arm_table = projection, arm_table
-        self.routing = routing or RoutingArtefacts()
         self.mode = get_mode(options.mode)
         self.num_subnets = int(getattr(net, 'num_subnets', 1))
         self.num_in_ch = int(getattr(net, 'num_in_ch', 3))
@@ -198,6 +214,22 @@ class Router:
         if self.predictor is not None:
             self.predictor.to(next(net.parameters()).device)
         self.mode.check_router(self)
+
+    def describe(self) -> str:
+        """How logs name what this router runs: ``learned (slope 0.004, level classes)``, and where it came from when
+        no mode was given."""
+        opts = self.options
+        given = [f'{n} {getattr(opts, n)}' for n in OPTIONS if getattr(opts, n) is not None]
+        text = opts.mode + (f' ({", ".join(given)})' if given else '')
+        if self.by_default:
+            text += (', the checkpoint\'s default (chosen by wbsr-calibrate on its held-out training images)'
+                     if self.stored_default else ', the default of a checkpoint that stores none (Eq. 15)')
+        return text
+
+    @property
+    def stored_default(self) -> bool:
+        """No mode was given and the checkpoint's stored default runs (not Eq. 15)."""
+        return self.by_default and self.routing.default is not None and self.predictor is not None
 
     @property
     def class_errors(self):

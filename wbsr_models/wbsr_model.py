@@ -158,6 +158,8 @@ class WBSRModel(SRModel):
                               self.routing_artefacts, arm_table_later=True)
         if router is not None:
             self._routers[id(self.bare_net)] = router
+            if router.by_default:
+                get_root_logger().info(f'val.routing.mode not given: routing {router.describe()}')
 
     # ---- helpers -------------------------------------------------------------------------------------
     @property
@@ -410,6 +412,12 @@ class WBSRModel(SRModel):
             if extras.get('difficulty') is not None:
                 self.difficulty = DifficultyProjection.from_dict(extras['difficulty'])
             self.routing_artefacts = RoutingArtefacts.from_checkpoint_entry(extras)
+            if self.is_train and self.routing_artefacts.default is not None:
+                # the predictor was fitted on the weights this run changes: validation without a mode runs Eq. 15
+                self.routing_artefacts.default = None
+                get_root_logger().info(f'{load_path}: its default routing is not used while training (its predictor '
+                                       'was fitted on the weights before); validation without val.routing.mode runs '
+                                       'Eq. 15')
         except ValueError as exc:
             raise CorruptFileError(load_path, str(exc)) from None
         if param_key is not None and param_key not in checkpoint and 'params' not in checkpoint:
@@ -460,6 +468,7 @@ class WBSRModel(SRModel):
         was_training = net.training
         net.eval()
         router = self.router_for(net)
+        self._routed_by = router.options  # the mode that ran (a checkpoint's default resolved)
         outputs = []
         for i in range(self.lq.shape[0]):
             start = time.perf_counter()
@@ -530,12 +539,13 @@ class WBSRModel(SRModel):
         ratio_w = float(np.mean([r['ratio_whole'] for r in log]))
         seconds = float(np.mean([r['seconds'] for r in log]))
         shares = np.mean([r['shares'] for r in log], axis=0)
-        patches = self.routing.scheme == 'patches' and self.routing.mode not in ('full', 'fixed')
+        routed_by = getattr(self, '_routed_by', self.routing)
+        patches = routed_by.scheme == 'patches' and routed_by.mode not in ('full', 'fixed')
         text = f'\t # gflops: {gflops:.4f}\n'
         if patches:  # the papers' convention; with tiles it is the whole image
             text += f'\t # flops_vs_full_patches: {100 * ratio_p:.2f}%\n'
         text += (f'\t # flops_vs_full_image: {100 * ratio_w:.2f}%\n\t # seconds_per_image: {seconds:.4f}\n'
-                 f"\t # subnet_share ({self.routing.mode}, {self.routing.scheme}): "
+                 f"\t # subnet_share ({routed_by.mode}, {routed_by.scheme}): "
                  f"{' '.join(f'{100 * v:.1f}' for v in shares)}\n")
         if tb_logger:
             tb_logger.add_scalar(f'routing/{dataset_name}/gflops', gflops, current_iter)

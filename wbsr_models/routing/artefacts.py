@@ -1,7 +1,8 @@
-"""What routing keeps in a checkpoint beside the weights: measured class errors and the error predictor.
+"""What routing keeps in a checkpoint beside the weights: measured class errors, the error predictor and the default
+routing.
 
-Both live in the checkpoint's ``'wbsr'`` entry under ``'routing'`` as plain numbers and tensors (no pickled
-objects): ``{'class_errors': {...}, 'predictor': {...}}``. The difficulty thresholds and projection, which training
+All live in the checkpoint's ``'wbsr'`` entry under ``'routing'`` as plain numbers and tensors (no pickled
+objects): ``{'class_errors': {...}, 'predictor': {...}, 'default': {...}}``. The difficulty thresholds and projection, which training
 (HES) makes and uses too, stay in ``'wbsr' -> 'difficulty'``. Checkpoints whose class errors were written inside the
 difficulty entry (``class_mse``, ``calibration``) are read as well.
 """
@@ -47,11 +48,52 @@ class ClassErrors:
 
 
 @dataclass
+class DefaultRouting:
+    """The routing a checkpoint runs when none is asked for (``val.routing.mode`` and ``wbsr-infer --mode`` not given),
+    chosen by ``wbsr-calibrate --predictor`` on its held-out training images.
+
+    Attributes:
+        options: Routing options (``mode`` and the mode's options, e.g. ``{'mode': 'learned', 'level': 'classes',
+            'slope': 0.004}``).
+        info: How it was chosen (target loss, images, the loss and FLOPs share measured there).
+    """
+
+    options: dict[str, Any]
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {'options': dict(self.options), 'info': dict(self.info)}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> 'DefaultRouting':
+        """The stored default; ``ValueError`` unless its options are valid routing options with a mode."""
+        from wbsr_models.router import RoutingOptions
+        options = data.get('options') if isinstance(data, Mapping) else None
+        if not isinstance(options, Mapping) or not options.get('mode'):
+            raise ValueError('it has no routing options with a mode')
+        from .modes import OPTIONS
+        other = sorted(set(options) - {'mode'} - set(OPTIONS))
+        if other:
+            raise ValueError(f'it sets {other}, which are not routing-mode options')
+        RoutingOptions.from_opt(options, 'default')
+        info = data.get('info') or {}
+        return cls(options=dict(options), info=dict(info) if isinstance(info, Mapping) else {})
+
+    def describe(self) -> str:
+        """``learned (slope 0.004, level classes)``: the options in the order of the registry's, as the router
+        describes them."""
+        from .modes import OPTIONS
+        rest = ', '.join(f'{k} {self.options[k]}' for k in OPTIONS if self.options.get(k) is not None)
+        return self.options['mode'] + (f' ({rest})' if rest else '')
+
+
+@dataclass
 class RoutingArtefacts:
     """The routing entries of a checkpoint (each optional)."""
 
     class_errors: Optional[ClassErrors] = None
     predictor: Optional[ErrorPredictor] = None
+    default: Optional[DefaultRouting] = None
 
     def to_dict(self) -> dict[str, Any]:
         data: dict[str, Any] = {}
@@ -59,6 +101,8 @@ class RoutingArtefacts:
             data['class_errors'] = self.class_errors.to_dict()
         if self.predictor is not None:
             data['predictor'] = self.predictor.to_dict(getattr(self.predictor, 'fit_info', None))
+        if self.default is not None:
+            data['default'] = self.default.to_dict()
         return data
 
     @classmethod
@@ -85,4 +129,9 @@ class RoutingArtefacts:
                 artefacts.predictor = ErrorPredictor.from_dict(routing['predictor'])
             except ValueError as exc:
                 raise ValueError(f'bad error predictor ({exc})') from None
+        if routing.get('default') is not None:
+            try:
+                artefacts.default = DefaultRouting.from_dict(routing['default'])
+            except ValueError as exc:
+                raise ValueError(f'bad default routing ({exc})') from None
         return artefacts
