@@ -190,6 +190,10 @@ def test_shipped_test_file_loads_the_reference_checkpoint(runs, where):
     log = next(results.glob('test_*.log')).read_text()
     assert (f"Loading WBSRSRResNet model from {opt['path']['pretrain_network_g']}, with param key: [params]."
             in log), log[-3000:]
+    # the file gives no mode: the checkpoint's stored default routing runs, and the log says which
+    assert ("val.routing.mode not given: routing learned (slope 0.00398, level classes), the checkpoint's default"
+            in log), log[-3000:]
+    assert '# subnet_share (learned, tiles)' in log
     for name in TEST_SETS:
         assert re.search(rf'Validation {name}\n\t # psnr: \d+\.\d+', log), log[-3000:]
         sr = cv2.imread(str(results / 'visualization' / name / f"img000_{opt['name']}.png"))
