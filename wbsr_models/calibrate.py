@@ -166,12 +166,13 @@ DEFAULT_LOSS_DB = 0.05
 DEFAULT_SLOPES = tuple(float(v) for v in 10 ** np.linspace(-4, -1, 121))
 
 
-def choose_default(router: Router, held_out: Sequence[ErrorMaps]) -> Optional[DefaultRouting]:
+def choose_default(router: Router, routing, held_out: Sequence[ErrorMaps]) -> Optional[DefaultRouting]:
     """The checkpoint's default routing, chosen on the held-out images' error maps: the learned mode with the class
     level (the pairing that needs the fewest FLOPs in ``bench/studies/error_parts.py``), at the largest slope of
     :data:`DEFAULT_SLOPES` up to which the trimmed mean loss stays within :data:`DEFAULT_LOSS_DB`, stored with 3
-    significant digits; ``None`` where even the smallest slope loses more. ``router`` carries the checkpoint's class
-    errors and predictor; every slope is routed by the learned mode itself (:meth:`Router.choose`)."""
+    significant digits; ``None`` where even the smallest slope loses more. ``router`` cuts and classifies the regions
+    (any mode); ``routing`` holds the class errors and the predictor; every slope is routed by the learned mode itself
+    (:meth:`Router.choose`)."""
     from scipy.stats import trim_mean
     images = []
     for item in held_out:
@@ -183,11 +184,11 @@ def choose_default(router: Router, held_out: Sequence[ErrorMaps]) -> Optional[De
         area = (regions.boxes[:, 2] * regions.boxes[:, 3]).astype(np.float64)
         images.append((lq, regions, classes, position, num_classes, costs, whole,
                        region_mse(item.errors, regions.boxes) * area[:, None],
-                       router.predictor.flops(regions.image_hw, len(regions))))
+                       routing.predictor.flops(regions.image_hw, len(regions))))
     chosen = None
     for slope in DEFAULT_SLOPES:
         probe = Router(router.net, replace(router.options, mode='learned', level='classes', slope=slope),
-                       router.scale, router.projection, routing=router.routing)
+                       router.scale, router.projection, routing=routing)
         losses, shares = [], []
         for lq, regions, classes, position, num_classes, costs, whole, errors, extra in images:
             subnets = probe.choose(regions, classes, position, num_classes, costs, lq=lq)
@@ -208,9 +209,7 @@ def choose_default(router: Router, held_out: Sequence[ErrorMaps]) -> Optional[De
 
 def fit_default(routing, router: Router, held_out: Sequence[ErrorMaps], report: dict) -> None:
     """``routing.default`` chosen on the held-out images (:func:`choose_default`), recorded in ``report`` too."""
-    learned = Router(router.net, replace(router.options, mode='learned', level='classes', slope=1.0), router.scale,
-                     router.projection, routing=routing)
-    routing.default = choose_default(learned, held_out)
+    routing.default = choose_default(router, routing, held_out)
     report['default'] = routing.default.to_dict() if routing.default is not None else None
 
 
@@ -218,8 +217,8 @@ def default_line(routing) -> str:
     """What the command prints about the default routing it stored."""
     default = routing.default
     if default is None:
-        return (f'default routing: Eq. 15 (on the held-out images the learned mode loses more than {DEFAULT_LOSS_DB} dB '
-                'at every slope tried)')
+        return (f'default routing: Eq. 15 (on the held-out images the learned mode loses more than {DEFAULT_LOSS_DB} '
+                'dB at every slope tried)')
     info = default.info
     return (f"default routing: {default.describe()}: on the {info['images']} held-out images {info['loss_db']:.3f} dB "
             f"below the full network (trimmed mean) at {100 * info['flops_share']:.1f}% of its FLOPs")

@@ -37,7 +37,8 @@ from .regions import SCHEMES, Regions, cut
 from .routing.allocation import (alpha_subnets, budget_subnets, calibrated_subnets, eq15_subnets,  # noqa: F401
                                  shifted_subnets, tradeoff_subnets)
 from .routing.artefacts import RoutingArtefacts
-from .routing.modes import MODES, OPTIONS, Selection, get_mode, modes_reading  # noqa: F401  (MODES: re-exported)
+from .routing.modes import (MODES, OPTIONS, Selection, describe, get_mode,  # noqa: F401  (MODES: re-exported)
+                            modes_reading)
 
 #: What each checkpoint artefact a mode may need is, for the error that says it is missing.
 NEEDS = {'class_errors': 'the measured error of every subnet on every difficulty class in the checkpoint (run '
@@ -218,9 +219,7 @@ class Router:
     def describe(self) -> str:
         """How logs name what this router runs: ``learned (slope 0.004, level classes)``, and where it came from when
         no mode was given."""
-        opts = self.options
-        given = [f'{n} {getattr(opts, n)}' for n in OPTIONS if getattr(opts, n) is not None]
-        text = opts.mode + (f' ({", ".join(given)})' if given else '')
+        text = describe(self.options)
         if self.by_default:
             text += (', the checkpoint\'s default (chosen by wbsr-calibrate on its held-out training images)'
                      if self.stored_default else ', the default of a checkpoint that stores none (Eq. 15)')

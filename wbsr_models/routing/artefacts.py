@@ -1,10 +1,10 @@
 """What routing keeps in a checkpoint beside the weights: measured class errors, the error predictor and the default
 routing.
 
-All live in the checkpoint's ``'wbsr'`` entry under ``'routing'`` as plain numbers and tensors (no pickled
-objects): ``{'class_errors': {...}, 'predictor': {...}, 'default': {...}}``. The difficulty thresholds and projection, which training
-(HES) makes and uses too, stay in ``'wbsr' -> 'difficulty'``. Checkpoints whose class errors were written inside the
-difficulty entry (``class_mse``, ``calibration``) are read as well.
+All live in the checkpoint's ``'wbsr'`` entry under ``'routing'`` as plain numbers and tensors (no pickled objects):
+``{'class_errors': {...}, 'predictor': {...}, 'default': {...}}``. The difficulty thresholds and projection, which
+training (HES) makes and uses too, stay in ``'wbsr' -> 'difficulty'``. Checkpoints whose class errors were written
+inside the difficulty entry (``class_mse``, ``calibration``) are read as well.
 """
 from __future__ import annotations
 
@@ -80,11 +80,9 @@ class DefaultRouting:
         return cls(options=dict(options), info=dict(info) if isinstance(info, Mapping) else {})
 
     def describe(self) -> str:
-        """``learned (slope 0.004, level classes)``: the options in the order of the registry's, as the router
-        describes them."""
-        from .modes import OPTIONS
-        rest = ', '.join(f'{k} {self.options[k]}' for k in OPTIONS if self.options.get(k) is not None)
-        return self.options['mode'] + (f' ({rest})' if rest else '')
+        """``learned (slope 0.004, level classes)``, as the router describes what it runs."""
+        from .modes import describe
+        return describe(self.options)
 
 
 @dataclass

@@ -99,6 +99,14 @@ OPTIONS: dict[str, Option] = {o.name: o for o in (
 )}
 
 
+def describe(options: Any) -> str:
+    """How logs name a routing: ``learned (slope 0.004, level classes)``: the mode, then the options it was given in
+    the order of :data:`OPTIONS` (``options``: a mapping, or anything with those attributes)."""
+    get = options.get if isinstance(options, dict) else lambda name: getattr(options, name, None)
+    given = ', '.join(f'{name} {get(name)}' for name in OPTIONS if get(name) is not None)
+    return get('mode') + (f' ({given})' if given else '')
+
+
 # ---- what a mode's selection sees ------------------------------------------------------------------------------
 @dataclass
 class Selection:
