@@ -153,7 +153,7 @@ def set_modes(net, scale: int, projection, arm_table, store: dict, routing=None,
         for scheme, points, make in (('patches', mode.patch_sweep, cached), ('tiles', mode.sweep, real)):
             for point in filter(lambda p: point_wanted(name, p), points):
                 modes[f'{scheme}: {mode.label(point)}'] = (scheme, make(mode=name, scheme=scheme, **point), None)
-    stored = routing.default if routing is not None and routing.predictor is not None else None
+    stored = routing.usable_default if routing is not None else None
     if stored is not None and wanted('default'):  # what the checkpoint runs when no mode is given
         point = {k: v for k, v in stored.options.items() if k != 'mode'}
         modes[f'tiles: default, {MODES[stored.options["mode"]].label(point)}'] = ('tiles', real(scheme='tiles'), None)
@@ -678,7 +678,8 @@ def main(argv: Optional[list] = None) -> int:
         parser.error('--model is required (except with --merge)')
     os.makedirs(args.out, exist_ok=True)
     net, scale, projection, routing = load_model(args.model)
-    known = {'full', 'fixed', 'patches', 'oracle', 'default', *MODES, *(f'{n}:{o}' for n, m in MODES.items() for o in m.reads())}
+    known = {'full', 'fixed', 'patches', 'oracle', 'default', *MODES,
+             *(f'{n}:{o}' for n, m in MODES.items() for o in m.reads())}
     if args.modes is not None and set(args.modes) - known:
         parser.error(f'--modes: unknown {sorted(set(args.modes) - known)}; known: {sorted(known)}')
     only = set(args.modes) if args.modes is not None else None

@@ -167,10 +167,8 @@ def default_routing(options: RoutingOptions, routing: Optional[RoutingArtefacts]
     """``options`` (no mode given) with the checkpoint's default routing: the mode and options that
     ``wbsr-calibrate --predictor`` chose on its held-out training images (``routing.default``, used where the
     checkpoint also carries the error predictor it was chosen with), else ``wbsr`` (Eq. 15)."""
-    chosen = {'mode': 'wbsr'}
-    if routing is not None and routing.default is not None and routing.predictor is not None:
-        chosen = routing.default.options
-    return replace(options, **chosen)
+    stored = routing.usable_default if routing is not None else None
+    return replace(options, **(stored.options if stored is not None else {'mode': 'wbsr'}))
 
 
 class Router:
@@ -228,7 +226,7 @@ class Router:
     @property
     def stored_default(self) -> bool:
         """No mode was given and the checkpoint's stored default runs (not Eq. 15)."""
-        return self.by_default and self.routing.default is not None and self.predictor is not None
+        return self.by_default and self.routing.usable_default is not None
 
     @property
     def class_errors(self):

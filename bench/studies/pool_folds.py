@@ -259,5 +259,6 @@ def main(argv=None) -> int:
                                           'learning_curve': second}, md, argv)
     return 0
 
+
 if __name__ == '__main__':
     raise SystemExit(main())

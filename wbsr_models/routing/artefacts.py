@@ -68,10 +68,11 @@ class DefaultRouting:
     def from_dict(cls, data: Mapping[str, Any]) -> 'DefaultRouting':
         """The stored default; ``ValueError`` unless its options are valid routing options with a mode."""
         from wbsr_models.router import RoutingOptions
+
+        from .modes import OPTIONS
         options = data.get('options') if isinstance(data, Mapping) else None
         if not isinstance(options, Mapping) or not options.get('mode'):
             raise ValueError('it has no routing options with a mode')
-        from .modes import OPTIONS
         other = sorted(set(options) - {'mode'} - set(OPTIONS))
         if other:
             raise ValueError(f'it sets {other}, which are not routing-mode options')
@@ -92,6 +93,11 @@ class RoutingArtefacts:
     class_errors: Optional[ClassErrors] = None
     predictor: Optional[ErrorPredictor] = None
     default: Optional[DefaultRouting] = None
+
+    @property
+    def usable_default(self) -> Optional[DefaultRouting]:
+        """The stored default routing where the predictor it was chosen with is here too, else ``None``."""
+        return self.default if self.predictor is not None else None
 
     def to_dict(self) -> dict[str, Any]:
         data: dict[str, Any] = {}
